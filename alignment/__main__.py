@@ -1,0 +1,83 @@
+"""`python -m alignment <stage>`: the one entry point that dvc.yaml calls.
+
+Validates the stage's params section (and fails before any compute), opens the stage's MLflow run
+(nested under the pipeline run when the Prefect flow started one), runs the stage, logs its metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from alignment import tracking
+from alignment.config import ConfigError, flatten, load_all, load_section
+from alignment.data import DataError
+from alignment.paths import Paths, hash_paths
+from alignment.stages import prepare, sft, tokenizer
+
+STAGES = {"prepare": prepare.run, "tokenizer": tokenizer.run, "sft": sft.run}
+
+
+def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
+    """What the stage reads: hashed into the run's `data_hash` tag."""
+    if stage == "prepare":
+        return [Path(s.path) for s in cfg.sources if Path(s.path).exists()]
+    return [paths.data] if stage == "tokenizer" else [paths.data, paths.tokenizer]
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from returning every large freed block to the OS: a training step allocates and
+    frees the same (batch, length, vocab) buffers each time, and the page faults of fresh mmaps cost
+    a small model on a CPU about a third of its speed (measured: ~4.5k -> ~7k tokens/s)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alignment", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=[*STAGES, "check"], help="a stage to run, or `check` to validate params")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.stage == "check":
+            load_all(args.params)
+            print(f"{args.params}: ok")
+            return 0
+        cfg = load_section(args.stage, args.params)
+        pipeline = load_section("pipeline", args.params)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    keep_freed_memory()
+    paths = Paths(Path("."))
+    started = time.perf_counter()
+    try:
+        if args.no_tracking:
+            metrics = STAGES[args.stage](cfg, paths, None)
+        else:
+            with tracking.stage_run(args.stage, pipeline.experiment) as log:
+                log.params(flatten(cfg))
+                log.tags({"data_hash": hash_paths(stage_inputs(args.stage, paths, cfg))})
+                metrics = STAGES[args.stage](cfg, paths, log)
+                log.metrics(metrics | {"stage_seconds": time.perf_counter() - started})
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"stage": args.stage, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed, frozen, validated configuration: one object per stage, read from params.yaml.
+
+params.yaml is the single source of hyperparameters. Each stage reads only its own section, so DVC
+(which lists only that section's keys as the stage's params) re-runs a stage exactly when its own
+settings change. An unknown key, a wrong type or an out-of-range value raises ConfigError naming the
+file and the dotted key, before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used: names the file and the offending key."""
+
+
+class Section(BaseModel):
+    # frozen: a stage cannot mutate its config; forbid: a typo is an error, not a silent default
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------- prepare
+class Source(Section):
+    """One input data set. `path` is a local file (jsonl, jsonl.gz, json, parquet, csv) or a hub id."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["text", "hh", "sft", "preference", "prompts"]
+    """text: a review-like `text` field -> SFT (first `prompt_words` words -> rest) and prompts;
+    hh: Anthropic `chosen`/`rejected` transcripts -> preference pairs and SFT on the chosen reply;
+    sft / preference / prompts: rows already in the project's schema."""
+    path: str = Field(min_length=1)
+    split: str = "train"  # only for hub ids: which split to load
+    prompt_words: int = Field(default=8, ge=1, le=64)  # text sources only
+    limit: int | None = Field(default=None, ge=1)  # keep the first `limit` rows (after reading)
+
+
+class PrepareConfig(Section):
+    seed: int = 0
+    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_chars: int = Field(default=2000, ge=1)  # prompt + longest response, in characters
+    sources: tuple[Source, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> PrepareConfig:
+        if self.eval_fraction + self.test_fraction >= 1.0:
+            raise ValueError("eval_fraction + test_fraction must be below 1 to leave a training split")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+class TokenizerConfig(Section):
+    source: Literal["train", "pretrained"] = "train"
+    name_or_path: str | None = None  # pretrained: a local folder or a hub id
+    gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path
+    vocab_size: int = Field(default=4096, ge=256, le=1_000_000)  # train only
+    min_frequency: int = Field(default=2, ge=1)  # train only
+
+    @model_validator(mode="after")
+    def _pretrained_needs_a_name(self) -> TokenizerConfig:
+        if self.source == "pretrained" and not self.name_or_path:
+            raise ValueError("source: pretrained needs name_or_path")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- models
+class ModelConfig(Section):
+    """Where the initial weights come from: a small model built from a config, or pretrained."""
+
+    init: Literal["config", "pretrained"] = "config"
+    name_or_path: str | None = None  # pretrained: a local folder or a hub id
+    gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path (dequantised)
+    trust_remote_code: bool = False
+    arch: Literal["gpt2", "llama"] = "gpt2"  # init: config
+    n_layer: int = Field(default=2, ge=1)
+    n_embd: int = Field(default=128, ge=8)
+    n_head: int = Field(default=4, ge=1)
+    max_position_embeddings: int = Field(default=512, ge=16)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("init: pretrained needs name_or_path")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+# --------------------------------------------------------------------------------------- training
+class TrainConfig(Section):
+    """The shared training loop's settings (SFT now; RM, DPO, BRAIn and ReST-improve later)."""
+
+    seed: int = 0
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # optimizer steps; caps epochs when set
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: at the end only
+    checkpoint_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: no checkpoints
+    resume: bool = True  # continue from the latest checkpoint of the same config, if any
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"  # auto: whatever accelerate finds (GPU when present)
+
+
+class SampleConfig(Section):
+    """Sample generations on a few eval prompts, logged as a table."""
+
+    num_prompts: int = Field(default=8, ge=0)
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class SFTConfig(Section):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    samples: SampleConfig = SampleConfig()
+    max_length: int = Field(default=256, ge=8)  # tokens: prompt + response (+ EOS), longer is truncated
+    eval_max_examples: int | None = Field(default=None, ge=1)
+    register_as: str | None = "alignment-sft"  # MLflow registered model name; None: do not register
+
+    @model_validator(mode="after")
+    def _fits_positions(self) -> SFTConfig:
+        if self.model.init == "config" and self.max_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"max_length ({self.max_length}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------- orchestration
+class ScheduleConfig(Section):
+    cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
+    timezone: str = "UTC"
+
+
+class PipelineConfig(Section):
+    """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
+
+    stages: tuple[Literal["prepare", "tokenizer", "sft"], ...] = ("prepare", "tokenizer", "sft")
+    experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
+    deployment: str = Field(default="alignment-pipeline", min_length=1)
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "prepare": PrepareConfig,
+    "tokenizer": TokenizerConfig,
+    "sft": SFTConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The raw params file as plain dicts (YAML 1.2, as DVC reads it: `1e-3` is a float)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except Exception as error:  # ruamel raises several unrelated types for malformed YAML
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    return data
+
+
+def parse_section(name: str, raw: dict[str, Any] | None, path: str | Path = "params.yaml") -> Section:
+    """Validate one section; errors name the file and each offending dotted key."""
+    try:
+        return SECTIONS[name].model_validate(raw or {})
+    except ValidationError as error:
+        problems = []
+        for e in error.errors():
+            key = ".".join([name, *(str(part) for part in e["loc"])])
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            problems.append(f"{key}: {e['msg']}{got}")
+        raise ConfigError(f"{path}: invalid params\n  " + "\n  ".join(problems)) from None
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> Section:
+    return parse_section(name, read_params(path).get(name), path)
+
+
+def load_all(path: str | Path = "params.yaml") -> dict[str, Section]:
+    """Every section, validated: what the flow checks before it starts any stage."""
+    raw = read_params(path)
+    return {name: parse_section(name, raw.get(name), path) for name in SECTIONS}
+
+
+def flatten(config: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"learning_rate": 1e-3}}` -> `{"train.learning_rate": 1e-3}` (for MLflow params)."""
+    data = config.model_dump() if isinstance(config, BaseModel) else config
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+            for i, item in enumerate(value):
+                flat.update(flatten(item, f"{name}.{i}."))
+        else:
+            flat[name] = value
+    return flat

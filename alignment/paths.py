@@ -1,0 +1,44 @@
+"""Where each stage reads and writes, relative to the project root. dvc.yaml names the same paths
+(tests/test_dvc.py checks that the two agree)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    @property
+    def data(self) -> Path:  # prepare: {sft,preference,prompts}_{train,eval,test}.jsonl
+        return self.root / "outputs" / "data"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "outputs" / "tokenizer"
+
+    @property
+    def sft(self) -> Path:  # the SFT policy (safetensors + tokenizer) and its sample generations
+        return self.root / "outputs" / "sft"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def plots(self, stage: str) -> Path:
+        return self.root / "plots" / stage
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.root / "checkpoints" / stage
+
+
+def hash_paths(paths: list[Path]) -> str:
+    """A short content hash of files and folders (the `data_hash` tag; the checkpoint fingerprint)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            digest.update(f.relative_to(path).as_posix().encode() if path.is_dir() else f.name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]

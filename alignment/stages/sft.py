@@ -1,0 +1,144 @@
+"""sft: supervised fine-tuning on {prompt, response} with the loss on response tokens only."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from itertools import zip_longest
+
+import torch
+
+from alignment.config import SFTConfig
+from alignment.data import read_jsonl, write_jsonl
+from alignment.generation import generate
+from alignment.losses import IGNORE_INDEX, sft_loss
+from alignment.models import build_model, load_tokenizer, save_pretrained
+from alignment.paths import Paths, hash_paths
+from alignment.plots import loss_curve, write_csv
+from alignment.tracking import Tracker
+from alignment.trainer import Batch, config_fingerprint, train
+
+logger = logging.getLogger(__name__)
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Prompt and response tokenized apart (so the mask is exact), EOS closing the response.
+
+    Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
+    dialogue turns matter most), and then cut the response on the right.
+    """
+    prompt_ids = tokenizer(prompt).input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(response_ids) > max_length:
+        prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(response_ids)) :]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(pad_token_id: int):
+    def pad(examples: list[dict[str, list[int]]]) -> Batch:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_token_id)
+        labels = torch.full((len(examples), width), IGNORE_INDEX)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return pad
+
+
+def step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll_sum, _ = sft_loss(logits, batch["labels"])
+    return nll_sum, {}
+
+
+def count_response_tokens(batch: Batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def evaluation(examples: list[dict], pad: callable, batch_size: int):
+    """Token-weighted mean NLL of the eval responses, and its perplexity."""
+
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        nll, tokens = 0.0, 0.0
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
+            nll_sum, n = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            nll, tokens = nll + nll_sum.item(), tokens + n.item()
+        loss = nll / max(tokens, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    return evaluate
+
+
+def sample_prompts(rows: list[dict], n: int) -> list[str]:
+    """n distinct prompts, taking from each source in turn so every task shows up."""
+    by_source: dict[str, list[str]] = {}
+    for row in rows:
+        if row["prompt"] not in by_source.setdefault(row["source"], []):
+            by_source[row["source"]].append(row["prompt"])
+    interleaved = [p for group in zip_longest(*by_source.values()) for p in group if p is not None]
+    return interleaved[:n]
+
+
+def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    tokenizer = load_tokenizer(paths.tokenizer)
+    train_rows = list(read_jsonl(paths.data / "sft_train.jsonl"))
+    eval_rows = list(read_jsonl(paths.data / "sft_eval.jsonl"))[: cfg.eval_max_examples]
+    torch.manual_seed(cfg.train.seed)  # the initial weights of a model built from a config
+    model = build_model(cfg.model, tokenizer)
+    logger.info("model: %.2fM parameters, %d train / %d eval examples", model.num_parameters() / 1e6, len(train_rows), len(eval_rows))
+
+    train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
+    eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in eval_rows]
+    pad = collate(tokenizer.pad_token_id)
+    fingerprint = config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.data, paths.tokenizer]))
+    result = train(
+        model,
+        train_examples,
+        pad,
+        step,
+        count_response_tokens,
+        cfg.train,
+        checkpoint_dir=paths.checkpoints("sft"),
+        fingerprint=fingerprint,
+        evaluate=evaluation(eval_examples, pad, cfg.train.batch_size),
+        log_metrics=log.metrics if log else None,
+    )
+
+    save_pretrained(model, tokenizer, paths.sft)
+    prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
+    s = cfg.samples
+    responses = generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
+    generations = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+    write_jsonl(paths.sft / "generations.jsonl", generations)
+
+    final_eval = result.eval_history[-1]
+    metrics = {
+        "train/loss": result.history[-1]["loss"],
+        "val/loss": final_eval["loss"],
+        "val/perplexity": final_eval["perplexity"],
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "parameters": model.num_parameters(),
+    }
+    paths.metrics("sft").parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics("sft").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_csv(paths.plots("sft") / "train.csv", result.history, ["step", "loss", "learning_rate", "grad_norm"])
+    write_csv(paths.plots("sft") / "eval.csv", result.eval_history, ["step", "loss", "perplexity"])
+    if log is not None:
+        log.figure(loss_curve(result.history, result.eval_history, "SFT loss"), "plots/sft_loss.png")
+        log.table(generations, "generations.json")
+        if cfg.register_as:
+            version = log.register_model(paths.sft, cfg.register_as)
+            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+            logger.info("registered %s version %s", cfg.register_as, version)
+    for row in generations[:4]:
+        logger.info("sample: %r -> %r", row["prompt"][-60:], row["response"][:120])
+    return metrics

@@ -1,0 +1,163 @@
+"""Every MLflow call in the project lives here.
+
+Default store: `sqlite:///mlflow.db` with artifacts in `mlartifacts/`, both in the project folder
+(the folder the CLI runs in); any `MLFLOW_TRACKING_URI` wins. A pipeline execution is one run; each
+stage it causes is a nested run under it. The Prefect flow opens the pipeline run and hands its id to
+the DVC-launched stage processes through `ALIGNMENT_PARENT_RUN_ID`; a stage run on its own (a test,
+the CLI, a bare `dvc repro`) is a top-level run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "ALIGNMENT_PARENT_RUN_ID"
+EXPERIMENT_ENV = "ALIGNMENT_EXPERIMENT"
+HF_ARTIFACT = "hf_model"
+_SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    root = Path.cwd() if root is None else root
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _mlflow(root: Path | None = None):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow  # heavy: imported on first use so that the pure library imports stay light
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow
+
+
+def _experiment_id(mlflow, name: str, root: Path | None) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # keep artifacts beside the default store
+        artifacts = ((Path.cwd() if root is None else root) / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _pip_requirements() -> list[str]:
+    # pinned from what is installed, without MLflow's slow (and network-hungry) inference
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "mlflow")]
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_WORDS)
+
+
+class Tracker:
+    """What a stage logs through: an open MLflow run."""
+
+    def __init__(self, mlflow, run_id: str):
+        self._mlflow = mlflow
+        self.run_id = run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        # secrets never reach MLflow: a key that names one is dropped, not masked
+        clean = {k: ("None" if v is None else v) for k, v in params.items() if not _is_secret(k)}
+        self._mlflow.log_params(clean)
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def table(self, rows: list[dict], name: str) -> None:
+        """A table in the run's Artifacts and Evaluation views (`name` ends in .json)."""
+        if rows:
+            columns = {key: [row[key] for row in rows] for key in rows[0]}
+            self._mlflow.log_table(data=columns, artifact_file=name)
+
+    def figure(self, figure, name: str) -> None:
+        self._mlflow.log_figure(figure, name)
+
+    def register_model(self, model_dir: Path, name: str) -> str:
+        """Log a saved HF model folder as an MLflow model and register it; returns the new version.
+
+        The MLflow model is a pyfunc around the folder (`predict` generates continuations), so it
+        loads with `mlflow.pyfunc.load_model("models:/<name>/<version>")`; the HF folder itself comes
+        back with `load_registered_model`.
+        """
+        from alignment.serving import CausalLMPyfunc
+
+        info = self._mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CausalLMPyfunc(),
+            artifacts={HF_ARTIFACT: str(model_dir)},
+            pip_requirements=_pip_requirements(),
+            registered_model_name=name,
+        )
+        return str(info.registered_model_version)
+
+
+@contextmanager
+def stage_run(stage: str, experiment: str | None = None, root: Path | None = None) -> Iterator[Tracker]:
+    """An MLflow run for one stage: nested under the pipeline run when one handed us its id."""
+    mlflow = _mlflow(root)
+    experiment = experiment or os.environ.get(EXPERIMENT_ENV, "alignment")
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:  # the parent's experiment wins, so the UI shows the stage under its pipeline run
+        experiment_id = mlflow.get_run(parent).info.experiment_id
+    else:
+        experiment_id = _experiment_id(mlflow, experiment, root)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, nested=bool(parent), parent_run_id=parent or None
+    ) as run:
+        mlflow.set_tags({"stage": stage, "git_commit": git_commit(root)})
+        logger.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
+        yield Tracker(mlflow, run.info.run_id)
+
+
+@contextmanager
+def pipeline_run(experiment: str, name: str, params: dict[str, Any], root: Path | None = None) -> Iterator[str]:
+    """The parent run of one pipeline execution; yields its id (for ALIGNMENT_PARENT_RUN_ID)."""
+    mlflow = _mlflow(root)
+    with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, root), run_name=name) as run:
+        mlflow.set_tags({"kind": "pipeline", "git_commit": git_commit(root)})
+        Tracker(mlflow, run.info.run_id).params(params)
+        yield run.info.run_id
+
+
+def load_registered_model(name: str, version: str | None = None, alias: str | None = None) -> Path:
+    """Download a registered model (latest version unless `version` or `alias` given) to a local folder."""
+    mlflow = _mlflow()
+    if alias:
+        uri = f"models:/{name}@{alias}"
+    else:
+        if version is None:
+            client = mlflow.MlflowClient()
+            version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        uri = f"models:/{name}/{version}"
+    target = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    return local / "artifacts" / HF_ARTIFACT

@@ -1,0 +1,188 @@
+"""The one training loop shared by the supervised-style stages (SFT now; RM, DPO, BRAIn, ReST later).
+
+A stage supplies `step(model, batch) -> (loss_sum, metrics)`, where loss_sum is summed over the
+batch's loss units (response tokens for SFT, pairs for DPO), and `count(batch) -> units`. The loop
+divides every micro-batch's loss_sum by the unit count of the whole accumulation window (summed over
+processes), so the update is the mean over the window whatever the split into micro-batches: batch 8
+x accumulation 1 and batch 1 x accumulation 8 give the same step.
+
+Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint holds the model,
+optimizer, scheduler and every RNG (through accelerate's save_state) plus the step; a run that is
+killed and resumed from its last checkpoint ends with the same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from alignment.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per logged train step
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+def config_fingerprint(*parts: object) -> str:
+    """Identifies the run a checkpoint belongs to: a checkpoint of other settings is never resumed."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def window_indices(num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each optimizer step of an epoch, in order; an incomplete last window is dropped."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    size = micro_batch * accumulation
+    return [order[i : i + size] for i in range(0, num_examples - size + 1, size)]
+
+
+def train(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    collate: Callable[[list[dict]], Batch],
+    step: StepFn,
+    count: Callable[[Batch], torch.Tensor],
+    cfg: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train `model` in place on `examples`; see the module docstring for the contract."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    windows_per_epoch = len(window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0))
+    if windows_per_epoch == 0:
+        raise ValueError(
+            f"{len(examples)} examples are fewer than one optimizer step "
+            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+        )
+    total_steps = cfg.epochs * windows_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    torch.manual_seed(cfg.seed)  # dropout and anything else drawn from the global RNG
+
+    result = TrainResult(steps=0)
+    if checkpoint_dir is not None and cfg.resume:
+        result.resumed_from = _load_checkpoint(accelerator, checkpoint_dir, fingerprint)
+    progress = tqdm(total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0)
+
+    model.train()
+    started, tokens_seen, pending = time.perf_counter(), 0, []
+    for step_index in range(result.resumed_from, total_steps):
+        epoch, position = divmod(step_index, windows_per_epoch)
+        window = window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, epoch)[position]
+        mine = window[rank :: world]  # this process's share of the window
+        batches = [collate([examples[i] for i in mine[j : j + cfg.batch_size]]) for j in range(0, len(mine), cfg.batch_size)]
+        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+
+        # The window's unit count over all processes: every micro-batch is divided by it, and DDP's
+        # gradient mean over processes is undone by the factor `world`.
+        units = accelerator.reduce(sum(count(b) for b in batches).to(accelerator.device).float(), "sum")
+        loss_total, metrics_total = 0.0, {}
+        for batch in batches:
+            loss_sum, metrics = step(model, batch)
+            accelerator.backward(loss_sum * world / units)
+            loss_total += loss_sum.item() / units.item()
+            for key, value in metrics.items():
+                metrics_total[key] = metrics_total.get(key, 0.0) + value / len(batches)
+            tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step_index + 1
+        loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
+        pending.append({"loss": loss_total, "grad_norm": float(grad_norm), **metrics_total})
+        progress.update(1)
+        progress.set_postfix(loss=f"{pending[-1]['loss']:.3f}", refresh=False)
+        if done % cfg.log_every == 0 or done == total_steps:
+            row = {key: sum(p[key] for p in pending) / len(pending) for key in pending[0]}
+            row |= {"learning_rate": scheduler.get_last_lr()[0], "step": done}
+            elapsed = time.perf_counter() - started
+            row["tokens_per_second"] = tokens_seen * world / elapsed if elapsed > 0 else 0.0
+            result.history.append(row)
+            if log_metrics:
+                log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, done)
+            pending = []
+        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+            _run_eval(evaluate, accelerator, model, done, result, log_metrics)
+        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done)
+        if on_step is not None:
+            on_step(done)
+    progress.close()
+
+    if evaluate is not None:
+        _run_eval(evaluate, accelerator, model, total_steps, result, log_metrics)
+    result.steps = total_steps
+    result.seconds = time.perf_counter() - started
+    result.tokens_per_second = tokens_seen * world / result.seconds if result.seconds > 0 else 0.0
+    accelerator.unwrap_model(model)  # weights were trained in place
+    return result
+
+
+def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: TrainResult, log_metrics) -> None:
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(accelerator.unwrap_model(model))
+    model.train()
+    result.eval_history.append({"step": step, **metrics})
+    if log_metrics:
+        log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+    logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int) -> None:
+    """Write step_<n>/, then point `latest.json` at it, then drop older ones: a kill at any moment
+    leaves a complete checkpoint behind."""
+    target = checkpoint_dir / f"step_{step:07d}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        (target / "trainer_state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+        (checkpoint_dir / "latest.json").write_text(json.dumps({"path": target.name, "step": step}))
+        for old in checkpoint_dir.glob("step_*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str) -> int:
+    latest = checkpoint_dir / "latest.json"
+    if not latest.exists():
+        return 0
+    target = checkpoint_dir / json.loads(latest.read_text())["path"]
+    state = json.loads((target / "trainer_state.json").read_text())
+    if state["fingerprint"] != fingerprint:
+        logger.info("ignoring checkpoint %s: it belongs to other settings or data", target)
+        return 0
+    accelerator.load_state(str(target))
+    logger.info("resumed from %s (step %d)", target, state["step"])
+    return int(state["step"])

@@ -1,0 +1,53 @@
+"""One Prefect task per DVC stage: `dvc repro <stage>` in a subprocess, its output in the run log.
+
+The task does not cache or re-implement anything: DVC's lock file decides whether the stage runs, and
+the stage's own process logs to MLflow (nested under the pipeline run through ALIGNMENT_PARENT_RUN_ID).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from alignment.tracking import PARENT_RUN_ENV
+
+BIN = Path(sys.executable).parent
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro` exited non-zero; the message ends with the tail of its output."""
+
+
+# retries=0: a failed training stage is expensive to repeat and usually fails the same way again;
+# the flow's `retries` parameter raises it for flaky environments. NO_CACHE: DVC is the only cache.
+@task(task_run_name="dvc repro {stage}", retries=0, cache_policy=NO_CACHE)
+def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Reproduce one DVC stage (and any out-of-date stage upstream of it) in the project at `root`."""
+    logger = get_run_logger()
+    dvc = BIN / "dvc" if (BIN / "dvc").exists() else shutil.which("dvc") or "dvc"
+    # the stage command is `python -m alignment ...`: it must find this venv's python first
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if parent_run_id:
+        env[PARENT_RUN_ENV] = parent_run_id
+    tail: deque[str] = deque(maxlen=40)
+    ran = False
+    with subprocess.Popen([str(dvc), "repro", stage], cwd=root, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                logger.info(line)
+                tail.append(line)
+                ran = ran or line.startswith(f"Running stage '{stage}'")
+    if process.returncode:
+        raise StageFailed(f"dvc repro {stage} exited with {process.returncode}:\n" + "\n".join(tail))
+    metrics = Path(root, "metrics", f"{stage}.json")
+    return {"stage": stage, "ran": ran, "metrics": json.loads(metrics.read_text()) if metrics.exists() else {}}

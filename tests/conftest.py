@@ -1,0 +1,87 @@
+"""Shared fixtures: offline environment, micro params, and a throw-away copy of the project."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's dvc, prefect and mlflow executables
+
+# Small enough that prepare -> tokenizer -> sft runs in a few seconds on 2 cores.
+MICRO_PARAMS = {
+    "prepare": {
+        "seed": 0,
+        "eval_fraction": 0.1,
+        "test_fraction": 0.1,
+        "max_chars": 1500,
+        "sources": [
+            {"name": "imdb", "kind": "text", "path": "data/embedded/imdb_reviews.jsonl.gz", "prompt_words": 8, "limit": 120},
+            {"name": "hh", "kind": "hh", "path": "data/embedded/hh_pairs.jsonl.gz", "limit": 80},
+        ],
+    },
+    "tokenizer": {"source": "train", "vocab_size": 320, "min_frequency": 2},
+    "sft": {
+        "model": {"init": "config", "arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2,
+                  "max_position_embeddings": 64, "dropout": 0.0},
+        "max_length": 64,
+        "eval_max_examples": 16,
+        "train": {"seed": 0, "epochs": 1, "max_steps": 4, "batch_size": 4, "grad_accum": 1,
+                  "learning_rate": 1.0e-3, "warmup_steps": 1, "lr_schedule": "cosine", "log_every": 1,
+                  "eval_every": 2, "checkpoint_every": 2, "resume": True},
+        "samples": {"num_prompts": 2, "max_new_tokens": 8, "temperature": 0.7},
+        "register_as": "alignment-sft",
+    },
+    "pipeline": {"stages": ["prepare", "tokenizer", "sft"], "experiment": "alignment",
+                 "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
+}
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch):
+    """No hub, no telemetry; each test gets its own MLflow store unless it sets one."""
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+                       "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID", "ALIGNMENT_EXPERIMENT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.fixture
+def micro_params() -> dict:
+    return copy.deepcopy(MICRO_PARAMS)
+
+
+def write_params(path: Path, params: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        YAML().dump(params, f)
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def project(tmp_path, micro_params) -> Path:
+    """A git-committed copy of the repository (what `git ls-files` would clone) with micro params."""
+    files = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
+    dest = tmp_path / "project"
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    write_params(dest / "params.yaml", micro_params)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "copy")
+    return dest

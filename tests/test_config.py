@@ -1,0 +1,76 @@
+"""params.yaml validation: errors name the file and the dotted key, before any compute."""
+from pathlib import Path
+
+import pytest
+
+from alignment.config import ConfigError, SFTConfig, flatten, load_all, load_section, parse_section
+from tests.conftest import ROOT, write_params
+
+
+def test_the_shipped_params_are_valid():
+    sections = load_all(ROOT / "params.yaml")
+    assert isinstance(sections["sft"], SFTConfig)
+    assert sections["sft"].train.learning_rate > 0
+
+
+def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
+    micro_params["sft"]["train"]["learning_rate"] = "1e-3"  # a string here; YAML writes it quoted
+    path = tmp_path / "params.yaml"
+    write_params(path, micro_params)
+    path.write_text(path.read_text().replace("'1e-3'", "1e-3"))
+    assert load_section("sft", path).train.learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "section, patch, message",
+    [
+        ("sft", {"train": {"learning_rat": 0.1}}, "sft.train.learning_rat: Extra inputs are not permitted"),
+        ("sft", {"train": {"batch_size": "many"}}, "sft.train.batch_size: Input should be a valid integer"),
+        ("sft", {"train": {"batch_size": 0}}, "sft.train.batch_size: Input should be greater than or equal to 1"),
+        ("sft", {"train": {"lr_schedule": "exp"}}, "sft.train.lr_schedule: Input should be 'constant', 'linear' or 'cosine'"),
+        ("sft", {"model": {"n_embd": 30, "n_head": 4}}, "n_embd (30) must be divisible by n_head (4)"),
+        ("sft", {"max_length": 4096}, "exceeds model.max_position_embeddings"),
+        ("tokenizer", {"source": "pretrained"}, "source: pretrained needs name_or_path"),
+        ("prepare", {"eval_fraction": 0.6, "test_fraction": 0.5}, "eval_fraction + test_fraction must be below 1"),
+    ],
+)
+def test_invalid_values_name_file_and_key(section, patch, message, micro_params):
+    raw = micro_params[section]
+    for key, value in patch.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError) as error:
+        parse_section(section, raw, "some/params.yaml")
+    assert "some/params.yaml" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_unknown_section_and_missing_file(tmp_path, micro_params):
+    micro_params["sfft"] = {}
+    path = tmp_path / "params.yaml"
+    write_params(path, micro_params)
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown section\(s\) \['sfft'\]"):
+        load_all(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_all(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen(micro_params):
+    cfg = parse_section("sft", micro_params["sft"])
+    with pytest.raises(Exception):
+        cfg.max_length = 3
+
+
+def test_flatten_for_mlflow_params(micro_params):
+    flat = flatten(parse_section("prepare", micro_params["prepare"]))
+    assert flat["sources.0.name"] == "imdb" and flat["sources.1.kind"] == "hh"
+    assert flat["eval_fraction"] == 0.1
+
+
+def test_cli_fails_before_compute_on_invalid_params(tmp_path, micro_params, monkeypatch):
+    from alignment.__main__ import main
+
+    micro_params["sft"]["train"]["warmup_steps"] = -1
+    write_params(tmp_path / "params.yaml", micro_params)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft"]) == 2
+    assert not Path("outputs").exists() and not Path("mlflow.db").exists()
