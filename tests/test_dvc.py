@@ -1,0 +1,75 @@
+"""The real `dvc repro` of prepare -> tokenizer -> sft on micro params in a throw-away copy."""
+import json
+import re
+import subprocess
+
+import pytest
+from ruamel.yaml import YAML
+
+from alignment import tracking
+from alignment.models import load_causal_lm
+from alignment.paths import Paths
+from tests.conftest import ROOT
+
+
+def dvc(project, *args: str) -> str:
+    done = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def test_dvc_yaml_names_the_paths_the_stages_write():
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    paths = Paths()
+    declared = {
+        name: {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in stage.get(key, [])}
+        for name, stage in stages.items()
+    }
+    assert str(paths.data) in declared["prepare"] and str(paths.metrics("prepare")) in declared["prepare"]
+    assert str(paths.tokenizer) in declared["tokenizer"]
+    assert {str(paths.sft), str(paths.metrics("sft")), str(paths.checkpoints("sft")),
+            str(paths.plots("sft") / "train.csv"), str(paths.plots("sft") / "eval.csv")} <= declared["sft"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m alignment {name}" and stage["params"] == [name]
+
+
+@pytest.mark.slow
+def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
+    monkeypatch.chdir(project)
+    first = dvc(project, "repro")
+    assert ran(first) == ["prepare", "tokenizer", "sft"]
+    assert ran(dvc(project, "repro")) == []  # a second repro does nothing
+    assert "up to date" in dvc(project, "status")
+
+    # outputs: safetensors model that loads back, metrics and plots DVC can show
+    assert (project / "outputs/sft/model.safetensors").exists()
+    assert load_causal_lm(project / "outputs/sft").config.n_embd == 32
+    metrics = json.loads(dvc(project, "metrics", "show", "--json"))
+    assert any("val/loss" in json.dumps(v) for v in metrics.values())
+    plots = dvc(project, "plots", "show", "--json")
+    assert "plots/sft/train.csv" in plots
+
+    # one SFT param changed as an experiment: only SFT re-runs
+    exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
+    assert ran(exp) == ["sft"]
+    assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
+
+    # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(project))
+    runs = mlflow.search_runs(experiment_names=["alignment"])
+    assert sorted(runs["tags.stage"]) == ["prepare", "sft", "sft", "tokenizer"]
+    sft_run = runs[runs["tags.stage"] == "sft"].iloc[0]
+    assert sft_run["params.train.batch_size"] == "4" and sft_run["tags.data_hash"]
+    history = mlflow.MlflowClient().get_metric_history(sft_run["run_id"], "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sft_run["run_id"], "plots")}
+    assert artifacts == {"plots/sft_loss.png"}
+    local = tracking.load_registered_model("alignment-sft", version="2")
+    assert (local / "model.safetensors").exists()
+    assert load_causal_lm(local).num_parameters() == load_causal_lm(project / "outputs/sft").num_parameters()

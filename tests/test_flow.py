@@ -1,0 +1,79 @@
+"""The Prefect flow under the test harness, on a real `dvc repro` of the micro pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from alignment.config import ConfigError
+from flows.pipeline import pipeline, set_dotted
+
+STAGES = ["prepare", "tokenizer", "sft"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    """One temporary Prefect server and database for the module (starting one costs seconds)."""
+    with prefect_test_harness():
+        yield
+
+
+def stage_runs(project: Path) -> tuple[list, list]:
+    """(pipeline runs, stage runs) in the copy's own MLflow store."""
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_flow_runs_stages_then_finds_them_up_to_date(project):
+    first = pipeline(root=str(project))
+    assert list(first) == STAGES
+    assert all(result["ran"] for result in first.values())
+    assert first["sft"]["metrics"] and (project / "outputs" / "sft").is_dir()
+
+    parents, children = stage_runs(project)
+    assert len(parents) == 1 and parents[0].data.params["stages"] == ",".join(STAGES)
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+    # stages given out of order still run in DAG order; DVC finds nothing to do
+    second = pipeline(stages=["sft", "prepare"], root=str(project))
+    assert list(second) == ["prepare", "sft"]
+    assert not any(result["ran"] for result in second.values())
+
+
+def test_override_reruns_only_the_stage_that_reads_it(project):
+    pipeline(stages=["prepare"], root=str(project))
+    params = project / "params.yaml"
+    params.write_text("# kept across overrides\n" + params.read_text())
+
+    result = pipeline(stages=["prepare", "tokenizer"], overrides={"tokenizer.vocab_size": 300}, root=str(project))
+    assert result["prepare"]["ran"] is False and result["tokenizer"]["ran"] is True
+    text = params.read_text()
+    assert "vocab_size: 300" in text and text.startswith("# kept across overrides")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"overrides": {"sft.train.learning_rate": -1.0}}, "sft.train.learning_rate"),
+        ({"overrides": {"sft.train.lr": 0.1}}, "sft.train.lr"),
+        ({"overrides": {"nope.x": 1}}, "nope.x"),
+        ({"stages": ["prepare", "rlhf"]}, "rlhf"),
+    ],
+)
+def test_invalid_input_fails_before_any_stage(project, kwargs, message):
+    before = (project / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        pipeline(root=str(project), **kwargs)
+    assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_set_dotted_indexes_lists():
+    params = {"prepare": {"sources": [{"limit": 1}]}}
+    set_dotted(params, "prepare.sources.0.limit", 5)
+    assert params == {"prepare": {"sources": [{"limit": 5}]}}
