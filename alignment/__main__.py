@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.params(flatten(cfg))
                 log.tags({"data_hash": hash_paths(stage_inputs(args.stage, paths, cfg))})
                 metrics = STAGES[args.stage](cfg, paths, log)
-                # the summary lands on the last training step, so curves get no stray point at 0
-                log.metrics(metrics | {"stage_seconds": time.perf_counter() - started}, step=int(metrics.get("steps", 0)))
+                log.summary(metrics | {"stage_seconds": time.perf_counter() - started})
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -82,6 +82,11 @@ class Tracker:
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def summary(self, metrics: dict[str, float]) -> None:
+        """A stage's final numbers, minus those it already logged as curves (no duplicate points)."""
+        logged = self._mlflow.get_run(self.run_id).data.metrics
+        self.metrics({k: v for k, v in metrics.items() if k not in logged})
+
     def tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
 
@@ -160,4 +165,5 @@ def load_registered_model(name: str, version: str | None = None, alias: str | No
         uri = f"models:/{name}/{version}"
     target = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    return local / "artifacts" / HF_ARTIFACT
+    flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    return local / flavor["artifacts"][HF_ARTIFACT]["path"]

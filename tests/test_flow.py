@@ -8,7 +8,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from alignment.config import ConfigError
-from flows.pipeline import pipeline, set_dotted
+from flows.pipeline import pipeline, set_dotted, write_overrides
 
 STAGES = ["prepare", "tokenizer", "sft"]
 
@@ -45,17 +45,6 @@ def test_flow_runs_stages_then_finds_them_up_to_date(project):
     assert not any(result["ran"] for result in second.values())
 
 
-def test_override_reruns_only_the_stage_that_reads_it(project):
-    pipeline(stages=["prepare"], root=str(project))
-    params = project / "params.yaml"
-    params.write_text("# kept across overrides\n" + params.read_text())
-
-    result = pipeline(stages=["prepare", "tokenizer"], overrides={"tokenizer.vocab_size": 300}, root=str(project))
-    assert result["prepare"]["ran"] is False and result["tokenizer"]["ran"] is True
-    text = params.read_text()
-    assert "vocab_size: 300" in text and text.startswith("# kept across overrides")
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -77,3 +66,12 @@ def test_set_dotted_indexes_lists():
     params = {"prepare": {"sources": [{"limit": 1}]}}
     set_dotted(params, "prepare.sources.0.limit", 5)
     assert params == {"prepare": {"sources": [{"limit": 5}]}}
+
+
+def test_write_overrides_keeps_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("# top\nsft:\n  train:\n    learning_rate: 1.0e-3   # why this rate\n")
+    write_overrides(params, {"sft.train.learning_rate": 3e-4, "sft.train.epochs": 2})
+    assert params.read_text() == (
+        "# top\nsft:\n  train:\n    learning_rate: 0.0003   # why this rate\n    epochs: 2\n"
+    )
