@@ -6,6 +6,7 @@ Validates the stage's params section (and fails before any compute), opens the s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,9 +17,9 @@ from alignment import tracking
 from alignment.config import ConfigError, flatten, load_all, load_section
 from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
-from alignment.stages import prepare, sft, tokenizer
 
-STAGES = {"prepare": prepare.run, "tokenizer": tokenizer.run, "sft": sft.run}
+# imported on demand: `prepare` need not pay for torch and transformers (~8 s per process)
+STAGES = {name: f"alignment.stages.{name}" for name in ("prepare", "tokenizer", "sft")}
 
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
@@ -62,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
     paths = Paths(Path("."))
+    run_stage = importlib.import_module(STAGES[args.stage]).run
     started = time.perf_counter()
     try:
         if args.no_tracking:
-            metrics = STAGES[args.stage](cfg, paths, None)
+            metrics = run_stage(cfg, paths, None)
         else:
             with tracking.stage_run(args.stage, pipeline.experiment) as log:
                 log.params(flatten(cfg))
                 log.tags({"data_hash": hash_paths(stage_inputs(args.stage, paths, cfg))})
-                metrics = STAGES[args.stage](cfg, paths, log)
+                metrics = run_stage(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started})
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import deque
@@ -32,14 +31,13 @@ class StageFailed(RuntimeError):
 def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Reproduce one DVC stage (and any out-of-date stage upstream of it) in the project at `root`."""
     logger = get_run_logger()
-    dvc = BIN / "dvc" if (BIN / "dvc").exists() else shutil.which("dvc") or "dvc"
-    # the stage command is `python -m alignment ...`: it must find this venv's python first
+    # this venv's bin first: both `dvc` and the stage command `python -m alignment ...` resolve there
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     tail: deque[str] = deque(maxlen=40)
     ran = False
-    with subprocess.Popen([str(dvc), "repro", stage], cwd=root, env=env, text=True,
+    with subprocess.Popen(["dvc", "repro", stage], cwd=root, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         for line in process.stdout:
             line = line.rstrip()

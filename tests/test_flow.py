@@ -5,18 +5,22 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from alignment.config import ConfigError
 from flows.pipeline import pipeline, set_dotted, write_overrides
+from tasks.dvc import StageFailed
 
 STAGES = ["prepare", "tokenizer", "sft"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def harness():
-    """One temporary Prefect server and database for the module (starting one costs seconds)."""
-    with prefect_test_harness():
+    """One temporary Prefect server and database for the module (starting one costs seconds).
+
+    Its telemetry is off: offline it only logs errors (DO_NOT_TRACK covers the client alone)."""
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness():
         yield
 
 
@@ -51,6 +55,7 @@ def test_flow_runs_stages_then_finds_them_up_to_date(project):
         ({"overrides": {"sft.train.learning_rate": -1.0}}, "sft.train.learning_rate"),
         ({"overrides": {"sft.train.lr": 0.1}}, "sft.train.lr"),
         ({"overrides": {"nope.x": 1}}, "nope.x"),
+        ({"overrides": {"sft.max_length.x": 1}}, "sft.max_length.x"),
         ({"stages": ["prepare", "rlhf"]}, "rlhf"),
     ],
 )
@@ -60,6 +65,16 @@ def test_invalid_input_fails_before_any_stage(project, kwargs, message):
         pipeline(root=str(project), **kwargs)
     assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
     assert (project / "params.yaml").read_text() == before
+
+
+def test_failed_stage_fails_the_flow_with_its_output(project):
+    dvc_yaml = project / "dvc.yaml"
+    broken = "python -c \"raise SystemExit('disk full')\""
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("python -m alignment prepare", broken))
+    with pytest.raises(StageFailed, match="disk full"):
+        pipeline(stages=["prepare"], root=str(project))
+    [parent], _ = stage_runs(project)
+    assert parent.info.status == "FAILED"
 
 
 def test_set_dotted_indexes_lists():

@@ -1,0 +1,142 @@
+"""The alignment pipeline as one Prefect flow: a versioned `dvc repro` of the chosen stages.
+
+Run it on Prefect's local engine (no server to start): `python -m flows.pipeline`, optionally with
+`--stages prepare,tokenizer` and `--set sft.train.learning_rate=3e-4` (repeatable). Overrides are
+written into params.yaml (comments kept), as `dvc exp run -S` does, so that DVC sees the change,
+re-runs exactly the stages that read it and records it in dvc.lock; commit or revert it afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+from ruamel.yaml import YAML
+
+from alignment import tracking
+from alignment.config import SECTIONS, ConfigError, flatten, parse_section, read_params
+from tasks.dvc import run_stage
+
+
+def set_dotted(params: dict, key: str, value: Any) -> None:
+    """`set_dotted(p, "sft.train.learning_rate", 3e-4)`; a number indexes a list (`prepare.sources.0.limit`)."""
+    *parents, last = key.split(".")
+    node = params
+    try:
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    except (AttributeError, IndexError, TypeError, ValueError):  # through a scalar, or a bad list index
+        raise ConfigError(f"override {key}: no such key") from None
+
+
+def validated(params_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Every section of params (with overrides applied), validated: a bad key fails before any stage."""
+    params = read_params(params_path)
+    for key, value in overrides.items():
+        if key.split(".")[0] not in SECTIONS:
+            raise ConfigError(f"override {key}: unknown section; known: {sorted(SECTIONS)}")
+        set_dotted(params, key, value)
+    return {name: parse_section(name, params.get(name), params_path) for name in SECTIONS}
+
+
+def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
+    """Round-trip edit of params.yaml, so that its comments and key order survive."""
+    yaml = YAML()  # round-trip mode
+    params = yaml.load(params_path)
+    for key, value in overrides.items():
+        set_dotted(params, key, value)
+    yaml.dump(params, params_path)
+
+
+def dag_order(root: Path) -> list[str]:
+    """The stages in dvc.yaml's order, which lists each stage after the stages it depends on."""
+    return list(YAML(typ="safe").load(root / "dvc.yaml")["stages"])
+
+
+@flow(name="alignment-pipeline")
+def pipeline(
+    stages: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    params_file: str = "params.yaml",
+    root: str | None = None,
+    retries: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Reproduce the chosen DVC stages (default: params `pipeline.stages`) with optional param overrides.
+
+    Args:
+        stages: stage names from dvc.yaml; run in DAG order whatever order they are given in.
+        overrides: dotted params keys to values, e.g. `{"sft.train.learning_rate": 3e-4}`; written into
+            the params file before the stages run (as `dvc exp run -S` does).
+        params_file: the params file, relative to `root`.
+        root: the project folder (default: the working directory).
+        retries: how often a failed stage is retried (a failed training run is expensive to repeat).
+    Returns: per stage, whether DVC ran it (False: up to date) and its metrics file.
+    """
+    # step 1. validate everything before any compute: a typo in an override or a stage name fails here
+    project = Path(root or ".").resolve()
+    params_path = project / params_file
+    overrides = overrides or {}
+    config = validated(params_path, overrides)
+    chosen = list(stages or config["pipeline"].stages)
+    order = dag_order(project)
+    unknown = sorted(set(chosen) - set(order))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
+
+    # step 2. make the overrides visible to DVC, which re-runs exactly the stages whose params changed
+    if overrides:
+        write_overrides(params_path, overrides)
+
+    # step 3. one MLflow parent run; every stage process logs a nested run under it
+    chosen = [stage for stage in order if stage in chosen]
+    record = {"stages": ",".join(chosen), "overrides": json.dumps(overrides)}
+    with tracking.pipeline_run(config["pipeline"].experiment, flow_run.name, record, project) as parent:
+        stage_task = run_stage.with_options(retries=retries)
+        return {stage: stage_task(stage, str(project), parent) for stage in chosen}
+
+
+def summary(results: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for stage, result in results.items():
+        numbers = {k: v for k, v in flatten(result["metrics"]).items() if isinstance(v, (int, float))}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
+        lines.append(f"  {stage:<10} {'ran' if result['ran'] else 'up to date':<11} {shown}")
+    return "\n".join([
+        "pipeline finished:", *lines,
+        "look at: mlflow ui --backend-store-uri sqlite:///mlflow.db | dvc dag | dvc metrics show",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", help="comma-separated stages (default: params pipeline.stages)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param (value parsed as YAML); repeatable")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected KEY=VALUE")
+        overrides[key] = YAML(typ="safe").load(value)
+    stages = args.stages.split(",") if args.stages else None
+    try:
+        results = pipeline(stages=stages, overrides=overrides, params_file=args.params)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
