@@ -166,7 +166,7 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
     """All sources -> {schema: {split: rows}} and a report of rows read, kept and dropped by reason."""
     out: dict[str, dict[str, list[dict]]] = {schema: {split: [] for split in SPLITS} for schema in SCHEMAS}
     report: dict = {"sources": {}}
-    seen_prompts: set[tuple[str, str]] = set()  # (schema, prompt): each prompt once in `prompts`
+    seen_prompts: set[str] = set()  # each prompt once in `prompts`, however many pairs share it
     for source in cfg.sources:
         rows = read_rows(source.path, REQUIRED_FIELDS[source.kind], source.split)
         if source.limit is not None:
@@ -180,9 +180,9 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
             split = assign_split(records["prompts"]["prompt"], cfg.seed, cfg.eval_fraction, cfg.test_fraction)
             for schema, record in records.items():
                 if schema == "prompts":
-                    if (schema, record["prompt"]) in seen_prompts:
+                    if record["prompt"] in seen_prompts:
                         continue
-                    seen_prompts.add((schema, record["prompt"]))
+                    seen_prompts.add(record["prompt"])
                 out[schema][split].append(record)
         report["sources"][source.name] = {
             "read": len(rows),

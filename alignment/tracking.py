@@ -20,7 +20,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ALIGNMENT_PARENT_RUN_ID"
-EXPERIMENT_ENV = "ALIGNMENT_EXPERIMENT"
 HF_ARTIFACT = "hf_model"
 _SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
 
@@ -126,10 +125,9 @@ class Tracker:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str | None = None, root: Path | None = None) -> Iterator[Tracker]:
+def stage_run(stage: str, experiment: str = "alignment", root: Path | None = None) -> Iterator[Tracker]:
     """An MLflow run for one stage: nested under the pipeline run when one handed us its id."""
     mlflow = _mlflow(root)
-    experiment = experiment or os.environ.get(EXPERIMENT_ENV, "alignment")
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:  # the parent's experiment wins, so the UI shows the stage under its pipeline run
         experiment_id = mlflow.get_run(parent).info.experiment_id

@@ -49,7 +49,7 @@ def offline_env(monkeypatch):
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
                        "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         monkeypatch.setenv(key, value)
-    for key in ("MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID", "ALIGNMENT_EXPERIMENT"):
+    for key in ("MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
 
