@@ -19,14 +19,21 @@ from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
 
 # imported on demand: `prepare` need not pay for torch and transformers (~8 s per process)
-STAGES = {name: f"alignment.stages.{name}" for name in ("prepare", "tokenizer", "sft")}
+STAGES = {name: f"alignment.stages.{name}" for name in ("prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo")}
 
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
     """What the stage reads: hashed into the run's `data_hash` tag."""
-    if stage == "prepare":
-        return [Path(s.path) for s in cfg.sources if Path(s.path).exists()]
-    return [paths.data] if stage == "tokenizer" else [paths.data, paths.tokenizer]
+    inputs = {
+        "prepare": [Path(s.path) for s in getattr(cfg, "sources", ()) if Path(s.path).exists()],
+        "tokenizer": [paths.data],
+        "sft": [paths.data, paths.tokenizer],
+        "gold": [Path(p) for p in (getattr(cfg, "train_path", ""), getattr(cfg, "test_path", "")) if p and Path(p).exists()],
+        "pairs": [paths.data, paths.sft, paths.gold],
+        "rm": [paths.data, paths.pairs, paths.sft],
+        "dpo": [paths.data, paths.pairs, paths.sft, paths.gold],
+    }
+    return [p for p in inputs[stage] if p.exists()]
 
 
 def keep_freed_memory() -> None:

@@ -143,6 +143,63 @@ class SFTConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------- gold scorer and IMDb pairs
+class GoldConfig(Section):
+    """The IMDb gold scorer: TF-IDF + logistic regression on reviews never used for SFT or prompts."""
+
+    train_path: str = "data/embedded/imdb_gold_train.jsonl.gz"
+    test_path: str = "data/embedded/imdb_gold_test.jsonl.gz"
+    c: float = Field(default=4.0, gt=0.0)  # inverse L2 strength of the logistic regression
+    seed: int = 0
+
+
+class PairsConfig(Section):
+    """Preference pairs the DPO paper's way: k samples per prompt from SFT, every pair labelled by gold."""
+
+    source: str = "imdb"  # which prepared prompts (their `source` field) to sample for
+    train_prompts: int = Field(default=600, ge=1)
+    eval_prompts: int = Field(default=100, ge=1)
+    samples_per_prompt: int = Field(default=4, ge=2)  # k samples -> k(k-1)/2 pairs
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    label_temperature: float | None = Field(default=None, gt=0.0)
+    """None: the higher gold reward wins. A number T: a noisy annotator, the first response wins with
+    probability sigmoid((g_1 - g_2) / T) (Bradley-Terry)."""
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- reward model, DPO
+class PreferenceData(Section):
+    sources: tuple[Literal["imdb_pairs", "prepared"], ...] = Field(default=("imdb_pairs", "prepared"), min_length=1)
+    """imdb_pairs: the gold-labelled SFT samples of the `pairs` stage; prepared: the preference pairs of
+    `prepare` (the human-labelled HH pairs in the embedded default)."""
+    max_train_pairs: int | None = Field(default=None, ge=1)  # per source
+    max_eval_pairs: int | None = Field(default=None, ge=1)  # per source
+
+
+class RewardModelConfig(Section):
+    init_from: str = "sft"  # `sft`: the SFT policy with a fresh scalar head; or a model path / hub id
+    data: PreferenceData = PreferenceData()
+    train: TrainConfig = TrainConfig()
+    max_length: int = Field(default=256, ge=8)
+    margin: float | None = None  # a constant margin in -log sigmoid(r_c - r_r - margin)
+    center_coefficient: float = Field(default=0.0, ge=0.0)  # c * mean((r_c + r_r)^2), Eisenstein et al. 2023
+    register_as: str | None = "alignment-rm"
+
+
+class DPOConfig(Section):
+    data: PreferenceData = PreferenceData(sources=("imdb_pairs",))
+    train: TrainConfig = TrainConfig()
+    max_length: int = Field(default=256, ge=8)
+    beta: float = Field(default=0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # > 0: conservative DPO (cDPO)
+    precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
+    eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
+    samples: SampleConfig = SampleConfig(temperature=1.0)
+    register_as: str | None = "alignment-dpo"
+
+
 # ---------------------------------------------------------------------------------- orchestration
 class ScheduleConfig(Section):
     cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
@@ -152,7 +209,9 @@ class ScheduleConfig(Section):
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
-    stages: tuple[Literal["prepare", "tokenizer", "sft"], ...] = ("prepare", "tokenizer", "sft")
+    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"], ...] = (
+        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"
+    )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
     schedule: ScheduleConfig = ScheduleConfig()
@@ -162,6 +221,10 @@ SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "tokenizer": TokenizerConfig,
     "sft": SFTConfig,
+    "gold": GoldConfig,
+    "pairs": PairsConfig,
+    "rm": RewardModelConfig,
+    "dpo": DPOConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -13,7 +13,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    batch_size: int = 32,
+    batch_size: int = 256,
     max_prompt_tokens: int | None = None,
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt), decoded up to the first EOS.

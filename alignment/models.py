@@ -93,6 +93,13 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
+def check_max_length(max_length: int, model: PreTrainedModel, key: str) -> None:
+    """A length the model cannot embed fails before any compute, naming the params key."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"params.yaml: {key} = {max_length} exceeds the model's {limit} positions")
+
+
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """Model (safetensors) and tokenizer in one folder: everything a later stage needs to load it."""
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,22 @@ class Paths:
     def sft(self) -> Path:  # the SFT policy (safetensors + tokenizer) and its sample generations
         return self.root / "outputs" / "sft"
 
+    @property
+    def gold(self) -> Path:  # the gold scorer (IMDb sentiment classifier)
+        return self.root / "outputs" / "gold" / "scorer.joblib"
+
+    @property
+    def pairs(self) -> Path:  # gold-labelled SFT sample pairs: {train,eval}.jsonl
+        return self.root / "outputs" / "pairs"
+
+    @property
+    def rm(self) -> Path:
+        return self.root / "outputs" / "rm"
+
+    @property
+    def dpo(self) -> Path:
+        return self.root / "outputs" / "dpo"
+
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 

@@ -18,12 +18,14 @@ def write_csv(path: Path, rows: list[dict[str, float]], columns: list[str]) -> N
         writer.writerows(rows)
 
 
-def loss_curve(train: list[dict[str, float]], evals: list[dict[str, float]], title: str):
+def loss_curve(
+    train: list[dict[str, float]], evals: list[dict[str, float]], title: str, ylabel: str = "loss (nats / response token)"
+):
     figure, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats / response token)", title=title)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()

@@ -1,18 +1,17 @@
-"""The MLflow pyfunc wrapper of a saved causal LM: `predict` continues a list of prompts."""
+"""MLflow pyfunc wrappers of saved HF folders, so registered models serve from the registry."""
 from __future__ import annotations
 
 import mlflow.pyfunc
 
 
 class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads the HF folder logged as the `hf_model` artifact; greedy continuation of each prompt."""
+    """`predict(prompts)` -> greedy continuations (params: max_new_tokens)."""
 
     def load_context(self, context) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from alignment.models import load_causal_lm, load_tokenizer
 
         path = context.artifacts["hf_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.tokenizer, self.model = load_tokenizer(path), load_causal_lm(path).eval()
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         from alignment.generation import generate
@@ -20,3 +19,18 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
         prompts = list(model_input["prompt"] if hasattr(model_input, "columns") else model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", 48))
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
+    """`predict({"prompt": [...], "response": [...]})` -> one scalar reward per row."""
+
+    def load_context(self, context) -> None:
+        from alignment.reward import RewardScorer
+
+        self.scorer = RewardScorer(context.artifacts["hf_model"])
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[float]:
+        return self.scorer(list(model_input["prompt"]), list(model_input["response"])).tolist()
+
+
+PYFUNCS = {"causal_lm": CausalLMPyfunc, "reward": RewardModelPyfunc}

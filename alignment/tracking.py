@@ -105,18 +105,19 @@ class Tracker:
     def figure(self, figure, name: str) -> None:
         self._mlflow.log_figure(figure, name)
 
-    def register_model(self, model_dir: Path, name: str) -> str:
+    def register_model(self, model_dir: Path, name: str, kind: str = "causal_lm") -> str:
         """Log a saved HF model folder as an MLflow model and register it; returns the new version.
 
-        The MLflow model is a pyfunc around the folder (`predict` generates continuations), so it
+        The MLflow model is a pyfunc around the folder (`predict` generates continuations for a
+        causal LM, returns scores for a reward model given `prompt` and `response` columns), so it
         loads with `mlflow.pyfunc.load_model("models:/<name>/<version>")`; the HF folder itself comes
         back with `load_registered_model`.
         """
-        from alignment.serving import CausalLMPyfunc
+        from alignment.serving import PYFUNCS
 
         info = self._mlflow.pyfunc.log_model(
             name="model",
-            python_model=CausalLMPyfunc(),
+            python_model=PYFUNCS[kind](),
             artifacts={HF_ARTIFACT: str(model_dir)},
             pip_requirements=_pip_requirements(),
             registered_model_name=name,

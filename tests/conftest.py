@@ -38,6 +38,13 @@ MICRO_PARAMS = {
         "samples": {"num_prompts": 2, "max_new_tokens": 8, "temperature": 0.7},
         "register_as": "alignment-sft",
     },
+    "gold": {"c": 4.0, "seed": 0},
+    "pairs": {"source": "imdb", "train_prompts": 8, "eval_prompts": 4, "samples_per_prompt": 3, "max_new_tokens": 8,
+              "temperature": 1.0, "seed": 0},
+    "rm": {"max_length": 64, "data": {"sources": ["imdb_pairs", "prepared"], "max_eval_pairs": 8},
+           "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
+    "dpo": {"max_length": 64, "eval_prompts": 4, "samples": {"num_prompts": 2, "max_new_tokens": 8},
+            "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "checkpoint_every": 2}},
     "pipeline": {"stages": ["prepare", "tokenizer", "sft"], "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
 }

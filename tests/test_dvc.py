@@ -41,7 +41,7 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
 def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     monkeypatch.chdir(project)
     first = dvc(project, "repro")
-    assert ran(first) == ["prepare", "tokenizer", "sft"]
+    assert sorted(ran(first)) == sorted(["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"])
     assert ran(dvc(project, "repro")) == []  # a second repro does nothing
     assert "up to date" in dvc(project, "status")
 
@@ -53,9 +53,9 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     plots = dvc(project, "plots", "show", "--json")
     assert "plots/sft/train.csv" in plots
 
-    # one SFT param changed as an experiment: only SFT re-runs
+    # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
-    assert ran(exp) == ["sft"]
+    assert sorted(ran(exp)) == ["dpo", "pairs", "rm", "sft"]
     assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
 
     # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
@@ -63,7 +63,8 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
-    assert sorted(runs["tags.stage"]) == ["prepare", "sft", "sft", "tokenizer"]
+    stages = ["dpo", "dpo", "gold", "pairs", "pairs", "prepare", "rm", "rm", "sft", "sft", "tokenizer"]
+    assert sorted(runs["tags.stage"]) == stages
     sft_run = runs[runs["tags.stage"] == "sft"].iloc[0]
     assert sft_run["params.train.batch_size"] == "4" and sft_run["tags.data_hash"]
     history = mlflow.MlflowClient().get_metric_history(sft_run["run_id"], "train/loss")
@@ -76,3 +77,10 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     # the registered MLflow model itself serves: a pyfunc that continues prompts
     pyfunc = mlflow.pyfunc.load_model("models:/alignment-sft/2")
     assert len(pyfunc.predict(["The film was", "I think"], params={"max_new_tokens": 3})) == 2
+    import pandas as pd
+
+    rm_pyfunc = mlflow.pyfunc.load_model("models:/alignment-rm/2")
+    scores = rm_pyfunc.predict(pd.DataFrame({"prompt": ["The film was"] * 2, "response": [" great.", " awful."]}))
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    dpo_metrics = json.loads((project / "metrics/dpo.json").read_text())
+    assert {"gold/reward", "gold/sft_reward", "objective/kl", "rewards/margins"} <= {k.removeprefix("val/") for k in dpo_metrics}

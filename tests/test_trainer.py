@@ -5,7 +5,8 @@ import torch
 from alignment.config import ModelConfig, TrainConfig
 from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, train_tokenizer
-from alignment.stages.sft import collate, count_response_tokens, encode, step
+from alignment.batching import collate, encode
+from alignment.stages.sft import count_response_tokens, step
 from alignment.trainer import train, window_indices
 
 TEXTS = [

@@ -11,6 +11,7 @@ import torch
 from alignment.config import SFTConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.generation import generate
+from alignment.batching import collate, encode
 from alignment.losses import IGNORE_INDEX, sft_loss
 from alignment.models import build_model, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
@@ -19,35 +20,6 @@ from alignment.tracking import Tracker
 from alignment.trainer import Batch, config_fingerprint, train
 
 logger = logging.getLogger(__name__)
-
-
-def encode(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
-    """Prompt and response tokenized apart (so the mask is exact), EOS closing the response.
-
-    Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
-    dialogue turns matter most), and then cut the response on the right.
-    """
-    prompt_ids = tokenizer(prompt).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > max_length:
-        prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(response_ids)) :]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def collate(pad_token_id: int):
-    def pad(examples: list[dict[str, list[int]]]) -> Batch:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_token_id)
-        labels = torch.full((len(examples), width), IGNORE_INDEX)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return pad
 
 
 def step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,0 +1,38 @@
+"""Token ids for {prompt, response} examples and their right-padded batches, shared by every stage
+that trains or scores text (SFT, reward model, DPO): labels hold IGNORE_INDEX on the prompt."""
+from __future__ import annotations
+
+import torch
+
+from alignment.losses import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True) -> dict[str, list[int]]:
+    """Prompt and response tokenized apart (so the mask is exact), EOS closing the response.
+
+    Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
+    dialogue turns matter most), and then cut the response on the right.
+    """
+    prompt_ids = tokenizer(prompt).input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if add_eos else [])
+    if len(prompt_ids) + len(response_ids) > max_length:
+        prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(response_ids)) :]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(pad_token_id: int):
+    def pad(examples: list[dict[str, list[int]]]) -> Batch:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_token_id)
+        labels = torch.full((len(examples), width), IGNORE_INDEX)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return pad

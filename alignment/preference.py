@@ -1,0 +1,40 @@
+"""Preference pairs as tensors: loading the configured sources, encoding, and batching chosen and
+rejected together so that one forward pass scores both (rows [0, B) chosen, [B, 2B) rejected)."""
+from __future__ import annotations
+
+import torch
+
+from alignment.config import PreferenceData
+from alignment.data import read_jsonl
+from alignment.paths import Paths
+from alignment.batching import collate, encode
+
+FILES = {"imdb_pairs": lambda paths, split: paths.pairs / f"{split}.jsonl",
+         "prepared": lambda paths, split: paths.data / f"preference_{split}.jsonl"}
+
+
+def load_pairs(paths: Paths, data: PreferenceData, split: str) -> list[dict]:
+    """The pairs of every configured source for `split` ("train" or "eval"), each capped per source.
+    Rows keep their own `source` (e.g. `hh` for the human pairs of prepare), for per-source metrics."""
+    cap = data.max_train_pairs if split == "train" else data.max_eval_pairs
+    return [row for source in data.sources for row in list(read_jsonl(FILES[source](paths, split)))[:cap]]
+
+
+def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
+    return {
+        "chosen": encode(tokenizer, pair["prompt"], pair["chosen"], max_length),
+        "rejected": encode(tokenizer, pair["prompt"], pair["rejected"], max_length),
+    }
+
+
+def collate_pairs(pad_token_id: int):
+    pad = collate(pad_token_id)
+
+    def pad_pairs(examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pad([e["chosen"] for e in examples] + [e["rejected"] for e in examples])
+
+    return pad_pairs
+
+
+def count_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(batch["input_ids"].shape[0] // 2)

@@ -1,0 +1,180 @@
+"""dpo: Direct Preference Optimization (Rafailov et al. 2023) from the SFT policy, with the SFT model as
+the frozen reference; IPO, hinge and conservative DPO through `loss_type` and `label_smoothing`.
+After training, policy and SFT continue the same held-out IMDb prompts and the gold scorer judges both."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+
+from alignment.config import DPOConfig
+from alignment.data import read_jsonl, write_jsonl
+from alignment.generation import generate
+from alignment.gold import GoldScorer
+from alignment.losses import dpo_loss, sequence_logps
+from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
+from alignment.paths import Paths, hash_paths
+from alignment.plots import loss_curve, write_csv
+from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
+from alignment.batching import collate, encode
+from alignment.tracking import Tracker
+from alignment.trainer import config_fingerprint, train
+
+logger = logging.getLogger(__name__)
+
+
+def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) summed response log-probs of the stacked chosen and rejected rows."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
+def precompute_reference(reference, examples: list[dict], pad, batch_size: int) -> None:
+    """Reference log-probs once, before training: the reference never changes, so every later epoch
+    and step reads them from the example instead of running a second model."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        logps = policy_logps(reference, pad(chunk))
+        for i, example in enumerate(chunk):
+            example["reference_logps"] = (logps[i].item(), logps[len(chunk) + i].item())
+
+
+def collate_with_reference(pad_token_id: int):
+    pad = collate_pairs(pad_token_id)
+
+    def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad(examples)
+        if all("reference_logps" in e for e in examples):
+            chosen, rejected = zip(*(e["reference_logps"] for e in examples))
+            batch["reference_logps"] = torch.tensor(chosen + rejected)
+        return batch
+
+    return collate_fn
+
+
+def make_step(reference, cfg: DPOConfig):
+    def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = policy_logps(model, batch)
+        if "reference_logps" in batch:
+            reference_logps = batch["reference_logps"]
+        else:
+            with torch.no_grad():
+                reference_logps = policy_logps(reference, batch)
+        half = logps.shape[0] // 2
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            logps[:half], logps[half:], reference_logps[:half], reference_logps[half:],
+            beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
+        )
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": logps[:half].mean().item(),
+            "logps/rejected": logps[half:].mean().item(),
+        }
+        return losses.sum(), metrics
+
+    return step
+
+
+def evaluation(examples: list[dict], pad, step, batch_size: int):
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals, n = {}, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            loss_sum, metrics = step(model, {k: v.to(device) for k, v in pad(chunk).items()})
+            for key, value in {"loss": loss_sum.item() / len(chunk), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+            n += len(chunk)
+        return {key: value / n for key, value in totals.items()}
+
+    return evaluate
+
+
+@torch.no_grad()
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
+    """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (the k1 estimator; its mean
+    is KL(pi || pi_ref)). Responses are re-tokenized from text, without a closing EOS."""
+    encoded = [encode(tokenizer, p, r, max_length, add_eos=False) for p, r in zip(prompts, responses)]
+    pad, out = collate(tokenizer.pad_token_id), []
+    for start in range(0, len(encoded), 64):
+        batch = pad(encoded[start : start + 64])
+        out.append((policy_logps(policy, batch) - policy_logps(reference, batch)).numpy())
+    return np.concatenate(out)
+
+
+def held_out_gold(policy, reference, tokenizer, gold: GoldScorer, prompts: list[str], cfg: DPOConfig, seed: int) -> tuple[dict, list[dict]]:
+    """Policy vs SFT on the same held-out prompts, judged by gold; KL of the policy to SFT."""
+    s = cfg.samples
+    torch.manual_seed(seed)
+    policy_responses = generate(policy, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p)
+    torch.manual_seed(seed)
+    sft_responses = generate(reference, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p)
+    policy_gold = gold.reward([p + r for p, r in zip(prompts, policy_responses)])
+    sft_gold = gold.reward([p + r for p, r in zip(prompts, sft_responses)])
+    kl = kl_to_reference(policy, reference, tokenizer, prompts, policy_responses, cfg.max_length)
+    metrics = {
+        "gold/reward": float(policy_gold.mean()),
+        "gold/sft_reward": float(sft_gold.mean()),
+        "gold/win_rate_vs_sft": float(np.mean(policy_gold > sft_gold) + 0.5 * np.mean(policy_gold == sft_gold)),
+        "objective/kl": float(kl.mean()),
+        "eval/prompts": len(prompts),
+    }
+    rows = [
+        {"prompt": p, "policy": r, "sft": q, "policy_gold": float(g), "sft_gold": float(h), "kl": float(k)}
+        for p, r, q, g, h, k in zip(prompts, policy_responses, sft_responses, policy_gold, sft_gold, kl)
+    ]
+    return metrics, rows
+
+
+def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    tokenizer = load_tokenizer(paths.sft)
+    policy, reference = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    check_max_length(cfg.max_length, policy, "dpo.max_length")
+    train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
+    train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
+    eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
+    pad = collate_with_reference(tokenizer.pad_token_id)
+    if cfg.precompute_reference:
+        precompute_reference(reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64)
+    step = make_step(reference, cfg)
+    logger.info("DPO (%s, beta %g): %d train / %d eval pairs", cfg.loss_type, cfg.beta, len(train_pairs), len(eval_pairs))
+
+    result = train(
+        policy,
+        train_examples,
+        pad,
+        step,
+        count_pairs,
+        cfg.train,
+        checkpoint_dir=paths.checkpoints("dpo"),
+        fingerprint=config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.pairs, paths.data, paths.sft])),
+        evaluate=evaluation(eval_examples, pad, step, cfg.train.batch_size),
+        log_metrics=log.metrics if log else None,
+    )
+    save_pretrained(policy, tokenizer, paths.dpo)
+
+    prompts = [r["prompt"] for r in read_jsonl(paths.data / "prompts_test.jsonl") if r["source"] == "imdb"][: cfg.eval_prompts]
+    gold_metrics, rows = held_out_gold(policy, reference, tokenizer, GoldScorer.load(paths.gold), prompts, cfg, cfg.train.seed)
+    write_jsonl(paths.dpo / "held_out_generations.jsonl", rows)
+    final = result.eval_history[-1]
+    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | gold_metrics
+    metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
+    paths.metrics("dpo").parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics("dpo").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_csv(paths.plots("dpo") / "train.csv", result.history, ["step", "loss", "rewards/margins", "rewards/accuracies"])
+    if log is not None:
+        log.metrics(gold_metrics, step=result.steps)
+        log.figure(loss_curve(result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"), "plots/dpo_loss.png")
+        log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
+        if cfg.register_as:
+            version = log.register_model(paths.dpo, cfg.register_as)
+            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+    logger.info("held-out gold reward: DPO %.3f vs SFT %.3f (win rate %.2f), KL %.2f nats",
+                gold_metrics["gold/reward"], gold_metrics["gold/sft_reward"], gold_metrics["gold/win_rate_vs_sft"], gold_metrics["objective/kl"])
+    return metrics

@@ -1,0 +1,111 @@
+"""rm: a Bradley-Terry reward model, a scalar head on the SFT model (or any path), trained on
+gold-labelled IMDb pairs and human HH pairs; chosen and rejected are scored in one forward pass."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+
+import torch
+
+from alignment.config import RewardModelConfig
+from alignment.losses import bradley_terry_loss
+from alignment.models import check_max_length, load_tokenizer, save_pretrained
+from alignment.paths import Paths, hash_paths
+from alignment.plots import loss_curve, write_csv
+from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
+from alignment.reward import load_reward_model, sequence_rewards
+from alignment.tracking import Tracker
+from alignment.trainer import config_fingerprint, train
+
+logger = logging.getLogger(__name__)
+
+
+def make_step(margin: float | None, center_coefficient: float):
+    def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        half = rewards.shape[0] // 2
+        losses, metrics = bradley_terry_loss(rewards[:half], rewards[half:], margin, center_coefficient)
+        return losses.sum(), metrics
+
+    return step
+
+
+def reward_stats(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    both = torch.cat([chosen, rejected])
+    return {
+        f"{prefix}accuracy": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item(),
+        f"{prefix}margin": (chosen - rejected).mean().item(),
+        f"{prefix}reward_mean": both.mean().item(),
+        f"{prefix}reward_std": both.std().item() if both.numel() > 1 else 0.0,
+        f"{prefix}reward_min": both.min().item(),
+        f"{prefix}reward_max": both.max().item(),
+    }
+
+
+def evaluation(pairs: list[dict], examples: list[dict], pad, batch_size: int, cfg: RewardModelConfig):
+    """BT loss over all eval pairs, and accuracy / margin / reward statistics overall and per source."""
+
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        chosen, rejected = [], []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
+            rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
+            half = rewards.shape[0] // 2
+            chosen.append(rewards[:half])
+            rejected.append(rewards[half:])
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        losses, _ = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coefficient)
+        metrics = {"loss": losses.mean().item(), **reward_stats(chosen, rejected)}
+        by_source = defaultdict(list)
+        for i, pair in enumerate(pairs):
+            by_source[pair["source"]].append(i)
+        for source, rows in sorted(by_source.items()):
+            metrics |= reward_stats(chosen[rows], rejected[rows], prefix=f"{source}/")
+        return metrics
+
+    return evaluate
+
+
+def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    init = paths.sft if cfg.init_from == "sft" else cfg.init_from
+    tokenizer = load_tokenizer(init)
+    torch.manual_seed(cfg.train.seed)  # the fresh scalar head
+    model = load_reward_model(init)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    check_max_length(cfg.max_length, model, "rm.max_length")
+    train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
+    logger.info("reward model from %s: %d train / %d eval pairs", init, len(train_pairs), len(eval_pairs))
+    train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
+    eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
+    pad = collate_pairs(tokenizer.pad_token_id)
+    inputs = [paths.pairs, paths.data, paths.sft] if cfg.init_from == "sft" else [paths.pairs, paths.data]
+    result = train(
+        model,
+        train_examples,
+        pad,
+        make_step(cfg.margin, cfg.center_coefficient),
+        count_pairs,
+        cfg.train,
+        checkpoint_dir=paths.checkpoints("rm"),
+        fingerprint=config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths(inputs)),
+        evaluate=evaluation(eval_pairs, eval_examples, pad, cfg.train.batch_size, cfg),
+        log_metrics=log.metrics if log else None,
+    )
+    save_pretrained(model, tokenizer, paths.rm)
+
+    final = result.eval_history[-1]
+    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}
+    metrics |= {"train/loss": result.history[-1]["loss"], "train/accuracy": result.history[-1]["accuracy"], "steps": result.steps}
+    paths.metrics("rm").parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics("rm").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_csv(paths.plots("rm") / "train.csv", result.history, ["step", "loss", "accuracy", "margin"])
+    write_csv(paths.plots("rm") / "eval.csv", result.eval_history, ["step", "loss", "accuracy", "margin"])
+    if log is not None:
+        log.figure(loss_curve(result.history, result.eval_history, "Reward model loss", ylabel="Bradley-Terry loss"), "plots/rm_loss.png")
+        if cfg.register_as:
+            version = log.register_model(paths.rm, cfg.register_as, kind="reward")
+            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+    logger.info("eval accuracy %.3f %s", final["accuracy"], {k: round(v, 3) for k, v in final.items() if k.endswith("/accuracy")})
+    return metrics

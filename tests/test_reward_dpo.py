@@ -1,0 +1,93 @@
+"""Reward model and DPO on tiny models: the reward index, a separable pair set, DPO's step 0."""
+import math
+
+import pytest
+import torch
+
+from alignment.batching import collate, encode
+from alignment.config import DPOConfig, ModelConfig, TrainConfig
+from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.preference import collate_pairs, count_pairs, encode_pair
+from alignment.reward import load_reward_model, sequence_rewards
+from alignment.stages import dpo, rm
+from alignment.trainer import train
+
+GOOD = ["a wonderful film", "truly great acting", "I loved it", "superb and moving"]
+BAD = ["a dreadful film", "truly awful acting", "I hated it", "boring and dull"]
+PROMPTS = ["Review:", "My verdict:", "In short,", "Overall"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny GPT-2 whose pad token is EOS, the setting that breaks pad-id-based reward pooling."""
+    tokenizer = train_tokenizer([p + " " + t for p in PROMPTS for t in GOOD + BAD] * 3, vocab_size=300, min_frequency=1)
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
+    model.config.pad_token_id = tokenizer.eos_token_id
+    path = tmp_path_factory.mktemp("tiny")
+    save_pretrained(model, tokenizer, path)
+    return path, tokenizer
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_lm):
+    path, tokenizer = tiny_lm
+    model = load_reward_model(path).eval()
+    texts = [(p, " " + t) for p, t in zip(PROMPTS, GOOD)]
+    encoded = [encode(tokenizer, p, r, 32) for p, r in texts]  # ends in EOS == pad
+    alone = torch.stack([sequence_rewards(model, torch.tensor([e["input_ids"]]), torch.ones(1, len(e["input_ids"]), dtype=torch.long)) for e in encoded]).squeeze(-1)
+    right = collate(tokenizer.pad_token_id)(encoded)
+    torch.testing.assert_close(sequence_rewards(model, right["input_ids"], right["attention_mask"]), alone)
+    # left padding: same rewards (GPT-2 positions follow the mask only through position_ids)
+    width = right["input_ids"].shape[1]
+    left_ids = torch.full_like(right["input_ids"], tokenizer.pad_token_id)
+    left_mask = torch.zeros_like(right["attention_mask"])
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        left_ids[row, width - n :], left_mask[row, width - n :] = torch.tensor(e["input_ids"]), 1
+    position_ids = (left_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=left_ids, attention_mask=left_mask, position_ids=position_ids).last_hidden_state
+    left_rewards = model.score(hidden).squeeze(-1)[:, -1]
+    torch.testing.assert_close(left_rewards, alone, rtol=1e-4, atol=1e-5)
+    # HF's own pooling, which finds the last token from pad_token_id == EOS, reads the wrong one
+    hf = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits.squeeze(-1)
+    assert not torch.allclose(hf, alone)
+
+
+def test_reward_model_separates_a_separable_pair_set(tiny_lm):
+    path, tokenizer = tiny_lm
+    torch.manual_seed(0)
+    model = load_reward_model(path)
+    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
+    pad = collate_pairs(tokenizer.pad_token_id)
+    cfg = TrainConfig(batch_size=8, epochs=30, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant", log_every=5)
+    evaluate = rm.evaluation(pairs, examples, pad, 16, rm.RewardModelConfig())
+    assert evaluate(model)["loss"] == pytest.approx(math.log(2), abs=0.05)  # a fresh head knows nothing
+    result = train(model, examples, pad, rm.make_step(None, 0.0), count_pairs, cfg, evaluate=evaluate)
+    final = result.eval_history[-1]
+    assert final["accuracy"] == 1.0 and final["toy/accuracy"] == 1.0 and final["loss"] < 0.1
+
+
+def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
+    path, tokenizer = tiny_lm
+    from alignment.models import load_causal_lm
+
+    policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
+    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
+    pad = dpo.collate_with_reference(tokenizer.pad_token_id)
+    dpo.precompute_reference(reference, examples, collate_pairs(tokenizer.pad_token_id), 8)
+    cfg = DPOConfig(beta=0.5)
+    step = dpo.make_step(reference, cfg)
+    evaluate = dpo.evaluation(examples, pad, step, 16)
+    at_start = evaluate(policy)
+    assert at_start["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert at_start["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # on-the-fly reference log-probs give the same numbers as the precomputed ones
+    fresh = [encode_pair(tokenizer, pair, 32) for pair in pairs]
+    assert dpo.evaluation(fresh, pad, step, 16)(policy)["loss"] == pytest.approx(at_start["loss"], abs=1e-6)
+    train(policy, examples, pad, step, count_pairs,
+          TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
+    after = evaluate(policy)
+    assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] == 1.0 and after["loss"] < 0.4
