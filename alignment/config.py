@@ -192,12 +192,22 @@ class DPOConfig(Section):
     train: TrainConfig = TrainConfig()
     max_length: int = Field(default=256, ge=8)
     beta: float = Field(default=0.1, gt=0.0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "preferred_ft", "unlikelihood"] = "sigmoid"
+    """sigmoid: DPO (cDPO with label_smoothing > 0); ipo; hinge (SLiC); and the DPO paper's baselines
+    preferred_ft (NLL of the chosen response) and unlikelihood (NLL of chosen + alpha * unlikelihood
+    of the rejected tokens)."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # > 0: conservative DPO (cDPO)
+    unlikelihood_alpha: float = Field(default=1.0, gt=0.0)
     precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
     eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
     samples: SampleConfig = SampleConfig(temperature=1.0)
     register_as: str | None = "alignment-dpo"
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
+        return self
 
 
 # ---------------------------------------------------------------------------------- orchestration

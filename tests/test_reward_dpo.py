@@ -91,3 +91,44 @@ def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
           TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
     after = evaluate(policy)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] == 1.0 and after["loss"] < 0.4
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "preferred_ft", "unlikelihood"])
+def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
+    path, tokenizer = tiny_lm
+    from alignment.models import load_causal_lm
+
+    policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
+    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
+    pad = dpo.collate_with_reference(tokenizer.pad_token_id)
+    step = dpo.make_step(reference, DPOConfig(beta=0.5, loss_type=loss_type))
+    train(policy, examples, pad, step, count_pairs,
+          TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
+    after = dpo.evaluation(examples, pad, step, 16)(policy)
+    assert after["rewards/accuracies"] >= 0.75
+    if loss_type == "ipo":  # IPO regresses beta * delta onto beta / (2 beta) = 0.5, not beyond
+        assert after["rewards/margins"] == pytest.approx(0.5, abs=0.25)
+    else:
+        assert after["logps/chosen"] > after["logps/rejected"]
+
+
+def test_best_of_n_keeps_the_highest_scoring_sample(tiny_lm):
+    from alignment.best_of_n import best_of_n
+    from alignment.generation import generate
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    path, _ = tiny_lm
+    policy, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    length = lambda prompts, responses: torch.tensor([float(len(r)) for r in responses])  # noqa: E731
+    torch.manual_seed(0)
+    samples = generate(policy, tokenizer, [p for p in PROMPTS for _ in range(4)], 6, 1.0)
+    torch.manual_seed(0)
+    best, scores = best_of_n(policy, tokenizer, length, PROMPTS, n=4, max_new_tokens=6)
+    for i in range(len(PROMPTS)):
+        group = samples[i * 4 : (i + 1) * 4]
+        assert len(best[i]) == max(len(s) for s in group) == scores[i]
+    torch.manual_seed(1)
+    one, _ = best_of_n(policy, tokenizer, length, PROMPTS, n=1, max_new_tokens=6)
+    torch.manual_seed(1)
+    assert one == generate(policy, tokenizer, PROMPTS, 6, 1.0)  # N = 1 is plain sampling

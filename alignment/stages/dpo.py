@@ -1,5 +1,7 @@
 """dpo: Direct Preference Optimization (Rafailov et al. 2023) from the SFT policy, with the SFT model as
-the frozen reference; IPO, hinge and conservative DPO through `loss_type` and `label_smoothing`.
+the frozen reference; IPO, hinge and conservative DPO through `loss_type` and `label_smoothing`, and
+the DPO paper's two baselines on the same pairs: `preferred_ft` (fine-tune on the chosen responses)
+and `unlikelihood` (Welleck et al. 2019).
 After training, policy and SFT continue the same held-out IMDb prompts and the gold scorer judges both."""
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from alignment.config import DPOConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.generation import generate
 from alignment.gold import GoldScorer
-from alignment.losses import dpo_loss, sequence_logps
+from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
 from alignment.plots import loss_curve, write_csv
@@ -57,17 +59,25 @@ def collate_with_reference(pad_token_id: int):
 
 def make_step(reference, cfg: DPOConfig):
     def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = policy_logps(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tokens, mask = token_logps(logits, batch["labels"])
+        logps = tokens.sum(-1)
         if "reference_logps" in batch:
             reference_logps = batch["reference_logps"]
         else:
             with torch.no_grad():
                 reference_logps = policy_logps(reference, batch)
         half = logps.shape[0] // 2
+        # the implicit rewards beta * log(pi / ref) are reported for every method, baselines included
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:half], logps[half:], reference_logps[:half], reference_logps[half:],
-            beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
+            beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            loss_type=cfg.loss_type if cfg.loss_type in ("sigmoid", "ipo", "hinge") else "sigmoid",
         )
+        if cfg.loss_type == "preferred_ft":
+            losses = -logps[:half]
+        elif cfg.loss_type == "unlikelihood":
+            losses = unlikelihood_loss(logps[:half], tokens[half:], mask[half:], cfg.unlikelihood_alpha)
         metrics = {
             "rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),
