@@ -45,7 +45,7 @@ MICRO_PARAMS = {
            "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
     "dpo": {"max_length": 64, "eval_prompts": 4, "samples": {"num_prompts": 2, "max_new_tokens": 8},
             "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "checkpoint_every": 2}},
-    "pipeline": {"stages": ["prepare", "tokenizer", "sft"], "experiment": "alignment",
+    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"], "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
 }
 
