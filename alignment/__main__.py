@@ -19,7 +19,8 @@ from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
 
 # imported on demand: `prepare` need not pay for torch and transformers (~8 s per process)
-STAGES = {name: f"alignment.stages.{name}" for name in ("prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo")}
+STAGES = {name: f"alignment.stages.{name}" for name in (
+    "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain", "brain_variance")}
 
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
@@ -32,6 +33,8 @@ def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
         "pairs": [paths.data, paths.sft, paths.gold],
         "rm": [paths.data, paths.pairs, paths.sft],
         "dpo": [paths.data, paths.pairs, paths.sft, paths.gold],
+        "brain": [paths.data, paths.sft, paths.rm, paths.gold],
+        "brain_variance": [],
     }
     return [p for p in inputs[stage] if p.exists()]
 

@@ -210,6 +210,47 @@ class DPOConfig(Section):
         return self
 
 
+# -------------------------------------------------------------------------------------------- BRAIn
+class ProposalConfig(Section):
+    """Where BRAIn's n samples per prompt come from: the SFT model first, then the policy too."""
+
+    refresh_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: SFT samples only
+    policy_fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # share of each prompt's n redrawn at a refresh
+
+
+class BRAInConfig(Section):
+    """BRAIn: train the policy towards the posterior p_sft(y|x) L(x, y) with self-normalised weights."""
+
+    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
+    likelihood: Literal["exp", "bradley_terry"] = "exp"
+    """exp: L = exp(r / reward_beta); bradley_terry: L = sigmoid((r - r(x, y_bar)) / reward_beta),
+    y_bar one extra SFT sample per prompt."""
+    reward_beta: float = Field(default=0.1, gt=0.0)
+    baseline: Literal["self_normalized", "none"] = "self_normalized"  # none: the DPG-like ablation
+    self_normalize: bool = True  # False: the GDC++-like ablation
+    source: str = "imdb"  # which prepared prompts to train on
+    train_prompts: int = Field(default=600, ge=1)
+    eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
+    samples_per_prompt: int = Field(default=8, ge=2)  # n
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)  # of the proposal; log q is of this distribution
+    max_length: int = Field(default=128, ge=8)
+    proposal: ProposalConfig = ProposalConfig()
+    train: TrainConfig = TrainConfig(batch_size=8, learning_rate=1e-4)  # batch_size: prompts per micro-batch
+    samples: SampleConfig = SampleConfig(temperature=1.0)
+    register_as: str | None = "alignment-brain"
+
+
+class BrainVarianceConfig(Section):
+    """The BRAIn blog's toy: target N(0, 1), policy N(policy_mean, 1), proposal N(mu, 1)."""
+
+    proposal_means: tuple[float, ...] = Field(default=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), min_length=1)
+    policy_mean: float = 1.0
+    samples_per_estimate: int = Field(default=8, ge=2)  # n
+    estimates: int = Field(default=10_000, ge=2)  # gradient estimates per proposal mean
+    seed: int = 0
+
+
 # ---------------------------------------------------------------------------------- orchestration
 class ScheduleConfig(Section):
     cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
@@ -219,8 +260,8 @@ class ScheduleConfig(Section):
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
-    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"], ...] = (
-        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"
+    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"], ...] = (
+        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
@@ -235,6 +276,8 @@ SECTIONS: dict[str, type[Section]] = {
     "pairs": PairsConfig,
     "rm": RewardModelConfig,
     "dpo": DPOConfig,
+    "brain": BRAInConfig,
+    "brain_variance": BrainVarianceConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -39,6 +39,14 @@ class Paths:
     def dpo(self) -> Path:
         return self.root / "outputs" / "dpo"
 
+    @property
+    def brain(self) -> Path:
+        return self.root / "outputs" / "brain"
+
+    @property
+    def brain_variance(self) -> Path:  # the variance experiment's table
+        return self.root / "outputs" / "brain_variance"
+
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 

@@ -70,8 +70,12 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `examples`; see the module docstring for the contract."""
+    """Train `model` in place on `examples`; see the module docstring for the contract.
+
+    `on_start(step)` runs once before the first step (the step resumed from, or 0) and `on_step(done)`
+    after every optimizer step: on-policy stages refresh or restore their samples there."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     windows_per_epoch = len(window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0))
@@ -92,6 +96,8 @@ def train(
     result = TrainResult(steps=0)
     if checkpoint_dir is not None and cfg.resume:
         result.resumed_from = _load_checkpoint(accelerator, checkpoint_dir, fingerprint)
+    if on_start is not None:
+        on_start(result.resumed_from)
     progress = tqdm(total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0)
 
     model.train()

@@ -45,7 +45,12 @@ MICRO_PARAMS = {
            "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
     "dpo": {"max_length": 64, "eval_prompts": 4, "samples": {"num_prompts": 2, "max_new_tokens": 8},
             "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "checkpoint_every": 2}},
-    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo"], "experiment": "alignment",
+    "brain": {"train_prompts": 8, "eval_prompts": 3, "samples_per_prompt": 3, "max_new_tokens": 8, "max_length": 64,
+              "proposal": {"refresh_every": 2, "policy_fraction": 0.34}, "samples": {"num_prompts": 2, "max_new_tokens": 8},
+              "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
+    "brain_variance": {"proposal_means": [0.0, 0.5, 1.0], "estimates": 200},
+    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"],
+                 "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
 }
 

@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import torch
 
 from alignment.config import DPOConfig
 from alignment.data import read_jsonl, write_jsonl
-from alignment.generation import generate
 from alignment.gold import GoldScorer
+from alignment.heldout import compare_to_sft
 from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
 from alignment.plots import loss_curve, write_csv
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
-from alignment.batching import collate, encode
 from alignment.tracking import Tracker
 from alignment.trainer import config_fingerprint, train
 
@@ -106,42 +104,6 @@ def evaluation(examples: list[dict], pad, step, batch_size: int):
     return evaluate
 
 
-@torch.no_grad()
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
-    """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (the k1 estimator; its mean
-    is KL(pi || pi_ref)). Responses are re-tokenized from text, without a closing EOS."""
-    encoded = [encode(tokenizer, p, r, max_length, add_eos=False) for p, r in zip(prompts, responses)]
-    pad, out = collate(tokenizer.pad_token_id), []
-    for start in range(0, len(encoded), 64):
-        batch = pad(encoded[start : start + 64])
-        out.append((policy_logps(policy, batch) - policy_logps(reference, batch)).numpy())
-    return np.concatenate(out)
-
-
-def held_out_gold(policy, reference, tokenizer, gold: GoldScorer, prompts: list[str], cfg: DPOConfig, seed: int) -> tuple[dict, list[dict]]:
-    """Policy vs SFT on the same held-out prompts, judged by gold; KL of the policy to SFT."""
-    s = cfg.samples
-    torch.manual_seed(seed)
-    policy_responses = generate(policy, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p)
-    torch.manual_seed(seed)
-    sft_responses = generate(reference, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p)
-    policy_gold = gold.reward([p + r for p, r in zip(prompts, policy_responses)])
-    sft_gold = gold.reward([p + r for p, r in zip(prompts, sft_responses)])
-    kl = kl_to_reference(policy, reference, tokenizer, prompts, policy_responses, cfg.max_length)
-    metrics = {
-        "gold/reward": float(policy_gold.mean()),
-        "gold/sft_reward": float(sft_gold.mean()),
-        "gold/win_rate_vs_sft": float(np.mean(policy_gold > sft_gold) + 0.5 * np.mean(policy_gold == sft_gold)),
-        "objective/kl": float(kl.mean()),
-        "eval/prompts": len(prompts),
-    }
-    rows = [
-        {"prompt": p, "policy": r, "sft": q, "policy_gold": float(g), "sft_gold": float(h), "kl": float(k)}
-        for p, r, q, g, h, k in zip(prompts, policy_responses, sft_responses, policy_gold, sft_gold, kl)
-    ]
-    return metrics, rows
-
-
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer = load_tokenizer(paths.sft)
     policy, reference = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
@@ -170,7 +132,9 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_pretrained(policy, tokenizer, paths.dpo)
 
     prompts = [r["prompt"] for r in read_jsonl(paths.data / "prompts_test.jsonl") if r["source"] == "imdb"][: cfg.eval_prompts]
-    gold_metrics, rows = held_out_gold(policy, reference, tokenizer, GoldScorer.load(paths.gold), prompts, cfg, cfg.train.seed)
+    gold = GoldScorer.load(paths.gold)
+    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, cfg.train.seed,
+                                        {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)])})
     write_jsonl(paths.dpo / "held_out_generations.jsonl", rows)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | gold_metrics

@@ -1,0 +1,288 @@
+"""brain: BRAIn (Pandey et al., ICML 2024) from the SFT policy, towards the posterior
+p(y|x) ∝ p_sft(y|x) L(x, y) defined by the reward model.
+
+The outer loop, in numbered steps:
+  1. Draw n samples per training prompt from the proposal (the SFT model at first) and keep, per
+     sample, its tokens, log q (of the model that drew it), log p_sft and the reward-model score.
+  2. Train with the shared loop: each step's prompts bring their n samples; `brain_loss` turns
+     log pi_theta, log q and log p_sft + log L into the self-normalised objective.
+  3. Every `proposal.refresh_every` steps, redraw a `policy_fraction` of each prompt's samples from
+     the current policy (its slots n - m .. n - 1; the other slots stay SFT samples), so the proposal
+     is a mixture of SFT and the latest policy. The samples are cached with the checkpoints: a resume
+     reloads them, and a refresh is the only generation cost after step 1.
+  4. Policy vs SFT on held-out prompts, judged by the gold scorer and the reward model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.batching import collate
+from alignment.brain_loss import brain_loss, log_likelihood
+from alignment.config import BRAInConfig
+from alignment.data import read_jsonl, write_jsonl
+from alignment.generation import generate_ids
+from alignment.gold import GoldScorer
+from alignment.heldout import compare_to_sft
+from alignment.losses import IGNORE_INDEX, sequence_logps
+from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
+from alignment.paths import Paths, hash_paths
+from alignment.plots import loss_curve, write_csv
+from alignment.reward import RewardScorer
+from alignment.tracking import Tracker
+from alignment.trainer import config_fingerprint, train, window_indices
+
+logger = logging.getLogger(__name__)
+
+
+def as_example(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+
+
+@torch.no_grad()
+def score_logps(model, examples: list[dict], pad, temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+    """(N,) summed response log-probs of token-level examples under `model` at `temperature`."""
+    device, out = next(model.parameters()).device, []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.append(sequence_logps(logits / temperature, batch["labels"]).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class SampleStore:
+    """Step 1's samples: n per prompt, each with its tokens, log q, log p_sft, reward and birth step."""
+
+    def __init__(self, count: int, n: int):
+        self.n = n
+        self.prompt_ids: list[list[int]] = [[] for _ in range(count)]
+        self.response_ids: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(count)]
+        self.proposal_logps, self.sft_logps, self.rewards = (torch.zeros(count, n) for _ in range(3))
+        self.drawn_at = torch.zeros(count, n, dtype=torch.long)
+        self.baseline_rewards = torch.zeros(count)
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> SampleStore:
+        store = cls.__new__(cls)
+        vars(store).update(state)
+        return store
+
+
+class Sampler:
+    """Draws samples from a model into given slots of the store and scores them."""
+
+    def __init__(self, cfg: BRAInConfig, tokenizer, prompts: list[str], sft, reward: RewardScorer):
+        self.cfg, self.tokenizer, self.prompts, self.sft, self.reward = cfg, tokenizer, prompts, sft, reward
+        self.pad = collate(tokenizer.pad_token_id)
+
+    def draw(self, model, store: SampleStore, slots: range, step: int, seed: int) -> None:
+        cfg, k = self.cfg, len(slots)
+        expanded = [p for p in self.prompts for _ in range(k)]  # sample j of prompt i sits at i*k + j
+        with torch.random.fork_rng():  # the training RNG stream stays as if no sampling happened
+            torch.manual_seed(seed)
+            drawn = generate_ids(model, self.tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
+        examples = [as_example(prompt, response) for prompt, response in drawn]
+        proposal = score_logps(model, examples, self.pad, cfg.temperature).view(-1, k)
+        sft = proposal if model is self.sft and cfg.temperature == 1.0 else score_logps(self.sft, examples, self.pad).view(-1, k)
+        texts = self.tokenizer.batch_decode([response for _, response in drawn], skip_special_tokens=True)
+        rewards = self.reward(expanded, texts).view(-1, k)
+        for i in range(len(self.prompts)):
+            store.prompt_ids[i] = drawn[i * k][0]  # as the model saw it (left-truncated if too long)
+            for j, slot in enumerate(slots):
+                store.response_ids[i][slot] = drawn[i * k + j][1]
+        store.proposal_logps[:, slots] = proposal
+        store.sft_logps[:, slots] = sft
+        store.rewards[:, slots] = rewards
+        store.drawn_at[:, slots] = step
+
+    def fresh_store(self, seed: int) -> SampleStore:
+        """n SFT samples per prompt, plus (for the Bradley-Terry likelihood) one more as y_bar."""
+        store = SampleStore(len(self.prompts), self.cfg.samples_per_prompt)
+        self.draw(self.sft, store, range(store.n), step=0, seed=seed)
+        if self.cfg.likelihood == "bradley_terry":
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + 1)
+                baseline = generate_ids(self.sft, self.tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.temperature)
+            texts = self.tokenizer.batch_decode([r for _, r in baseline], skip_special_tokens=True)
+            store.baseline_rewards = self.reward(self.prompts, texts)
+        return store
+
+
+def make_collate(store_ref: dict, cfg: BRAInConfig, pad_token_id: int):
+    """A batch of prompts, each with its n samples: (B * n, T) tokens and (B, n) log-densities."""
+    pad = collate(pad_token_id)
+
+    def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+        store: SampleStore = store_ref["store"]
+        rows = [e["index"] for e in examples]
+        batch = pad([as_example(store.prompt_ids[i], r) for i in rows for r in store.response_ids[i]])
+        log_l = log_likelihood(store.rewards[rows], cfg.reward_beta, cfg.likelihood, store.baseline_rewards[rows])
+        return batch | {
+            "proposal_logps": store.proposal_logps[rows],
+            "target_logps": store.sft_logps[rows] + log_l,
+            "sft_logps": store.sft_logps[rows],
+            "rewards": store.rewards[rows],
+            "drawn_at": store.drawn_at[rows],
+        }
+
+    return collate_fn
+
+
+def make_step(cfg: BRAInConfig, state: dict):
+    def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy_logps = sequence_logps(logits, batch["labels"]).view_as(batch["proposal_logps"])
+        losses, diagnostics = brain_loss(
+            policy_logps, batch["proposal_logps"], batch["target_logps"], cfg.baseline, cfg.self_normalize
+        )
+        # KL(pi || p_sft), self-normalised importance sampling from the proposal's samples
+        detached = policy_logps.detach()
+        pi_weights = torch.softmax(detached - batch["proposal_logps"], dim=-1)
+        kl = (pi_weights * (detached - batch["sft_logps"])).sum(-1)
+        metrics = {
+            "brain/ess": diagnostics["ess"].mean().item(),
+            "brain/ess_fraction": diagnostics["ess"].mean().item() / policy_logps.shape[-1],
+            "brain/alpha_entropy": diagnostics["alpha_entropy"].mean().item(),
+            "objective/scores": batch["rewards"].mean().item(),
+            "objective/kl": kl.mean().item(),
+            "proposal/age": (state["step"] - batch["drawn_at"].float()).mean().item(),
+            "proposal/policy_fraction": (batch["drawn_at"] > 0).float().mean().item(),
+        }
+        return losses.sum(), metrics
+
+    return step
+
+
+def count_prompts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(batch["proposal_logps"].shape[0])
+
+
+def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, batch_size: int):
+    """Loss, ESS and KL on held-out prompts' SFT samples."""
+    collate_fn = make_collate({"store": store}, cfg, pad_token_id)
+
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals, count = {}, 0
+        for start in range(0, len(store.prompt_ids), batch_size):
+            rows = [{"index": i} for i in range(start, min(start + batch_size, len(store.prompt_ids)))]
+            loss_sum, metrics = step(model, {k: v.to(device) for k, v in collate_fn(rows).items()})
+            for key, value in {"loss": loss_sum.item() / len(rows), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(rows)
+            count += len(rows)
+        return {key: value / count for key, value in totals.items() if not key.startswith("proposal/")}
+
+    return evaluate
+
+
+def imdb_prompts(paths: Paths, split: str, source: str, limit: int) -> list[str]:
+    path = paths.data / f"prompts_{split}.jsonl"
+    prompts = [r["prompt"] for r in read_jsonl(path) if r["source"] == source][:limit]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts with source {source!r}")
+    return prompts
+
+
+def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    tokenizer = load_tokenizer(paths.sft)
+    policy, sft = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    check_max_length(cfg.max_length, policy, "brain.max_length")
+    reward_path = paths.rm if cfg.reward_model == "rm" else cfg.reward_model
+    reward = RewardScorer(reward_path, max_length=cfg.max_length)
+    train_prompts = imdb_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    eval_prompts = imdb_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10))
+    fingerprint = config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.data, paths.sft, Path(reward_path)]))
+    checkpoints = paths.checkpoints("brain")
+    sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
+    store_ref: dict = {}
+    state = {"step": 0}
+    windows = len(window_indices(len(train_prompts), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, 0))
+    total_steps = min(cfg.train.epochs * windows, cfg.train.max_steps or 10**12)
+    refresh, n = cfg.proposal.refresh_every, cfg.samples_per_prompt
+    policy_slots = range(n - max(1, round(cfg.proposal.policy_fraction * n)), n)
+
+    def save_store(step: int) -> None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        # one file per refresh (a few MB): whichever checkpoint a resume starts from finds its samples
+        torch.save({"fingerprint": fingerprint, "step": step, "store": store_ref["store"].state_dict()},
+                   checkpoints / f"samples_{step:07d}.pt")
+
+    def on_start(step: int) -> None:
+        """Step 1, or its cached result: the samples as they were at `step`."""
+        state["step"] = step
+        saved = sorted(checkpoints.glob("samples_*.pt"), reverse=True)
+        for path in saved:
+            cached = torch.load(path, weights_only=False)
+            if cached["fingerprint"] == fingerprint and cached["step"] <= step:
+                store_ref["store"] = SampleStore.from_state_dict(cached["store"])
+                logger.info("samples restored from %s", path)
+                return
+        for stale in saved:  # from other settings or data, or beyond a discarded checkpoint
+            stale.unlink()
+        logger.info("step 1: %d SFT samples for each of %d prompts", n, len(train_prompts))
+        store_ref["store"] = sampler.fresh_store(cfg.train.seed)
+        save_store(0)
+
+    def on_step(done: int) -> None:
+        """Step 3: redraw the policy's share of the samples."""
+        state["step"] = done
+        if refresh and done % refresh == 0 and done < total_steps:
+            logger.info("step %d: redrawing %d of %d samples per prompt from the policy", done, len(policy_slots), n)
+            sampler.draw(policy, store_ref["store"], policy_slots, step=done, seed=cfg.train.seed * 1_000_003 + done)
+            save_store(done)
+
+    eval_store = Sampler(cfg, tokenizer, eval_prompts, sft, reward).fresh_store(cfg.train.seed + 7)
+    step = make_step(cfg, state)
+    logger.info("BRAIn (%s baseline, self_normalize=%s, L=%s, beta_r %g): %d prompts x %d samples",
+                cfg.baseline, cfg.self_normalize, cfg.likelihood, cfg.reward_beta, len(train_prompts), n)
+    result = train(
+        policy,
+        [{"index": i} for i in range(len(train_prompts))],
+        make_collate(store_ref, cfg, tokenizer.pad_token_id),
+        step,
+        count_prompts,
+        cfg.train,
+        checkpoint_dir=checkpoints,
+        fingerprint=fingerprint,
+        evaluate=evaluation(eval_store, cfg, tokenizer.pad_token_id, step, cfg.train.batch_size),
+        log_metrics=log.metrics if log else None,
+        on_step=on_step,
+        on_start=on_start,
+    )
+    save_pretrained(policy, tokenizer, paths.brain)
+
+    # step 4: policy vs SFT on held-out prompts
+    test_prompts = imdb_prompts(paths, "test", cfg.source, cfg.eval_prompts)
+    gold = GoldScorer.load(paths.gold)
+    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+    held_out, rows = compare_to_sft(policy, sft, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
+    write_jsonl(paths.brain / "held_out_generations.jsonl", rows)
+
+    final = result.eval_history[-1]
+    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps, "train_seconds": result.seconds}
+    paths.metrics("brain").parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics("brain").write_text(json.dumps(metrics, indent=2) + "\n")
+    columns = ["step", "loss", "brain/ess_fraction", "objective/scores", "objective/kl", "proposal/age"]
+    write_csv(paths.plots("brain") / "train.csv", result.history, columns)
+    if log is not None:
+        log.metrics(held_out, step=result.steps)
+        log.figure(loss_curve(result.history, result.eval_history, "BRAIn loss", ylabel="loss per prompt"), "plots/brain_loss.png")
+        log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
+        if cfg.register_as:
+            version = log.register_model(paths.brain, cfg.register_as)
+            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+    logger.info("held-out: gold reward BRAIn %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
+                held_out["gold/reward"], held_out["gold/sft_reward"], held_out["gold/win_rate_vs_sft"],
+                held_out["rm/win_rate_vs_sft"], held_out["objective/kl"])
+    return metrics | {"mean_reward_final_samples": float(np.mean(store_ref["store"].rewards.numpy()))}
