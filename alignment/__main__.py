@@ -20,7 +20,7 @@ from alignment.paths import Paths, hash_paths
 
 # imported on demand: `prepare` need not pay for torch and transformers (~8 s per process)
 STAGES = {name: f"alignment.stages.{name}" for name in (
-    "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain", "brain_variance")}
+    "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain", "brain_variance", "ppo")}
 
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
@@ -35,6 +35,7 @@ def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
         "dpo": [paths.data, paths.pairs, paths.sft, paths.gold],
         "brain": [paths.data, paths.sft, paths.rm, paths.gold],
         "brain_variance": [],
+        "ppo": [paths.data, paths.sft, paths.rm, paths.gold],
     }
     return [p for p in inputs[stage] if p.exists()]
 

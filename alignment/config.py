@@ -251,6 +251,50 @@ class BrainVarianceConfig(Section):
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------------------------- PPO
+class PPOConfig(Section):
+    """PPO-RLHF: maximise E[r] - kl_coef KL(pi || pi_sft) with a separate critic (Ouyang et al. 2022)."""
+
+    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
+    critic_init: str = "reward_model"  # `reward_model` (default), `sft` (fresh head), or a path
+    source: str = "imdb"  # which prepared prompts to train on
+    train_prompts: int = Field(default=512, ge=1)
+    eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_length: int = Field(default=128, ge=8)
+    rollouts: int = Field(default=64, ge=1)  # rollout -> optimise iterations
+    rollout_batch_size: int = Field(default=64, ge=2)  # prompts per rollout, one response each
+    minibatch_size: int = Field(default=16, ge=1)
+    ppo_epochs: int = Field(default=4, ge=1)  # passes over each rollout
+    learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
+    critic_learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    kl_coef: float = Field(default=0.05, ge=0.0)  # the initial one when kl_target is set
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = Field(default=None, gt=0.0)  # adaptive controller (Ziegler et al. 2019)
+    kl_horizon: float = Field(default=10_000, gt=0.0)
+    missing_eos_penalty: float | None = Field(default=None, ge=0.0)  # subtracted from a response cut at max_new_tokens
+    score_clip: float | None = Field(default=None, gt=0.0)
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(default=0.2, gt=0.0)
+    clip_range_value: float = Field(default=0.2, gt=0.0)
+    vf_coef: float = Field(default=0.1, ge=0.0)
+    whiten_advantages: bool = True
+    seed: int = 0
+    checkpoint_every: int | None = Field(default=8, ge=1)  # rollouts
+    resume: bool = True
+    samples: SampleConfig = SampleConfig(temperature=1.0)
+    register_as: str | None = "alignment-ppo"
+
+    @model_validator(mode="after")
+    def _minibatches_fit(self) -> PPOConfig:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})")
+        return self
+
+
 # ---------------------------------------------------------------------------------- orchestration
 class ScheduleConfig(Section):
     cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
@@ -260,8 +304,8 @@ class ScheduleConfig(Section):
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
-    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"], ...] = (
-        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"
+    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"], ...] = (
+        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
@@ -278,6 +322,7 @@ SECTIONS: dict[str, type[Section]] = {
     "dpo": DPOConfig,
     "brain": BRAInConfig,
     "brain_variance": BrainVarianceConfig,
+    "ppo": PPOConfig,
     "pipeline": PipelineConfig,
 }
 

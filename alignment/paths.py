@@ -47,6 +47,10 @@ class Paths:
     def brain_variance(self) -> Path:  # the variance experiment's table
         return self.root / "outputs" / "brain_variance"
 
+    @property
+    def ppo(self) -> Path:
+        return self.root / "outputs" / "ppo"
+
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 

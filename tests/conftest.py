@@ -49,7 +49,11 @@ MICRO_PARAMS = {
               "proposal": {"refresh_every": 2, "policy_fraction": 0.34}, "samples": {"num_prompts": 2, "max_new_tokens": 8},
               "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
     "brain_variance": {"proposal_means": [0.0, 0.5, 1.0], "estimates": 200},
-    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"],
+    "ppo": {"train_prompts": 8, "eval_prompts": 3, "max_new_tokens": 8, "max_length": 64, "rollouts": 4,
+            "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2, "checkpoint_every": 2,
+            "samples": {"num_prompts": 2, "max_new_tokens": 8}},
+    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
+                            "ppo"],
                  "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
 }
@@ -97,3 +101,24 @@ def project(tmp_path, micro_params) -> Path:
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "copy")
     return dest
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Path:
+    """prepare -> tokenizer -> sft -> gold -> pairs -> rm on micro params, run in-process once: the
+    inputs of the on-policy stages (BRAIn, PPO)."""
+    import importlib
+
+    from alignment.config import parse_section
+    from alignment.paths import Paths
+
+    root = tmp_path_factory.mktemp("upstream")
+    (root / "data").symlink_to(ROOT / "data")
+    cwd = os.getcwd()
+    os.chdir(root)  # prepare and gold read `data/embedded/...` relative to the project root
+    try:
+        for stage in ("prepare", "tokenizer", "sft", "gold", "pairs", "rm"):
+            importlib.import_module(f"alignment.stages.{stage}").run(parse_section(stage, MICRO_PARAMS[stage]), Paths(root), None)
+    finally:
+        os.chdir(cwd)
+    return root

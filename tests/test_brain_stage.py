@@ -14,26 +14,6 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """prepare -> tokenizer -> sft -> gold -> pairs -> rm on micro params, run in-process once."""
-    import importlib
-    import os
-
-    from tests.conftest import ROOT
-
-    root = tmp_path_factory.mktemp("brain")
-    (root / "data").symlink_to(ROOT / "data")
-    cwd = os.getcwd()
-    os.chdir(root)  # prepare and gold read `data/embedded/...` relative to the project root
-    try:
-        for stage in ("prepare", "tokenizer", "sft", "gold", "pairs", "rm"):
-            importlib.import_module(f"alignment.stages.{stage}").run(parse_section(stage, MICRO_PARAMS[stage]), Paths(root), None)
-    finally:
-        os.chdir(cwd)
-    return root
-
-
 def run_brain(root, monkeypatch, kill_after: int | None = None, **overrides) -> dict:
     cfg = parse_section("brain", {**MICRO_PARAMS["brain"], **overrides})
     if kill_after is not None:

@@ -12,7 +12,7 @@ from alignment.config import ConfigError
 from flows.pipeline import pipeline, set_dotted, write_overrides
 from tasks.dvc import StageFailed
 
-STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain"]
+STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"]
 
 
 @pytest.fixture(scope="module", autouse=True)
