@@ -87,4 +87,6 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     brain_metrics = json.loads((project / "metrics/brain.json").read_text())
     assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "val/brain/ess"} <= set(brain_metrics)
     assert (tracking.load_registered_model("alignment-brain", version="2") / "model.safetensors").exists()
-    assert "brain_variance" in json.loads(plots)["data"]  # the top-level plot of dvc.yaml
+    assert {"brain_variance", "ppo_training"} <= set(json.loads(plots)["data"])  # top-level plots of dvc.yaml
+    ppo_metrics = json.loads((project / "metrics/ppo.json").read_text())
+    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "generation_seconds", "training_seconds"} <= set(ppo_metrics)

@@ -24,13 +24,14 @@ import torch
 from alignment.batching import collate
 from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
-from alignment.data import read_jsonl, write_jsonl
+from alignment.data import write_jsonl
 from alignment.generation import generate_ids
 from alignment.gold import GoldScorer
 from alignment.heldout import compare_to_sft
 from alignment.losses import IGNORE_INDEX, sequence_logps
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
+from alignment.prompts import load_prompts
 from alignment.plots import loss_curve, write_csv
 from alignment.reward import RewardScorer
 from alignment.tracking import Tracker
@@ -185,22 +186,14 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
     return evaluate
 
 
-def imdb_prompts(paths: Paths, split: str, source: str, limit: int) -> list[str]:
-    path = paths.data / f"prompts_{split}.jsonl"
-    prompts = [r["prompt"] for r in read_jsonl(path) if r["source"] == source][:limit]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts with source {source!r}")
-    return prompts
-
-
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer = load_tokenizer(paths.sft)
     policy, sft = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
     check_max_length(cfg.max_length, policy, "brain.max_length")
     reward_path = paths.rm if cfg.reward_model == "rm" else cfg.reward_model
     reward = RewardScorer(reward_path, max_length=cfg.max_length)
-    train_prompts = imdb_prompts(paths, "train", cfg.source, cfg.train_prompts)
-    eval_prompts = imdb_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10))
+    train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10))
     fingerprint = config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.data, paths.sft, Path(reward_path)]))
     checkpoints = paths.checkpoints("brain")
     sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
@@ -262,7 +255,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     save_pretrained(policy, tokenizer, paths.brain)
 
     # step 4: policy vs SFT on held-out prompts
-    test_prompts = imdb_prompts(paths, "test", cfg.source, cfg.eval_prompts)
+    test_prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
     gold = GoldScorer.load(paths.gold)
     judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
     held_out, rows = compare_to_sft(policy, sft, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)

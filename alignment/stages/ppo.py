@@ -23,13 +23,13 @@ from alignment.heldout import compare_to_sft
 from alignment.losses import IGNORE_INDEX, token_logps
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
+from alignment.prompts import load_prompts
 from alignment.plots import plt, write_csv
 from alignment.ppo_loss import (
     AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_entropy, masked_whiten,
     ppo_policy_loss, ppo_value_loss,
 )
 from alignment.reward import RewardScorer, load_reward_model
-from alignment.stages.brain import imdb_prompts
 from alignment.tracking import Tracker
 from alignment.trainer import config_fingerprint, window_indices
 
@@ -229,7 +229,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     critic = load_reward_model(critic_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference, critic = policy.to(device), reference.to(device), critic.to(device)
-    prompts = imdb_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
     fingerprint = config_fingerprint(cfg.model_dump(exclude={"resume"}), hash_paths([paths.data, paths.sft, Path(reward_path)]))
     logger.info("PPO: %d rollouts of %d prompts, kl_coef %g (%s), critic from %s",
                 cfg.rollouts, cfg.rollout_batch_size, cfg.kl_coef, "adaptive" if cfg.kl_target else "fixed", critic_path)
@@ -237,7 +237,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
                                 fingerprint, log.metrics if log else None)
     save_pretrained(policy, tokenizer, paths.ppo)
 
-    test_prompts = imdb_prompts(paths, "test", cfg.source, cfg.eval_prompts)
+    test_prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
     gold = GoldScorer.load(paths.gold)
     judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
     held_out, rows = compare_to_sft(policy, reference, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.seed, judges)
