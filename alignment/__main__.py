@@ -32,7 +32,7 @@ def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
         "gold": [Path(p) for p in (getattr(cfg, "train_path", ""), getattr(cfg, "test_path", "")) if p and Path(p).exists()],
         "pairs": [paths.data, paths.sft, paths.gold],
         "rm": [paths.data, paths.pairs, paths.sft],
-        "dpo": [paths.data, paths.pairs, paths.sft, paths.gold],
+        "dpo": [paths.data, paths.pairs, paths.sft, paths.rm, paths.gold],
         "brain": [paths.data, paths.sft, paths.rm, paths.gold],
         "brain_variance": [],
         "ppo": [paths.data, paths.sft, paths.rm, paths.gold],

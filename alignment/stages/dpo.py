@@ -14,6 +14,7 @@ from alignment.config import DPOConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.gold import GoldScorer
 from alignment.heldout import compare_to_sft
+from alignment.reward import RewardScorer
 from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
@@ -132,9 +133,9 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_pretrained(policy, tokenizer, paths.dpo)
 
     prompts = [r["prompt"] for r in read_jsonl(paths.data / "prompts_test.jsonl") if r["source"] == "imdb"][: cfg.eval_prompts]
-    gold = GoldScorer.load(paths.gold)
-    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, cfg.train.seed,
-                                        {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)])})
+    gold, reward = GoldScorer.load(paths.gold), RewardScorer(paths.rm, max_length=cfg.max_length)
+    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
     write_jsonl(paths.dpo / "held_out_generations.jsonl", rows)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | gold_metrics
@@ -149,6 +150,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         if cfg.register_as:
             version = log.register_model(paths.dpo, cfg.register_as)
             log.tags({"registered_model": f"{cfg.register_as}/{version}"})
-    logger.info("held-out gold reward: DPO %.3f vs SFT %.3f (win rate %.2f), KL %.2f nats",
-                gold_metrics["gold/reward"], gold_metrics["gold/sft_reward"], gold_metrics["gold/win_rate_vs_sft"], gold_metrics["objective/kl"])
+    logger.info("held-out gold reward: DPO %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
+                gold_metrics["gold/reward"], gold_metrics["gold/sft_reward"], gold_metrics["gold/win_rate_vs_sft"],
+                gold_metrics["rm/win_rate_vs_sft"], gold_metrics["objective/kl"])
     return metrics
