@@ -20,7 +20,8 @@ def harness():
     """One temporary Prefect server and database for the module (starting one costs seconds).
 
     Its telemetry is off: offline it only logs errors (DO_NOT_TRACK covers the client alone)."""
-    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness():
+    # a generous start-up timeout: on 2 busy cores the temporary server can take more than the default 30 s
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness(server_startup_timeout=180):
         yield
 
 
