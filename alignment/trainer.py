@@ -46,8 +46,11 @@ class TrainResult:
 
 
 def config_fingerprint(*parts: object) -> str:
-    """Identifies the run a checkpoint belongs to: a checkpoint of other settings is never resumed."""
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+    """Identifies the run a checkpoint belongs to: a checkpoint of other settings, other inputs or
+    other code (any source file of the `alignment` package) is never resumed."""
+    package = Path(__file__).resolve().parent
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(package.rglob("*.py")))).hexdigest()
+    return hashlib.sha256(json.dumps([str(p) for p in parts] + [code]).encode()).hexdigest()[:16]
 
 
 def window_indices(num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int) -> list[list[int]]:
@@ -95,7 +98,7 @@ def train(
 
     result = TrainResult(steps=0)
     if checkpoint_dir is not None and cfg.resume:
-        result.resumed_from = _load_checkpoint(accelerator, checkpoint_dir, fingerprint)
+        result.resumed_from, result.history, result.eval_history = _load_checkpoint(accelerator, checkpoint_dir, fingerprint)
     if on_start is not None:
         on_start(result.resumed_from)
     progress = tqdm(total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0)
@@ -142,7 +145,7 @@ def train(
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
             _run_eval(evaluate, accelerator, model, done, result, log_metrics)
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done)
+            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done, result)
         if on_step is not None:
             on_step(done)
     progress.close()
@@ -167,28 +170,29 @@ def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: Trai
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int, result: TrainResult) -> None:
     """Write step_<n>/, then point `latest.json` at it, then drop older ones: a kill at any moment
-    leaves a complete checkpoint behind."""
+    leaves a complete checkpoint behind. The logged curves go along, so a resumed run reports them whole."""
     target = checkpoint_dir / f"step_{step:07d}"
     accelerator.save_state(str(target))
     if accelerator.is_main_process:
-        (target / "trainer_state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+        state = {"step": step, "fingerprint": fingerprint, "history": result.history, "eval_history": result.eval_history}
+        (target / "trainer_state.json").write_text(json.dumps(state))
         (checkpoint_dir / "latest.json").write_text(json.dumps({"path": target.name, "step": step}))
         for old in checkpoint_dir.glob("step_*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str) -> int:
+def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str) -> tuple[int, list, list]:
     latest = checkpoint_dir / "latest.json"
     if not latest.exists():
-        return 0
+        return 0, [], []
     target = checkpoint_dir / json.loads(latest.read_text())["path"]
     state = json.loads((target / "trainer_state.json").read_text())
     if state["fingerprint"] != fingerprint:
-        logger.info("ignoring checkpoint %s: it belongs to other settings or data", target)
-        return 0
+        logger.info("ignoring checkpoint %s: it belongs to other settings, data or code", target)
+        return 0, [], []
     accelerator.load_state(str(target))
     logger.info("resumed from %s (step %d)", target, state["step"])
-    return int(state["step"])
+    return int(state["step"]), state.get("history", []), state.get("eval_history", [])

@@ -83,7 +83,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path)
     """Killed after step 5 with the last checkpoint at step 4: resuming redoes step 5 and goes on.
     Dropout is on, so the RNG state must come back too; two epochs cross an epoch boundary."""
     cfg = TrainConfig(batch_size=2, grad_accum=2, epochs=2, max_steps=7, checkpoint_every=2, learning_rate=5e-3, warmup_steps=2, log_every=1)
-    straight, _ = run(tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2))
+    straight, straight_result = run(tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2))
 
     def kill_after_5(done: int) -> None:
         if done == 5:
@@ -96,6 +96,9 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path)
     assert result.resumed_from == 4
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the curves logged before the kill come back with the checkpoint: the report covers every step
+    assert [r["step"] for r in result.history] == list(range(1, 8))
+    assert [r["loss"] for r in result.history] == [r["loss"] for r in straight_result.history]
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tokenizer, tmp_path):
