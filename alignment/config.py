@@ -256,7 +256,10 @@ class PPOConfig(Section):
     """PPO-RLHF: maximise E[r] - kl_coef KL(pi || pi_sft) with a separate critic (Ouyang et al. 2022)."""
 
     reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
-    critic_init: str = "reward_model"  # `reward_model` (default), `sft` (fresh head), or a path
+    critic_init: str = "reward_model"
+    """reward_model: a separate critic initialised from the RM (default); sft: a separate critic from
+    the SFT model with a fresh head; policy_head: a value head on the policy's own transformer; or a
+    path to a model to initialise a separate critic from."""
     source: str = "imdb"  # which prepared prompts to train on
     train_prompts: int = Field(default=512, ge=1)
     eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT

@@ -58,6 +58,27 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
         assert key in first
 
 
+def test_value_head_on_the_policy_trains_with_it(tmp_path):
+    """critic_init policy_head: one transformer, the value loss reaches it; the head learns too."""
+    tokenizer = train_tokenizer([" ".join(WORDS)] * 20, vocab_size=300, min_frequency=1)
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
+    reference = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
+    reference.load_state_dict(policy.state_dict())
+    critic = ppo.PolicyValueHead(policy)
+    assert critic.base_model is policy.base_model
+
+    def reward(prompts, texts):
+        return torch.tensor([float(len(t)) / 10 for t in texts])
+
+    cfg = parse_section("ppo", {"max_new_tokens": 4, "max_length": 32, "rollouts": 2, "rollout_batch_size": 8,
+                                "minibatch_size": 4, "ppo_epochs": 1, "critic_init": "policy_head", "checkpoint_every": None})
+    history, _ = ppo.train_ppo(policy, reference.eval(), critic, reward, tokenizer, WORDS, cfg, None, "")
+    assert len(history) == 2 and critic.score.weight.abs().sum() > 0
+    assert not torch.equal(policy.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight)
+
+
 def run_ppo(root, monkeypatch, kill_after: int | None = None) -> dict:
     cfg = parse_section("ppo", MICRO_PARAMS["ppo"])
     if kill_after is not None:

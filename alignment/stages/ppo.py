@@ -36,6 +36,22 @@ from alignment.trainer import config_fingerprint, window_indices
 logger = logging.getLogger(__name__)
 
 
+class PolicyValueHead(torch.nn.Module):
+    """The value head on the policy (critic_init: policy_head): a linear layer on the policy's own
+    transformer, which the value loss then trains together with the policy loss. Zero-initialised,
+    so every value starts at 0. Quacks like a reward model (`base_model`, `score`)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.base_model = policy.base_model  # shared, not copied
+        self.score = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+    def own_parameters(self):
+        return self.score.parameters()
+
+
 def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T - 1) value of each state: the critic's scalar head at position j values token j + 1."""
     hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -107,7 +123,8 @@ def optimise(policy, critic, optimizers, data: Rollout, cfg: PPOConfig, seed: in
     size = data.mask.shape[0]
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, list[float]] = {}
-    parameters = [p for model in (policy, critic) for p in model.parameters()]
+    # a shared transformer (value head on the policy) is counted once in the norm
+    parameters = list({id(p): p for model in (policy, critic) for p in model.parameters()}.values())
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(size, generator=generator)
         for start in range(0, size, cfg.minibatch_size):
@@ -169,7 +186,8 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
               checkpoint_dir: Path | None, fingerprint: str, log_metrics=None) -> tuple[list[dict], dict[str, float]]:
     """The outer loop: rollouts 1..cfg.rollouts, each steps 1-5, then step 6 (the KL controller)."""
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate, weight_decay=0.0)]
+                  torch.optim.AdamW(critic.own_parameters() if isinstance(critic, PolicyValueHead) else critic.parameters(),
+                                    lr=cfg.critic_learning_rate, weight_decay=0.0)]
     kl_control = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                   else FixedKLController(cfg.kl_coef))
     done, history = 0, []
@@ -226,7 +244,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     reward_path = paths.rm if cfg.reward_model == "rm" else Path(cfg.reward_model)
     reward = RewardScorer(reward_path, max_length=cfg.max_length)
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
-    critic = load_reward_model(critic_path)
+    critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference, critic = policy.to(device), reference.to(device), critic.to(device)
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
