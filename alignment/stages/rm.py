@@ -25,8 +25,9 @@ def make_step(margin: float | None, center_coefficient: float):
     def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
         rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
         half = rewards.shape[0] // 2
-        losses, metrics = bradley_terry_loss(rewards[:half], rewards[half:], margin, center_coefficient)
-        return losses.sum(), metrics
+        losses, _ = bradley_terry_loss(rewards[:half], rewards[half:], margin, center_coefficient)
+        # the same statistics as evaluation, per training batch (the loop averages them per logged window)
+        return losses.sum(), reward_stats(rewards[:half].detach(), rewards[half:].detach())
 
     return step
 
