@@ -122,7 +122,9 @@ class Tracker:
             pip_requirements=_pip_requirements(),
             registered_model_name=name,
         )
-        return str(info.registered_model_version)
+        version = str(info.registered_model_version)
+        self.tags({"registered_model": f"{name}/{version}"})  # the run says which version it made
+        return version
 
 
 @contextmanager

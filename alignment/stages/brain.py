@@ -273,8 +273,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         log.figure(loss_curve(result.history, result.eval_history, "BRAIn loss", ylabel="loss per prompt"), "plots/brain_loss.png")
         log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
         if cfg.register_as:
-            version = log.register_model(paths.brain, cfg.register_as)
-            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+            log.register_model(paths.brain, cfg.register_as)
     logger.info("held-out: gold reward BRAIn %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
                 held_out["gold/reward"], held_out["gold/sft_reward"], held_out["gold/win_rate_vs_sft"],
                 held_out["rm/win_rate_vs_sft"], held_out["objective/kl"])

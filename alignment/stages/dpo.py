@@ -148,8 +148,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log.figure(loss_curve(result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"), "plots/dpo_loss.png")
         log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
         if cfg.register_as:
-            version = log.register_model(paths.dpo, cfg.register_as)
-            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+            log.register_model(paths.dpo, cfg.register_as)
     logger.info("held-out gold reward: DPO %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
                 gold_metrics["gold/reward"], gold_metrics["gold/sft_reward"], gold_metrics["gold/win_rate_vs_sft"],
                 gold_metrics["rm/win_rate_vs_sft"], gold_metrics["objective/kl"])

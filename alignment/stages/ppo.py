@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from alignment.batching import collate
 from alignment.config import PPOConfig
@@ -199,8 +200,6 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
     timing = {"generation_seconds": 0.0, "training_seconds": 0.0}
     policy.train()
     critic.train()
-    from tqdm.auto import tqdm
-
     for k in tqdm(range(done, cfg.rollouts), initial=done, total=cfg.rollouts, desc="ppo", unit="rollout", mininterval=2.0):
         epoch, position = divmod(k, windows)
         rows = window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.seed, epoch)[position]
@@ -274,8 +273,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         plt.close(figure)
         log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
         if cfg.register_as:
-            version = log.register_model(paths.ppo, cfg.register_as)
-            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+            log.register_model(paths.ppo, cfg.register_as)
     logger.info("held-out: gold reward PPO %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats; "
                 "generation %.0f s, training %.0f s", held_out["gold/reward"], held_out["gold/sft_reward"],
                 held_out["gold/win_rate_vs_sft"], held_out["rm/win_rate_vs_sft"], held_out["objective/kl"],

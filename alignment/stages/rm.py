@@ -106,7 +106,6 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     if log is not None:
         log.figure(loss_curve(result.history, result.eval_history, "Reward model loss", ylabel="Bradley-Terry loss"), "plots/rm_loss.png")
         if cfg.register_as:
-            version = log.register_model(paths.rm, cfg.register_as, kind="reward")
-            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
+            log.register_model(paths.rm, cfg.register_as, kind="reward")
     logger.info("eval accuracy %.3f %s", final["accuracy"], {k: round(v, 3) for k, v in final.items() if k.endswith("/accuracy")})
     return metrics

@@ -109,7 +109,6 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log.table(generations, "generations.json")
         if cfg.register_as:
             version = log.register_model(paths.sft, cfg.register_as)
-            log.tags({"registered_model": f"{cfg.register_as}/{version}"})
             logger.info("registered %s version %s", cfg.register_as, version)
     for row in generations[:4]:
         logger.info("sample: %r -> %r", row["prompt"][-60:], row["response"][:120])
