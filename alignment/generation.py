@@ -1,8 +1,31 @@
-"""Batched sampling with the KV cache (HF `generate`). A faster engine can slot in behind `generate`."""
+"""Batched sampling with the KV cache.
+
+The decoding loop is our own rather than HF `generate`: on CPU, `torch.multinomial` (which `generate`
+uses) spent more than half of every step drawing one exponential variate per vocabulary entry.
+Sampling by inverse CDF (one uniform per row, `searchsorted` on the cumulative probabilities) draws
+from the same distribution and halves the time per sample. Any causal LM with a KV cache works:
+prompts are left-padded and positions are counted from each row's first real token.
+"""
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """(B,) token ids drawn from softmax(logits / temperature), restricted to the top-p nucleus;
+    temperature 0 is greedy. Uses the global torch RNG, one uniform per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token while the mass before it is below top_p (the most likely token is always kept)
+        sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -23,33 +46,37 @@ def generate_ids(
     longer than `max_prompt_tokens` keeps its last tokens (the latest dialogue turns).
     temperature 0 means greedy decoding.
     """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     was_training, sides = model.training, (tokenizer.padding_side, tokenizer.truncation_side)
     model.eval()
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     device = next(model.parameters()).device
     limit = max_prompt_tokens or model.config.max_position_embeddings - max_new_tokens
+    eos = tokenizer.eos_token_id
     out: list[tuple[list[int], list[int]]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit
             ).to(device)
-            # top_k 0: sample from the full (temperature, top-p) distribution, not HF's default top-50
-            sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {}
-            tokens = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-                do_sample=temperature > 0,
-                **sampling,
-            )
-            width = batch["input_ids"].shape[1]
-            for ids, mask, row in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), tokens[:, width:].tolist()):
-                # after the first EOS come pad tokens (== EOS for many tokenizers): cut there
-                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-                out.append(([i for i, m in zip(ids, mask) if m], row[:end]))
+            mask = batch["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            step = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+            position, done, tokens = positions[:, -1:], torch.zeros(len(mask), dtype=torch.bool, device=device), []
+            for _ in range(max_new_tokens):
+                token = sample_next(step.logits[:, -1], temperature, top_p)
+                tokens.append(token)
+                done |= token == eos
+                if done.all() or len(tokens) == max_new_tokens:
+                    break
+                mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
+                step = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                             past_key_values=step.past_key_values, use_cache=True)
+            rows = torch.stack(tokens, dim=1).tolist()
+            for ids, row_mask, row in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), rows):
+                end = row.index(eos) + 1 if eos in row else len(row)  # what follows the first EOS is discarded
+                out.append(([i for i, m in zip(ids, row_mask) if m], row[:end]))
     finally:
         model.train(was_training)
         tokenizer.padding_side, tokenizer.truncation_side = sides
