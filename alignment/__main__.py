@@ -20,7 +20,7 @@ from alignment.paths import Paths, hash_paths
 
 # imported on demand: `prepare` need not pay for torch and transformers (~8 s per process)
 STAGES = {name: f"alignment.stages.{name}" for name in (
-    "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain", "brain_variance", "ppo")}
+    "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain", "brain_variance", "ppo", "evaluate", "rlaif")}
 
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
@@ -36,6 +36,8 @@ def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
         "brain": [paths.data, paths.sft, paths.rm, paths.gold],
         "brain_variance": [],
         "ppo": [paths.data, paths.sft, paths.rm, paths.gold],
+        "evaluate": [paths.data, paths.rm, paths.gold, *(Path(p) for p in getattr(cfg, "models", {}).values())],
+        "rlaif": [paths.data, paths.pairs],
     }
     return [p for p in inputs[stage] if p.exists()]
 

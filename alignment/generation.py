@@ -8,13 +8,17 @@ prompts are left-padded and positions are counted from each row's first real tok
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) token ids drawn from softmax(logits / temperature), restricted to the top-p nucleus;
-    temperature 0 is greedy. Uses the global torch RNG, one uniform per row."""
+    temperature 0 is greedy. One uniform per row: `uniforms` (B,) when given, else from the global
+    torch RNG."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -24,7 +28,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
         sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) if uniforms is None else uniforms.to(cdf)[:, None]
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -38,14 +43,19 @@ def generate_ids(
     top_p: float = 1.0,
     batch_size: int = 256,
     max_prompt_tokens: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per prompt, exactly as sampled: the response ends with EOS when the
     model emitted one (it is part of the sample's probability) and is cut at max_new_tokens otherwise.
 
     Prompts are left-padded so that every row's next token sits at the last position; a prompt
     longer than `max_prompt_tokens` keeps its last tokens (the latest dialogue turns).
-    temperature 0 means greedy decoding.
+    temperature 0 means greedy decoding. With `seeds` (one per prompt) each row draws from its own
+    generator, so a prompt's sample does not depend on which prompts share its batch (what lets the
+    evaluation cache generations per prompt); without, rows share the global torch RNG.
     """
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     was_training, sides = model.training, (tokenizer.padding_side, tokenizer.truncation_side)
@@ -64,8 +74,10 @@ def generate_ids(
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             step = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
             position, done, tokens = positions[:, -1:], torch.zeros(len(mask), dtype=torch.bool, device=device), []
+            rngs = None if seeds is None else [np.random.default_rng(s) for s in seeds[start : start + batch_size]]
             for _ in range(max_new_tokens):
-                token = sample_next(step.logits[:, -1], temperature, top_p)
+                uniforms = None if rngs is None else torch.tensor([rng.random() for rng in rngs])
+                token = sample_next(step.logits[:, -1], temperature, top_p, uniforms)
                 tokens.append(token)
                 done |= token == eos
                 if done.all() or len(tokens) == max_new_tokens:
@@ -92,7 +104,8 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 256,
     max_prompt_tokens: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt) as text, up to the first EOS."""
-    samples = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_tokens)
+    samples = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_tokens, seeds)
     return tokenizer.batch_decode([response for _, response in samples], skip_special_tokens=True)

