@@ -52,8 +52,15 @@ MICRO_PARAMS = {
     "ppo": {"train_prompts": 8, "eval_prompts": 3, "max_new_tokens": 8, "max_length": 64, "rollouts": 4,
             "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2, "checkpoint_every": 2,
             "samples": {"num_prompts": 2, "max_new_tokens": 8}},
+    "evaluate": {"models": {"sft": "outputs/sft", "dpo": "outputs/dpo", "brain": "outputs/brain", "ppo": "outputs/ppo"},
+                 "prompts": 6, "reference_max_tokens": 8, "max_length": 64, "bootstrap_resamples": 200,
+                 "samples": {"num_prompts": 2, "max_new_tokens": 8, "temperature": 1.0},
+                 "best_of_n": {"policy": "sft", "n": [2]}},
+    # a local transformers judge on the micro SFT model: the real code path, in seconds
+    "rlaif": {"sources": ["imdb_pairs"], "train_pairs": 4, "eval_pairs": 2,
+              "judge": {"backend": "transformers", "name_or_path": "outputs/sft", "batch_size": 4}},
     "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
-                            "ppo"],
+                            "ppo", "evaluate"],
                  "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
 }

@@ -41,7 +41,8 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
 def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     monkeypatch.chdir(project)
     first = dvc(project, "repro")
-    assert sorted(ran(first)) == sorted(["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"])
+    assert sorted(ran(first)) == sorted(["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
+                                         "ppo", "evaluate", "rlaif"])
     assert ran(dvc(project, "repro")) == []  # a second repro does nothing
     assert "up to date" in dvc(project, "status")
 
@@ -55,7 +56,7 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
-    assert sorted(ran(exp)) == ["brain", "dpo", "pairs", "ppo", "rm", "sft"]
+    assert sorted(ran(exp)) == ["brain", "dpo", "evaluate", "pairs", "ppo", "rlaif", "rm", "sft"]
     assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
 
     # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
@@ -63,8 +64,16 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
-    stages = ["brain", "brain", "brain_variance", "dpo", "dpo", "gold", "pairs", "pairs", "ppo", "ppo", "prepare", "rm", "rm", "sft", "sft", "tokenizer"]
-    assert sorted(runs["tags.stage"]) == stages
+    stages = ["brain", "brain", "brain_variance", "dpo", "dpo", "evaluate", "evaluate", "gold", "pairs", "pairs", "ppo", "ppo",
+              "prepare", "rlaif", "rlaif", "rm", "rm", "sft", "sft", "tokenizer"]
+    assert sorted(runs["tags.stage"].dropna()) == stages
+    evaluated = runs[runs["tags.kind"] == "evaluation"]
+    assert sorted(evaluated["tags.model"]) == sorted(["sft", "dpo", "brain", "ppo", "best_of_2"] * 2)
+    board = json.loads((project / "outputs/evaluate/leaderboard.json").read_text())
+    assert [m["model"] for m in board["models"]] == ["sft", "dpo", "brain", "ppo", "best_of_2"]
+    shown = dvc(project, "metrics", "show", "--json")
+    assert "metrics/evaluate.json" in shown and "gold/win_rate_ci_low" in shown
+    assert "plots/evaluate/frontier.csv" in dvc(project, "plots", "show", "--json")
     sft_run = runs[runs["tags.stage"] == "sft"].iloc[0]
     assert sft_run["params.train.batch_size"] == "4" and sft_run["tags.data_hash"]
     history = mlflow.MlflowClient().get_metric_history(sft_run["run_id"], "train/loss")

@@ -12,7 +12,7 @@ from alignment.config import ConfigError
 from flows.pipeline import pipeline, set_dotted, write_overrides
 from tasks.dvc import StageFailed
 
-STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo"]
+STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "evaluate"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +30,7 @@ def stage_runs(project: Path) -> tuple[list, list]:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
-    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags and "stage" in r.data.tags]
 
 
 def test_flow_runs_stages_then_finds_them_up_to_date(project):

@@ -170,7 +170,7 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
         log.table([dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())][: cfg.samples.num_prompts],
                   "held_out_generations.json")
         for row in rows:
-            with log.child_run(f"evaluate/{row['model']}", {"stage": "evaluate", "model": row["model"], "kind": row["kind"],
+            with log.child_run(f"evaluate/{row['model']}", {"kind": "evaluation", "model": row["model"], "policy_kind": row["kind"],
                                                             "model_hash": row.get("model_hash", "")}) as child:
                 child.params({"model": row["model"], "path": row.get("path", ""), "policy": row.get("policy", row["model"]),
                               **{f"decoding.{k}": v for k, v in decoding.items()}})
