@@ -149,8 +149,11 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
     (out / "leaderboard.md").write_text(markdown)
     write_jsonl(out / "responses.jsonl", [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())])
 
-    metrics = {row["model"]: {key: value for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-               for row in rows}
+    def headline_first(key: str) -> tuple[int, str]:  # what `dvc metrics show` and the flow summary show first
+        return (0 if key.endswith("/win_rate") else 1 if key in ("objective/kl", "length/mean_tokens") else 2, "")
+
+    metrics = {row["model"]: {key: row[key] for key in sorted(row, key=headline_first)
+                              if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)} for row in rows}
     paths.metrics("evaluate").parent.mkdir(parents=True, exist_ok=True)
     paths.metrics("evaluate").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_judge = "gold" if "gold" in judge_names else judge_names[0]
