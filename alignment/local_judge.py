@@ -10,6 +10,7 @@ parse, so retries never happen; a tie needs `C` to beat both letters.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -54,21 +55,35 @@ class TransformersJudgeBackend:
 
     @torch.no_grad()
     def probabilities(self, requests: list[list[dict[str, str]]]) -> torch.Tensor:
-        """(N, 3) probabilities of A, B, C renormalised over the three."""
-        tokenizer, sides = self.tokenizer, (self.tokenizer.padding_side, self.tokenizer.truncation_side)
-        tokenizer.padding_side = tokenizer.truncation_side = "left"  # a long chat keeps its end: the verdict slot
+        """(N, 3) probabilities of A, B, C renormalised over the three.
+
+        Every chat starts with the same system prompt and template text (about two thirds of an IMDb
+        comparison's tokens): that common token prefix runs once, and each batch continues from a copy
+        of its KV cache, right-padded, reading each row's logits at its own last token."""
+        if not requests:
+            return torch.empty(0, 3)
+        encoded = [self.tokenizer(self.render(m), add_special_tokens=False)["input_ids"][-self.max_length :] for m in requests]
+        shared = len(encoded[0])
+        for ids in encoded[1:]:
+            shared = next((i for i, (a, b) in enumerate(zip(encoded[0][:shared], ids)) if a != b), min(shared, len(ids)))
+        shared = min(shared, min(len(ids) for ids in encoded) - 1)  # every row keeps at least its last token
+        prefix = self.model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True).past_key_values if shared else None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
-        try:
-            for start in range(0, len(requests), self.batch_size):
-                texts = [self.render(m) for m in requests[start : start + self.batch_size]]
-                batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                  max_length=self.max_length, add_special_tokens=False)
-                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(**batch, position_ids=positions).logits[:, -1]
-                out.append(torch.softmax(logits[:, self.letters].float(), dim=-1))
-        finally:
-            tokenizer.padding_side, tokenizer.truncation_side = sides
-        return torch.cat(out) if out else torch.empty(0, 3)
+        for start in range(0, len(encoded), self.batch_size):
+            rows = [ids[shared:] for ids in encoded[start : start + self.batch_size]]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rows])
+            positions = torch.arange(shared, shared + width).expand(len(rows), -1)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(rows))
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+            out.append(torch.softmax(last[:, self.letters].float(), dim=-1))
+        return torch.cat(out)
 
     def complete(self, requests: list[list[dict[str, str]]], attempt: int = 0) -> list[str | None]:
         probs = self.probabilities(requests)

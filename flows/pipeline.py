@@ -50,6 +50,9 @@ def validated(params_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     """Round-trip edit of params.yaml, so that its comments and key order survive."""
     yaml = YAML()  # round-trip mode
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the file's own layout: list items indented under their key
+    yaml.width = 4096  # never re-wrap a long flow-style list
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     params = yaml.load(params_path)
     for key, value in overrides.items():
         set_dotted(params, key, value)

@@ -12,13 +12,12 @@ import torch
 
 from alignment import tracking
 from alignment.config import parse_section
-from alignment.judging import PairwiseJudge, load_template
+from alignment.judging import PairwiseJudge, Template
 from alignment.local_judge import TransformersJudgeBackend
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.stages import evaluate, rlaif
 from tests import fake_openai as fake
-from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI, Reply
 
 EVALUATE = {"models": {"sft": "outputs/sft", "tilted": "outputs/tilted", "gone": "outputs/never_trained"},
@@ -129,7 +128,8 @@ def test_llm_judge_over_http_joins_the_leaderboard(root, monkeypatch):
 def test_local_transformers_judge_reads_verdict_probabilities(root):
     tokenizer = load_tokenizer(root / "outputs/sft")
     backend = TransformersJudgeBackend("sft", model=load_causal_lm(root / "outputs/sft"), tokenizer=tokenizer, batch_size=3)
-    template = load_template(ROOT / "data/judge/templates.jsonl", "sentiment-pair")
+    # a short template fits the micro model's 64 positions whole, so the shared-prefix cache is used
+    template = Template("short", "Judge.", "Q: {question} A: {answer_a} B: {answer_b} Verdict:")
     requests = [template.messages("A film", "good" * k, "bad") for k in (1, 5, 9, 2)]
     answers = backend.complete(requests)
     batched = torch.tensor(backend.last_probabilities)
