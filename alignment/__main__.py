@@ -25,21 +25,21 @@ STAGES = {name: f"alignment.stages.{name}" for name in (
 
 def stage_inputs(stage: str, paths: Paths, cfg) -> list[Path]:
     """What the stage reads: hashed into the run's `data_hash` tag."""
-    inputs = {
-        "prepare": [Path(s.path) for s in getattr(cfg, "sources", ()) if Path(s.path).exists()],
-        "tokenizer": [paths.data],
-        "sft": [paths.data, paths.tokenizer],
-        "gold": [Path(p) for p in (getattr(cfg, "train_path", ""), getattr(cfg, "test_path", "")) if p and Path(p).exists()],
-        "pairs": [paths.data, paths.sft, paths.gold],
-        "rm": [paths.data, paths.pairs, paths.sft],
-        "dpo": [paths.data, paths.pairs, paths.sft, paths.rm, paths.gold],
-        "brain": [paths.data, paths.sft, paths.rm, paths.gold],
-        "brain_variance": [],
-        "ppo": [paths.data, paths.sft, paths.rm, paths.gold],
-        "evaluate": [paths.data, paths.rm, paths.gold, *(Path(p) for p in getattr(cfg, "models", {}).values())],
-        "rlaif": [paths.data, paths.pairs],
+    inputs = {  # lambdas: each stage's config has only its own fields
+        "prepare": lambda: [Path(s.path) for s in cfg.sources],
+        "tokenizer": lambda: [paths.data],
+        "sft": lambda: [paths.data, paths.tokenizer],
+        "gold": lambda: [Path(cfg.train_path), Path(cfg.test_path)],
+        "pairs": lambda: [paths.data, paths.sft, paths.gold],
+        "rm": lambda: [paths.data, paths.pairs, paths.sft],
+        "dpo": lambda: [paths.data, paths.pairs, paths.sft, paths.rm, paths.gold],
+        "brain": lambda: [paths.data, paths.sft, paths.rm, paths.gold],
+        "brain_variance": lambda: [],
+        "ppo": lambda: [paths.data, paths.sft, paths.rm, paths.gold],
+        "evaluate": lambda: [paths.data, paths.rm, paths.gold, *(paths.resolve(p) for p in cfg.models.values())],
+        "rlaif": lambda: [paths.data, paths.pairs],
     }
-    return [p for p in inputs[stage] if p.exists()]
+    return [p for p in inputs[stage]() if p.exists()]
 
 
 def keep_freed_memory() -> None:

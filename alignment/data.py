@@ -206,3 +206,14 @@ def read_jsonl(path: Path) -> Iterator[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """A metrics file DVC and strict JSON readers accept: NaN (a rate over nothing) becomes null."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return None if isinstance(value, float) and value != value else value
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(metrics), indent=2) + "\n")

@@ -166,7 +166,8 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
                 continue
             cell = f"{row[f'{j}/win_rate']:.3f} [{row[f'{j}/win_rate_ci_low']:.3f}, {row[f'{j}/win_rate_ci_high']:.3f}]"
             if identities[j].get("kind") == "pairwise_llm":
-                cell += f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}, {int(row[f'{j}/ties'])} ties, {int(row[f'{j}/invalid'])} invalid"
+                cell += (f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}; n {int(row[f'{j}/n'])}, {int(row[f'{j}/ties'])} ties, "
+                         f"{int(row[f'{j}/invalid'])} invalid; consistency {row[f'{j}/consistency']:.2f}")
             cells.append(cell)
         cells += [f"{row[f'{j}/reward']:.2f}" for j in judges if f"{j}/reward" in rows[0]]
         kl = row["objective/kl"]

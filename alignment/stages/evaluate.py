@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from alignment.config import EvaluateConfig
-from alignment.data import write_jsonl
+from alignment.data import write_jsonl, write_metrics
 from alignment.evaluation import (
     GenerationCache, Samples, best_of, best_of_n_kl, frontier_figure, held_out_references, judge_model, leaderboard_markdown,
     length_stats, sample, win_rate_figure,
@@ -154,8 +154,7 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
 
     metrics = {row["model"]: {key: row[key] for key in sorted(row, key=headline_first)
                               if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)} for row in rows}
-    paths.metrics("evaluate").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("evaluate").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(paths.metrics("evaluate"), metrics)
     plot_judge = "gold" if "gold" in judge_names else judge_names[0]
     frontier_columns = ["model", "objective/kl", *[f"{j}/reward" for j in judge_names if f"{j}/reward" in rows[0]]]
     write_csv(paths.plots("evaluate") / "frontier.csv", rows, frontier_columns)

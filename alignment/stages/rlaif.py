@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 
 from alignment.config import RLAIFConfig
-from alignment.data import read_jsonl, write_jsonl
+from alignment.data import read_jsonl, write_jsonl, write_metrics
 from alignment.judging import LOSS, WIN, PairwiseJudge, build_backend, judge_template, position_stats
 from alignment.paths import Paths
 from alignment.preference import FILES
@@ -66,6 +66,7 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     judges = {}
     metrics: dict[str, float] = {}
     paths.rlaif.mkdir(parents=True, exist_ok=True)
+    paths.checkpoints("rlaif").mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is cached
     for split, count in (("train", cfg.train_pairs), ("eval", cfg.eval_pairs)):
         out = []
         for source in cfg.sources:
@@ -77,6 +78,9 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
                 judges[task] = PairwiseJudge("llm", backend, judge_template(judge_cfg, task), judge_cfg.parse_retries)
             kept, source_metrics = label(judges[task], pairs, rng)
             out += kept
+            if not kept:
+                logger.warning("%s %s: the judge kept no pair (consistency %.2f, first-position rate %.2f): its labels cannot "
+                               "train a reward model", split, source, source_metrics["consistency"], source_metrics["first_position_rate"])
             metrics |= {f"{split}/{source}/{k}": v for k, v in source_metrics.items()}
             logger.info("%s %s: kept %d of %d pairs; agreement with the labels %.3f (single order %.3f), first-position rate %.2f",
                         split, source, len(kept), len(pairs), source_metrics["agreement"], source_metrics["single_order_agreement"],
@@ -84,8 +88,7 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         write_jsonl(paths.rlaif / f"{split}.jsonl", out)
     identity = {task: judge.identity() for task, judge in judges.items()}
     (paths.rlaif / "judge.json").write_text(json.dumps(identity, indent=2) + "\n")
-    paths.metrics("rlaif").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("rlaif").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(paths.metrics("rlaif"), metrics)
     if log is not None:
         log.tags({f"judge.{task}": json.dumps(i) for task, i in identity.items()})
         log.artifact(paths.rlaif / "judge.json")
