@@ -117,12 +117,15 @@ def test_llm_judge_over_http_joins_the_leaderboard(root, monkeypatch):
     assert row["llm/consistency"] == 1.0  # a length judge has no position bias
     identity = board["judges"]["llm"]
     assert identity["model"] == "judge-7b" and identity["template"] == "sentiment-pair" and len(identity["template_sha256"]) == 64
+    assert identity["stats"]["requests"] == 8 and identity["stats"]["cache_hits"] == 0
     assert "sk-test" not in (root / "outputs/evaluate/leaderboard.json").read_text()
     with FakeOpenAI(longer_wins) as server:  # a re-run asks nothing: verdicts come from the cache
         run_evaluate(root, monkeypatch, models={"sft": "outputs/sft"}, best_of_n={"n": []},
                      llm_judge={"backend": "openai", "base_url": server.base_url, "model": "judge-7b",
                                 "api_key_env": "EVAL_JUDGE_KEY", "max_prompts": 4, "backoff_s": 0.01})
         assert server.requests == []
+    stats = json.loads((root / "outputs/evaluate/leaderboard.json").read_text())["judges"]["llm"]["stats"]
+    assert stats["requests"] == 0 and stats["cache_hits"] == 8
 
 
 def test_local_transformers_judge_reads_verdict_probabilities(root):

@@ -50,8 +50,6 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
 
 
 def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
-    import torch
-
     from alignment.heldout import kl_to_reference
     from alignment.models import load_causal_lm, load_tokenizer
 
@@ -85,15 +83,14 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     rows, per_prompt = [], {"prompt": prompts, "reference": references}
     drawn = {}
     for name, path in present.items():
-        torch.manual_seed(cfg.seed)
-        model_hash = hash_paths([path])
+        model, model_hash = load_causal_lm(path).eval(), hash_paths([path])  # the model is needed for KL anyway
+        if model.config.vocab_size != reference_model.config.vocab_size:
+            raise ValueError(f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
+                             f"{reference_name} has {reference_model.config.vocab_size}; KL needs a shared tokenizer")
         want = max(cfg.best_of_n.n) if name == cfg.best_of_n.policy and cfg.best_of_n.n else 1
-        loaded = {}
-        samples, new = sample(lambda: loaded.setdefault("m", load_causal_lm(path).eval()), model_hash, tokenizer, prompts,
-                              settings, cache, samples_per_prompt=want)
+        samples, new = sample(lambda: model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
         drawn[name] = samples
         first = samples[0]
-        model = loaded.get("m") or load_causal_lm(path).eval()
         kl = kl_to_reference(model, reference_model, tokenizer, prompts, first.responses, cfg.max_length)
         metrics, judgements = judge_model(judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed)
         row = {"model": name, "kind": "policy", "path": str(path), "model_hash": model_hash, "samples_drawn": new,
@@ -109,6 +106,9 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     if cfg.best_of_n.n:
         rows += best_of_n_rows(cfg, judges, drawn[cfg.best_of_n.policy], prompts, references, limits)
 
+    for judge in judges:  # what a served judge cost: requests made, answers from the cache, retries, failures
+        if hasattr(getattr(judge, "backend", None), "stats"):
+            identities[judge.name] = identities[judge.name] | {"stats": dict(judge.backend.stats)}
     return report(cfg, paths, log, rows, per_prompt, identities, skipped, [j.name for j in judges])
 
 
