@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from alignment.models import load_causal_lm, load_tokenizer
 
@@ -70,7 +71,7 @@ class TransformersJudgeBackend:
         prefix = self.model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True).past_key_values if shared else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
-        for start in range(0, len(encoded), self.batch_size):
+        for start in tqdm(range(0, len(encoded), self.batch_size), desc="judge", unit="batch", disable=len(encoded) <= 4 * self.batch_size):
             rows = [ids[shared:] for ids in encoded[start : start + self.batch_size]]
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])

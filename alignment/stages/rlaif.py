@@ -49,9 +49,10 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
     # single-order agreement: each order's verdict on its own, as a judge without swapping would be used
     singles = []
     for s, detail in zip(swap, judgement.details):
-        for verdict, label_first in ((detail["model_first"], not s), (detail["model_second"], s)):
+        # in the first order `first` is shown as A, in the second `second` is; `chosen` is `first` unless swapped
+        for verdict, chosen_shown_as_a in ((detail["model_first"], not s), (detail["model_second"], s)):
             if verdict in ("A", "B"):
-                singles.append((verdict == "A") == label_first)
+                singles.append((verdict == "A") == chosen_shown_as_a)
     metrics = {"pairs": len(pairs), "kept": len(kept), "kept_fraction": len(kept) / len(pairs),
                "agreement": float(np.mean(agree)) if agree else float("nan"),
                "single_order_agreement": float(np.mean(singles)) if singles else float("nan"),
