@@ -82,18 +82,17 @@ class Samples:
     ended: np.ndarray  # True when the model emitted EOS before max_new_tokens
 
 
-def sample(model_loader, model_hash: str, tokenizer, prompts: list[str], settings: dict, cache: GenerationCache | None,
+def sample(model, model_hash: str, tokenizer, prompts: list[str], settings: dict, cache: GenerationCache | None,
            samples_per_prompt: int = 1) -> tuple[list[Samples], int]:
     """`samples_per_prompt` samples of every prompt (list index j: the j-th sample of each prompt),
-    from the cache where it has them; the model is loaded (`model_loader()`) only when it has not.
-    Returns the samples and how many were drawn now."""
+    from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
+    many were drawn now."""
     from alignment.generation import generate_ids
 
     cached = cache.load(model_hash, settings) if cache else {}
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
     missing = [key for key in wanted if key not in cached]
     if missing:
-        model = model_loader()
         drawn = generate_ids(model, tokenizer, [p for p, _ in missing], settings["max_new_tokens"], settings["temperature"],
                              settings["top_p"], seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing])
         eos = tokenizer.eos_token_id

@@ -51,17 +51,26 @@ class Judge(Protocol):
 
 
 class ScalarJudge:
-    """Win if score(model response) > score(reference response)."""
+    """Win if score(model response) > score(reference response). Scores are remembered per (prompt,
+    response): the references, compared with every model, and best-of-n's picks are scored once."""
 
     def __init__(self, name: str, score: Callable[[list[str], list[str]], Sequence[float]], identity: dict):
         self.name, self.score, self._identity = name, score, identity
+        self._known: dict[tuple[str, str], float] = {}
 
     def identity(self) -> dict:
         return {"kind": "scalar", **self._identity}
 
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        pairs = list(zip(prompts, responses))
+        new = list(dict.fromkeys(pair for pair in pairs if pair not in self._known))
+        if new:
+            values = np.asarray(self.score([p for p, _ in new], [r for _, r in new]), dtype=float)
+            self._known |= dict(zip(new, values.tolist()))
+        return np.array([self._known[pair] for pair in pairs], dtype=float)
+
     def compare(self, prompts, responses, references) -> Judgement:
-        ours = np.asarray(self.score(list(prompts), list(responses)), dtype=float)
-        theirs = np.asarray(self.score(list(prompts), list(references)), dtype=float)
+        ours, theirs = self.scores(prompts, responses), self.scores(prompts, references)
         return Judgement(np.sign(ours - theirs), ours, theirs)
 
 
@@ -212,10 +221,11 @@ def win_rate_summary(outcomes: np.ndarray, resamples: int = 2000, seed: int = 0)
     return summary
 
 
-def judge_template(cfg, source: str) -> Template:
-    """An `LLMJudgeConfig`'s template; by default the sentiment adaptation for IMDb prompts and
-    MT-Bench's pair-v2 for dialogue."""
-    return load_template(cfg.templates, cfg.template or ("sentiment-pair" if source == "imdb" else "pair-v2"))
+def judge_template(cfg, source: str, root: Path = Path(".")) -> Template:
+    """An `LLMJudgeConfig`'s template (its `templates` file relative to the project `root`); by default
+    the sentiment adaptation for IMDb prompts and MT-Bench's pair-v2 for dialogue."""
+    path = Path(cfg.templates) if Path(cfg.templates).is_absolute() else root / cfg.templates
+    return load_template(path, cfg.template or ("sentiment-pair" if source == "imdb" else "pair-v2"))
 
 
 def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
@@ -234,5 +244,5 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
     raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
 
 
-def build_llm_judge(cfg, source: str, cache_dir: Path | None = None, name: str = "llm") -> PairwiseJudge:
-    return PairwiseJudge(name, build_backend(cfg, cache_dir), judge_template(cfg, source), cfg.parse_retries)
+def build_llm_judge(cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path(".")) -> PairwiseJudge:
+    return PairwiseJudge(name, build_backend(cfg, cache_dir), judge_template(cfg, source, root), cfg.parse_retries)

@@ -53,7 +53,8 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     from alignment.heldout import kl_to_reference
     from alignment.models import load_causal_lm, load_tokenizer
 
-    present = {name: paths.resolve(path) for name, path in cfg.models.items() if (paths.resolve(path) / "config.json").exists()}
+    located = {name: paths.resolve(path) for name, path in cfg.models.items()}
+    present = {name: path for name, path in located.items() if (path / "config.json").exists()}
     skipped = sorted(set(cfg.models) - set(present))
     for name in skipped:
         logger.warning("model %s: no saved model at %s, skipped", name, cfg.models[name])
@@ -70,8 +71,7 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     judges = scalar_judges(cfg, paths)
     limits = {}
     if cfg.llm_judge.backend != "none":
-        llm = cfg.llm_judge.model_copy(update={"templates": str(paths.resolve(cfg.llm_judge.templates))})
-        judges.append(build_llm_judge(llm, cfg.source, paths.checkpoints("evaluate") / "judge_cache"))
+        judges.append(build_llm_judge(cfg.llm_judge, cfg.source, paths.checkpoints("evaluate") / "judge_cache", root=paths.root))
         limits["llm"] = cfg.llm_judge.max_prompts or len(prompts)
     if not judges:
         raise ValueError("evaluate: no judge (set reward_model, gold or llm_judge.backend)")
@@ -88,7 +88,7 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
             raise ValueError(f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
                              f"{reference_name} has {reference_model.config.vocab_size}; KL needs a shared tokenizer")
         want = max(cfg.best_of_n.n) if name == cfg.best_of_n.policy and cfg.best_of_n.n else 1
-        samples, new = sample(lambda: model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
+        samples, new = sample(model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
         drawn[name] = samples
         first = samples[0]
         kl = kl_to_reference(model, reference_model, tokenizer, prompts, first.responses, cfg.max_length)
@@ -118,7 +118,7 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
     rm = next((j for j in judges if j.name == "rm"), None)
     if rm is None:
         raise ValueError("evaluate.best_of_n needs the reward model (evaluate.reward_model)")
-    scores = np.stack([np.asarray(rm.score(prompts, s.responses), dtype=float) for s in samples], axis=1)  # (prompts, N)
+    scores = np.stack([rm.scores(prompts, s.responses) for s in samples], axis=1)  # (prompts, N)
     rows = []
     for n in sorted(cfg.best_of_n.n):
         pick = best_of(scores, n)
@@ -147,10 +147,11 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
                 + "; ".join(f"{name} = {json.dumps(identity)}" for name, identity in identities.items()) + ".\n\n"
                 + leaderboard_markdown(rows, judge_names, identities))
     (out / "leaderboard.md").write_text(markdown)
-    write_jsonl(out / "responses.jsonl", [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())])
+    responses = [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())]
+    write_jsonl(out / "responses.jsonl", responses)
 
-    def headline_first(key: str) -> tuple[int, str]:  # what `dvc metrics show` and the flow summary show first
-        return (0 if key.endswith("/win_rate") else 1 if key in ("objective/kl", "length/mean_tokens") else 2, "")
+    def headline_first(key: str) -> int:  # what `dvc metrics show` and the flow summary show first
+        return 0 if key.endswith("/win_rate") else 1 if key in ("objective/kl", "length/mean_tokens") else 2
 
     metrics = {row["model"]: {key: row[key] for key in sorted(row, key=headline_first)
                               if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)} for row in rows}
@@ -169,14 +170,13 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
         if any(f"{plot_judge}/reward" in r for r in rows):
             log.figure(frontier_figure(rows, plot_judge), "plots/frontier.png")
         log.figure(win_rate_figure(rows, judge_names), "plots/win_rates.png")
-        log.table([dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())][: cfg.samples.num_prompts],
-                  "held_out_generations.json")
+        log.table(responses[: cfg.samples.num_prompts], "held_out_generations.json")
         for row in rows:
             with log.child_run(f"evaluate/{row['model']}", {"kind": "evaluation", "model": row["model"], "policy_kind": row["kind"],
                                                             "model_hash": row.get("model_hash", "")}) as child:
                 child.params({"model": row["model"], "path": row.get("path", ""), "policy": row.get("policy", row["model"]),
                               **{f"decoding.{k}": v for k, v in decoding.items()}})
-                child.metrics({k: v for k, v in metrics[row["model"]].items()})
+                child.metrics(metrics[row["model"]])
     flat = {f"{model}/{key}": value for model, values in metrics.items() for key, value in values.items()
             if key.endswith(("/win_rate", "/reward", "objective/kl"))}
     return flat

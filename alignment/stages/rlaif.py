@@ -62,8 +62,7 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
 
 def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     rng = np.random.default_rng(cfg.seed)
-    judge_cfg = cfg.judge.model_copy(update={"templates": str(paths.resolve(cfg.judge.templates))})
-    backend = build_backend(judge_cfg, paths.checkpoints("rlaif") / "judge_cache")
+    backend = build_backend(cfg.judge, paths.checkpoints("rlaif") / "judge_cache")
     judges = {}
     metrics: dict[str, float] = {}
     paths.rlaif.mkdir(parents=True, exist_ok=True)
@@ -76,7 +75,7 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
                 continue
             task = "imdb" if all(p["source"].startswith("imdb") for p in pairs) else "dialogue"
             if task not in judges:  # the template follows the task, the backend is shared
-                judges[task] = PairwiseJudge("llm", backend, judge_template(judge_cfg, task), judge_cfg.parse_retries)
+                judges[task] = PairwiseJudge("llm", backend, judge_template(cfg.judge, task, paths.root), cfg.judge.parse_retries)
             kept, source_metrics = label(judges[task], pairs, rng)
             out += kept
             if not kept:
