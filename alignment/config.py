@@ -299,6 +299,95 @@ class PPOConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------- ReST
+class ScheduleConfig(Section):
+    cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
+    timezone: str = "UTC"
+
+
+class ThresholdConfig(Section):
+    """tau of Improve step i (0-based) = start + i * increment: a reward value, or a percentile of the
+    iteration's grown rewards. Only samples with reward strictly above tau are kept."""
+
+    kind: Literal["percentile", "value"] = "percentile"
+    start: float = 50.0
+    increment: float = Field(default=20.0, ge=0.0)  # rising: never negative
+
+
+class ImproveConfig(Section):
+    steps: int = Field(default=2, ge=1)  # Improve steps per Grow, each on the samples above its own tau
+    threshold: ThresholdConfig = ThresholdConfig()
+    sft_mix: float = Field(default=0.0, ge=0.0)  # SFT examples added per kept sample (0: kept samples only)
+    lr_decay: float = Field(default=0.5, gt=0.0, le=1.0)  # learning rate of iteration k: lr * lr_decay ** (k - 1)
+    train: TrainConfig = TrainConfig(learning_rate=1e-4)
+
+
+class GrowConfig(Section):
+    samples_per_prompt: int = Field(default=4, ge=1)  # N
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class GuardConfig(Section):
+    """Reward hacking: stop when the held-out judge's score drops by more than `tolerance` while the
+    proxy (the RM reward on the same held-out prompts) rises."""
+
+    held_out: str = "gold/win_rate_vs_sft"  # the held-out judge's score per iteration (higher is better)
+    proxy: str = "rm/reward"
+    tolerance: float = Field(default=0.0, ge=0.0)
+
+
+class RestConfig(Section):
+    """ReST (Gulcehre et al. 2023): Grow (sample N per prompt from the current policy, RM-score) then
+    Improve (NLL on the samples above a rising threshold), repeated; one DVC stage per iteration."""
+
+    iterations: dict[str, str] = Field(default_factory=lambda: {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, min_length=1)
+    """iteration name ("1", "2", ...) -> the policy it starts from: the first from any saved policy
+    (the SFT model; the scheduled retraining puts the champion there), iteration k from k-1's."""
+    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path
+    source: str = "imdb"  # which prepared prompts to grow on
+    train_prompts: int = Field(default=512, ge=1)
+    incoming: str | None = "data/incoming"  # a folder of new prompt files (*.jsonl with `prompt`, *.txt lines)
+    eval_prompts: int = Field(default=100, ge=1)  # held-out (eval split) prompts for the guard and the selection
+    max_length: int = Field(default=128, ge=8)
+    grow: GrowConfig = GrowConfig()
+    improve: ImproveConfig = ImproveConfig()
+    guard: GuardConfig = GuardConfig()
+    samples: SampleConfig = SampleConfig(temperature=1.0)  # decoding of the held-out comparison
+    seed: int = 0
+    register_as: str | None = "alignment-rest"  # the `rest` stage registers the best iteration's policy
+
+    @model_validator(mode="after")
+    def _iterations_chain(self) -> RestConfig:
+        names = list(self.iterations)
+        if names != [str(k) for k in range(1, len(names) + 1)]:
+            raise ValueError(f"iterations must be named \"1\", \"2\", ... in order (quoted: DVC's foreach "
+                             f"skips integer keys), got {names}")
+        for k in range(2, len(names) + 1):
+            expected = f"outputs/rest/{k - 1}/policy"
+            if self.iterations[str(k)] != expected:
+                raise ValueError(f"iteration {k} must start from {expected} (the policy of iteration {k - 1}), "
+                                 f"got {self.iterations[str(k)]}")
+        last = self.improve.threshold.start + (self.improve.steps - 1) * self.improve.threshold.increment
+        if self.improve.threshold.kind == "percentile" and not (0 <= self.improve.threshold.start and last < 100):
+            raise ValueError(f"percentile thresholds must lie in [0, 100): steps {self.improve.steps} from "
+                             f"{self.improve.threshold.start} by {self.improve.threshold.increment} reach {last}")
+        return self
+
+
+class RetrainConfig(Section):
+    """The scheduled retraining flow (flows/retrain.py): ReST rounds from the champion as a DVC experiment."""
+
+    deployment: str = Field(default="rest-retraining", min_length=1)
+    schedule: ScheduleConfig = ScheduleConfig()
+    model_name: str = Field(default="alignment-rest", min_length=1)  # the registered model
+    alias: str = Field(default="champion", min_length=1)  # moves only when a new policy beats it
+    champion_dir: str = "outputs/champion"  # where the champion is downloaded to start from
+    retrain_rm: bool = False  # re-run the reward model stage first (DVC runs it only if its inputs changed)
+    min_improvement: float = Field(default=0.0, ge=0.0)  # on the guard's held-out score
+
+
 # --------------------------------------------------------------------------------------- evaluation
 class LLMJudgeConfig(Section):
     """A pairwise LLM judge (MT-Bench prompts, both orders): served behind any OpenAI-compatible
@@ -378,20 +467,16 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
-class ScheduleConfig(Section):
-    cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
-    timezone: str = "UTC"
-
-
 StageName = Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo",
-                    "evaluate", "rlaif"]
+                    "rest_iter", "rest", "evaluate", "rlaif"]
 
 
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
     stages: tuple[StageName, ...] = (
-        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "evaluate"
+        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "rest_iter", "rest",
+        "evaluate",
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
@@ -409,8 +494,10 @@ SECTIONS: dict[str, type[Section]] = {
     "brain": BRAInConfig,
     "brain_variance": BrainVarianceConfig,
     "ppo": PPOConfig,
+    "rest": RestConfig,
     "evaluate": EvaluateConfig,
     "rlaif": RLAIFConfig,
+    "retrain": RetrainConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -51,6 +51,13 @@ class Paths:
     def ppo(self) -> Path:
         return self.root / "outputs" / "ppo"
 
+    def rest(self, iteration: int | str) -> Path:  # ReST iteration k: grown.jsonl, kept.jsonl, report.json, policy/
+        return self.root / "outputs" / "rest" / str(iteration)
+
+    @property
+    def rest_best(self) -> Path:  # the best ReST iteration's policy and selection.json
+        return self.root / "outputs" / "rest_best"
+
     @property
     def evaluate(self) -> Path:  # leaderboard.{md,json}, responses.jsonl
         return self.root / "outputs" / "evaluate"
@@ -63,11 +70,11 @@ class Paths:
         """A path from params (relative to the project root) as a path under this root."""
         return Path(path) if Path(path).is_absolute() else self.root / path
 
-    def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
+    def metrics(self, stage: str) -> Path:  # a foreach stage `rest_iter@2` writes metrics/rest_iter_2.json
+        return self.root / "metrics" / f"{stage.replace('@', '_')}.json"
 
     def plots(self, stage: str) -> Path:
-        return self.root / "plots" / stage
+        return self.root / "plots" / stage.replace("@", "_")
 
     def checkpoints(self, stage: str) -> Path:
         return self.root / "checkpoints" / stage

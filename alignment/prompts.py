@@ -1,7 +1,12 @@
-"""Prompts of one source from a split of `prepare`'s prompt files, for the on-policy stages."""
+"""Prompts for the on-policy stages: one source from a split of `prepare`'s prompt files, and new
+prompts dropped into a folder (ReST's scheduled retraining picks them up)."""
 from __future__ import annotations
 
-from alignment.data import read_jsonl
+import json
+from collections import Counter
+from pathlib import Path
+
+from alignment.data import DataError, read_jsonl
 from alignment.paths import Paths
 
 
@@ -12,3 +17,33 @@ def load_prompts(paths: Paths, split: str, source: str, limit: int) -> list[str]
     if not prompts:
         raise ValueError(f"{path}: no prompts with source {source!r}")
     return prompts
+
+
+def load_incoming(folder: str | Path) -> tuple[list[str], dict[str, int]]:
+    """New prompts dropped into `folder`: `*.jsonl` rows with a `prompt` string, `*.txt` one per line;
+    other files (a README) are ignored. Returns the distinct prompts in file-name order and what was
+    skipped, by reason. A line that is not JSON raises DataError naming the file and line."""
+    prompts, skipped, seen = [], Counter(), set()
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".txt")) if folder.is_dir() else []
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                prompt = line.strip()
+            else:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+                prompt = row.get("prompt") if isinstance(row, dict) else None
+                if not isinstance(prompt, str) or not prompt.strip():
+                    skipped["no `prompt` string"] += 1
+                    continue
+            if prompt in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(prompt)
+            prompts.append(prompt)
+    return prompts, dict(skipped)

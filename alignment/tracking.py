@@ -156,11 +156,12 @@ def stage_run(stage: str, experiment: str = "alignment", root: Path | None = Non
 
 
 @contextmanager
-def pipeline_run(experiment: str, name: str, params: dict[str, Any], root: Path | None = None) -> Iterator[str]:
+def pipeline_run(experiment: str, name: str, params: dict[str, Any], root: Path | None = None,
+                 kind: str = "pipeline") -> Iterator[str]:
     """The parent run of one pipeline execution; yields its id (for ALIGNMENT_PARENT_RUN_ID)."""
     mlflow = _mlflow(root)
     with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, root), run_name=name) as run:
-        mlflow.set_tags({"kind": "pipeline", "git_commit": git_commit(root)})
+        mlflow.set_tags({"kind": kind, "git_commit": git_commit(root)})
         Tracker(mlflow, run.info.run_id).params(params)
         yield run.info.run_id
 
@@ -179,3 +180,39 @@ def load_registered_model(name: str, version: str | None = None, alias: str | No
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
     return local / flavor["artifacts"][HF_ARTIFACT]["path"]
+
+
+def alias_version(name: str, alias: str, root: Path | None = None) -> dict[str, Any] | None:
+    """The registered version `alias` points at ({"version", "tags", "run_id"}), or None when the model
+    or the alias does not exist yet."""
+    mlflow = _mlflow(root)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such model, or no such alias
+        return None
+    return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
+
+
+def promote(run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str], root: Path | None = None) -> str:
+    """Register `model_dir` as a new version of `name` (logged to the active run `run_id`), tag it and
+    point `alias` at it. If tagging or the alias fails, the new version is deleted again: the registry
+    ends as it was, or with the alias on the new version, never half-way."""
+    mlflow = _mlflow(root)
+    client = mlflow.MlflowClient()
+    version = Tracker(mlflow, run_id).register_model(model_dir, name)
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        client.set_registered_model_alias(name, alias, version)
+    except Exception:
+        client.delete_model_version(name, version)
+        raise
+    return version
+
+
+def set_run_tags(run_id: str, tags: dict[str, str], root: Path | None = None) -> None:
+    client = _mlflow(root).MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
@@ -59,9 +59,21 @@ def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     yaml.dump(params, params_path)
 
 
-def dag_order(root: Path) -> list[str]:
-    """The stages in dvc.yaml's order, which lists each stage after the stages it depends on."""
-    return list(YAML(typ="safe").load(root / "dvc.yaml")["stages"])
+def dag_order(root: Path, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The stages in dvc.yaml's order, which lists each stage after the stages it depends on, by name;
+    a `foreach` group (`rest_iter`) lists its members (`rest_iter@1`, `rest_iter@2`, ...) from the
+    params it iterates over, a plain stage itself."""
+    order = {}
+    for name, stage in YAML(typ="safe").load(root / "dvc.yaml")["stages"].items():
+        if "foreach" in stage:
+            section, *keys = stage["foreach"].strip("${} ").split(".")
+            items = config[section].model_dump()
+            for key in keys:
+                items = items[key]
+            order[name] = [f"{name}@{key}" for key in items]
+        else:
+            order[name] = [name]
+    return order
 
 
 @flow(name="alignment-pipeline")
@@ -89,10 +101,12 @@ def pipeline(
     overrides = overrides or {}
     config = validated(params_path, overrides)
     chosen = list(stages or config["pipeline"].stages)
-    order = dag_order(project)
-    unknown = sorted(set(chosen) - set(order))
+    groups = dag_order(project, config)
+    order = [member for members in groups.values() for member in members]
+    unknown = sorted(set(chosen) - set(order) - set(groups))
     if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
+        raise ConfigError(f"unknown stage(s) {unknown}; dvc.yaml has {list(groups)}")
+    chosen = {member for stage in chosen for member in groups.get(stage, [stage])}
 
     # step 2. make the overrides visible to DVC, which re-runs exactly the stages whose params changed
     if overrides:
@@ -103,7 +117,13 @@ def pipeline(
     record = {"stages": ",".join(chosen), "overrides": json.dumps(overrides)}
     with tracking.pipeline_run(config["pipeline"].experiment, flow_run.name, record, project) as parent:
         stage_task = run_stage.with_options(retries=retries)
-        return {stage: stage_task(stage, str(project), parent) for stage in chosen}
+        results = {}
+        for stage in chosen:
+            results[stage] = stage_task(stage, str(project), parent)
+            if results[stage]["metrics"].get("guard/stopped"):
+                get_run_logger().warning("%s: the ReST guard stopped the iterations; the later ones do not train "
+                                         "and `rest` keeps the best by the held-out judge", stage)
+        return results
 
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
@@ -111,7 +131,7 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     for stage, result in results.items():
         numbers = {k: v for k, v in flatten(result["metrics"]).items() if isinstance(v, (int, float))}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
-        lines.append(f"  {stage:<10} {'ran' if result['ran'] else 'up to date':<11} {shown}")
+        lines.append(f"  {stage:<12} {'ran' if result['ran'] else 'up to date':<11} {shown}")
     return "\n".join([
         "pipeline finished:", *lines,
         "look at: mlflow ui --backend-store-uri sqlite:///mlflow.db | dvc dag | dvc metrics show",

@@ -1,20 +1,29 @@
-"""Serve the pipeline flow as a deployment on a Prefect server: trigger it from the UI, or on a cron.
+"""Serve the flows as deployments on a Prefect server: trigger them from the UI, or on their crons.
 
     prefect server start                                   # or: make prefect-server
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
 
-The deployment's name, schedule and default stages come from params `pipeline` (read once, at start:
-restart to pick up a change). The process runs each flow run in this folder until it is stopped; with
-`pipeline.schedule.cron` set it is also the scheduled-retraining hook.
+Two deployments, named and scheduled from params (read once, at start: restart to pick up a change):
+- `alignment-pipeline/<pipeline.deployment>`: the DVC stages of the pipeline (cron `pipeline.schedule`);
+- `rest-retraining/<retrain.deployment>`: the scheduled iterative retraining (cron `retrain.schedule`):
+  ReST rounds from the champion as a DVC experiment, the champion moving only on improvement.
+The process runs each flow run in this folder until it is stopped, one at a time: every run works in
+the same DVC workspace.
 """
 from __future__ import annotations
 
 import argparse
 
+from prefect import serve
 from prefect.schedules import Cron
 
-from alignment.config import PipelineConfig, load_section
+from alignment.config import PipelineConfig, RetrainConfig, ScheduleConfig, load_section
 from flows.pipeline import pipeline
+from flows.retrain import retrain
+
+
+def schedules(schedule: ScheduleConfig) -> list[Cron] | None:
+    return [Cron(schedule.cron, timezone=schedule.timezone)] if schedule.cron else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,14 +31,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     cfg: PipelineConfig = load_section("pipeline", args.params)
-    cron = cfg.schedule.cron
-    pipeline.serve(
-        name=cfg.deployment,
-        schedules=[Cron(cron, timezone=cfg.schedule.timezone)] if cron else None,
-        parameters={"stages": list(cfg.stages), "overrides": {}, "params_file": args.params},
-        description="DVC stages of the alignment pipeline, recorded in MLflow; `overrides` takes dotted "
-        "params keys, e.g. {\"sft.train.learning_rate\": 0.0003}, and writes them into the params file.",
-        tags=["alignment", "dvc"],
+    retraining: RetrainConfig = load_section("retrain", args.params)
+    serve(
+        pipeline.to_deployment(
+            name=cfg.deployment,
+            schedules=schedules(cfg.schedule),
+            parameters={"stages": list(cfg.stages), "overrides": {}, "params_file": args.params},
+            description="DVC stages of the alignment pipeline, recorded in MLflow; `overrides` takes dotted "
+            "params keys, e.g. {\"sft.train.learning_rate\": 0.0003}, and writes them into the params file.",
+            tags=["alignment", "dvc"],
+        ),
+        retrain.to_deployment(
+            name=retraining.deployment,
+            schedules=schedules(retraining.schedule),
+            parameters={"overrides": {}, "retrain_rm": retraining.retrain_rm, "params_file": args.params},
+            description="ReST rounds from the registry's champion as one DVC experiment; picks up new prompt "
+            "files in `rest.incoming`; registers the new policy and moves the champion alias only when it "
+            "beats the champion on the held-out judge. `overrides`: dotted params keys for this run only.",
+            tags=["alignment", "dvc", "rest"],
+        ),
         # one run at a time: two `dvc repro` in the same workspace would fight over DVC's lock
         limit=1,
     )

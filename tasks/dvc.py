@@ -16,6 +16,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from alignment.paths import Paths
 from alignment.tracking import PARENT_RUN_ENV
 
 BIN = Path(sys.executable).parent
@@ -47,5 +48,5 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[s
                 ran = ran or line.startswith(f"Running stage '{stage}'")
     if process.returncode:
         raise StageFailed(f"dvc repro {stage} exited with {process.returncode}:\n" + "\n".join(tail))
-    metrics = Path(root, "metrics", f"{stage}.json")
+    metrics = Paths(Path(root)).metrics(stage)
     return {"stage": stage, "ran": ran, "metrics": json.loads(metrics.read_text()) if metrics.exists() else {}}

@@ -52,7 +52,13 @@ MICRO_PARAMS = {
     "ppo": {"train_prompts": 8, "eval_prompts": 3, "max_new_tokens": 8, "max_length": 64, "rollouts": 4,
             "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2, "checkpoint_every": 2,
             "samples": {"num_prompts": 2, "max_new_tokens": 8}},
-    "evaluate": {"models": {"sft": "outputs/sft", "dpo": "outputs/dpo", "brain": "outputs/brain", "ppo": "outputs/ppo"},
+    "rest": {"iterations": {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, "train_prompts": 8, "eval_prompts": 3,
+             "max_length": 64, "grow": {"samples_per_prompt": 3, "max_new_tokens": 8},
+             "improve": {"steps": 2, "threshold": {"kind": "percentile", "start": 50, "increment": 25},
+                         "train": {"batch_size": 2, "learning_rate": 1.0e-3, "log_every": 1}},
+             "samples": {"num_prompts": 2, "max_new_tokens": 8}},
+    "evaluate": {"models": {"sft": "outputs/sft", "dpo": "outputs/dpo", "brain": "outputs/brain", "ppo": "outputs/ppo",
+                            "rest": "outputs/rest_best"},
                  "prompts": 6, "reference_max_tokens": 8, "max_length": 64, "bootstrap_resamples": 200,
                  "samples": {"num_prompts": 2, "max_new_tokens": 8, "temperature": 1.0},
                  "best_of_n": {"policy": "sft", "n": [2]}},
@@ -60,9 +66,10 @@ MICRO_PARAMS = {
     "rlaif": {"sources": ["imdb_pairs"], "train_pairs": 4, "eval_pairs": 2,
               "judge": {"backend": "transformers", "name_or_path": "outputs/sft", "batch_size": 4}},
     "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
-                            "ppo", "evaluate"],
+                            "ppo", "rest_iter", "rest", "evaluate"],
                  "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
+    "retrain": {"deployment": "rest-retraining", "schedule": {"cron": None, "timezone": "UTC"}},
 }
 
 

@@ -33,8 +33,17 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
     assert str(paths.tokenizer) in declared["tokenizer"]
     assert {str(paths.sft), str(paths.metrics("sft")), str(paths.checkpoints("sft")),
             str(paths.plots("sft") / "train.csv"), str(paths.plots("sft") / "eval.csv")} <= declared["sft"]
+    iteration = stages["rest_iter"]["do"]
+    assert iteration["cmd"] == "python -m alignment rest_iter --iteration ${key}"
+    assert iteration["outs"] == ["outputs/rest/${key}"] and "${item}" in iteration["deps"]
+    assert str(paths.rest(2)) == "outputs/rest/2" and str(paths.metrics("rest_iter@2")) == "metrics/rest_iter_2.json"
+    assert str(paths.rest_best) in declared["rest"] and "outputs/rest_best" in stages["evaluate"]["deps"]
     for name, stage in stages.items():
-        assert stage["cmd"] == f"python -m alignment {name}" and stage["params"] == [name]
+        if name == "rest_iter":
+            continue
+        assert stage["cmd"] == f"python -m alignment {name}"
+        # each stage reads its own section; ReST's stages name the keys they read (register_as is `rest`'s)
+        assert stage["params"] == [name] or all(key.startswith(f"{name}.") for key in stage["params"])
 
 
 @pytest.mark.slow
@@ -42,7 +51,7 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     monkeypatch.chdir(project)
     first = dvc(project, "repro")
     assert sorted(ran(first)) == sorted(["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
-                                         "ppo", "evaluate", "rlaif"])
+                                         "ppo", "rest_iter@1", "rest_iter@2", "rest", "evaluate", "rlaif"])
     assert ran(dvc(project, "repro")) == []  # a second repro does nothing
     assert "up to date" in dvc(project, "status")
 
@@ -56,7 +65,8 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
-    assert sorted(ran(exp)) == ["brain", "dpo", "evaluate", "pairs", "ppo", "rlaif", "rm", "sft"]
+    assert sorted(ran(exp)) == ["brain", "dpo", "evaluate", "pairs", "ppo", "rest", "rest_iter@1", "rest_iter@2", "rlaif", "rm",
+                                "sft"]
     assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
 
     # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
@@ -65,12 +75,16 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
     stages = ["brain", "brain", "brain_variance", "dpo", "dpo", "evaluate", "evaluate", "gold", "pairs", "pairs", "ppo", "ppo",
-              "prepare", "rlaif", "rlaif", "rm", "rm", "sft", "sft", "tokenizer"]
+              "prepare", "rest", "rest", "rest_iter@1", "rest_iter@1", "rest_iter@2", "rest_iter@2", "rlaif", "rlaif", "rm", "rm",
+              "sft", "sft", "tokenizer"]
     assert sorted(runs["tags.stage"].dropna()) == stages
     evaluated = runs[runs["tags.kind"] == "evaluation"]
-    assert sorted(evaluated["tags.model"]) == sorted(["sft", "dpo", "brain", "ppo", "best_of_2"] * 2)
+    assert sorted(evaluated["tags.model"]) == sorted(["sft", "dpo", "brain", "ppo", "rest", "best_of_2"] * 2)
     board = json.loads((project / "outputs/evaluate/leaderboard.json").read_text())
-    assert [m["model"] for m in board["models"]] == ["sft", "dpo", "brain", "ppo", "best_of_2"]
+    assert [m["model"] for m in board["models"]] == ["sft", "dpo", "brain", "ppo", "rest", "best_of_2"]
+    selection = json.loads((project / "outputs/rest_best/selection.json").read_text())
+    assert [r["iteration"] for r in selection["history"]] == [0, 1, 2] and selection["why"]
+    assert '"rest_iterations"' in dvc(project, "plots", "show", "--json")
     shown = dvc(project, "metrics", "show", "--json")
     assert "metrics/evaluate.json" in shown and "gold/win_rate_ci_low" in shown
     plots = dvc(project, "plots", "show", "--json")

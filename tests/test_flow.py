@@ -12,7 +12,8 @@ from alignment.config import ConfigError
 from flows.pipeline import pipeline, set_dotted, write_overrides
 from tasks.dvc import StageFailed
 
-STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "evaluate"]
+STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "rest_iter@1",
+          "rest_iter@2", "rest", "evaluate"]
 
 
 @pytest.fixture(scope="module", autouse=True)

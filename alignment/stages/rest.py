@@ -1,0 +1,93 @@
+"""rest: after the last ReST iteration, keep the best one by the held-out judge and say why.
+
+Reads the last iteration's record (every iteration's held-out numbers, iteration 0 being the start
+policy, and the guard's verdict), copies the best iteration's policy to `outputs/rest_best/` (what
+the leaderboard evaluates and the registry gets), writes `selection.json`, the per-iteration table
+as a DVC plot (proxy reward vs held-out reward per iteration) and the same plot to MLflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+from alignment.config import RestConfig
+from alignment.data import write_metrics
+from alignment.paths import Paths
+from alignment.plots import plt, write_csv
+from alignment.rest import best_iteration
+from alignment.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["iteration", "grow/rm_reward", "rm/reward", "gold/reward", "gold/win_rate_vs_sft", "objective/kl",
+           "improve/tau_0", "improve/kept_fraction_0"]
+
+
+def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int, stopped: str | None):
+    """Per iteration: the RM (proxy) on the grown and the held-out samples, the gold reward, and the
+    held-out judge's score on its own axis; the kept iteration marked."""
+    figure, ax = plt.subplots(figsize=(6.5, 4.2))
+    steps = [r["iteration"] for r in history]
+    grown = [(r["iteration"], r["grow/rm_reward"]) for r in history if "grow/rm_reward" in r]
+    if grown:
+        ax.plot(*zip(*grown), "s:", color="tab:orange", label="RM reward, grown samples (proxy)")
+    ax.plot(steps, [r[proxy] for r in history], "o-", color="tab:red", label=f"{proxy}, held-out (proxy)")
+    ax.plot(steps, [r["gold/reward"] for r in history], "o-", color="tab:blue", label="gold/reward, held-out")
+    ax.set(xlabel="ReST iteration (0: start policy)", ylabel="mean reward", xticks=steps)
+    right = ax.twinx()
+    right.plot(steps, [r[held_out] for r in history], "d--", color="tab:green", label=f"{held_out} (held-out judge)")
+    right.set_ylabel(held_out)
+    ax.axvline(best, color="grey", alpha=0.4, linewidth=6, label=f"kept: iteration {best}")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+    ax.set_title("ReST: proxy vs held-out reward" + (" (stopped by the guard)" if stopped else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    last = max(int(k) for k in cfg.iterations)
+    report = json.loads((paths.rest(last) / "report.json").read_text())
+    history, stopped = report["history"], report["stopped"]
+    best = best_iteration(history, cfg.guard.held_out)
+    start = history[0]
+    source = paths.resolve(cfg.iterations["1"]) if best["iteration"] == 0 else paths.rest(best["iteration"]) / "policy"
+    why = (f"iteration {best['iteration']} has the highest held-out {cfg.guard.held_out} "
+           f"({best[cfg.guard.held_out]:.3f}; the start policy {start[cfg.guard.held_out]:.3f})")
+    if stopped:
+        why += f"; the run stopped early: {stopped}"
+
+    if paths.rest_best.exists():
+        shutil.rmtree(paths.rest_best)
+    shutil.copytree(source, paths.rest_best)
+    selection = {"best_iteration": best["iteration"], "why": why, "stopped": stopped, "skipped": report.get("skipped", []),
+                 "held_out_judge": cfg.guard.held_out, "proxy": cfg.guard.proxy, "history": history}
+    (paths.rest_best / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    write_csv(paths.plots("rest") / "iterations.csv", history, COLUMNS)
+
+    metrics = {"best_iteration": best["iteration"], "iterations_trained": len(history) - 1,
+               "guard/stopped": int(bool(stopped)), "improved": int(best["iteration"] > 0)}
+    metrics |= {k: best[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "objective/kl")}
+    metrics |= {f"start/{k}": start[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward")}
+    write_metrics(paths.metrics("rest"), metrics)
+    logger.info("kept %s: %s", source, why)
+    for r in history:
+        logger.info("  iteration %d: RM reward grown %s, held-out RM %.3f, gold %.3f, gold win rate vs SFT %.3f, kept %s at tau %s",
+                    r["iteration"], f"{r['grow/rm_reward']:.3f}" if "grow/rm_reward" in r else "-", r["rm/reward"],
+                    r["gold/reward"], r["gold/win_rate_vs_sft"],
+                    f"{r['improve/kept_fraction_0']:.2f}" if "improve/kept_fraction_0" in r else "-",
+                    f"{r['improve/tau_0']:.3f}" if "improve/tau_0" in r else "-")
+    if log is not None:
+        for r in history:  # one point per iteration: the MLflow UI draws them as curves over `step`
+            log.metrics({f"iteration/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k != "iteration"},
+                        step=r["iteration"])
+        log.figure(proxy_vs_held_out(history, cfg.guard.proxy, cfg.guard.held_out, best["iteration"], stopped),
+                   "plots/rest_proxy_vs_held_out.png")
+        log.artifact(paths.rest_best / "selection.json")
+        log.tags({"best_iteration": str(best["iteration"]), "selection": why[:5000]})
+        if cfg.register_as:
+            version = log.register_model(paths.rest_best, cfg.register_as)
+            logger.info("registered %s version %s (iteration %d)", cfg.register_as, version, best["iteration"])
+    return metrics

@@ -1,0 +1,182 @@
+"""rest_iter: one ReST iteration (Gulcehre et al. 2023), a DVC stage of its own (`rest_iter@<k>`),
+from the policy `rest.iterations[k]` names (iteration k - 1's, or for the first the SFT model or the
+champion). Everything it makes is an output of its folder `outputs/rest/<k>/`:
+`grown.jsonl` (every sample and its RM reward), `kept.jsonl` (what each Improve step trained on, with
+its tau), `policy/`, and `report.json` (the held-out record of every iteration so far).
+
+  1. The guard first: if an earlier iteration stopped the run, this one does not train; its policy
+     is its start policy unchanged and its report says why.
+  2. The first iteration scores its start policy on the held-out prompts: iteration 0 of the record,
+     what every later iteration (and the scheduled retraining's champion check) is compared with.
+  3. Grow: N samples per prompt from the start policy (the prepared training prompts plus any new
+     ones in `rest.incoming`), each prompt with its own seed; the RM scores every sample.
+  4. Improve, step i = 0, 1, ...: tau_i from the grown rewards (rising with i); NLL on the samples
+     strictly above tau_i (optionally mixed with SFT rows), continuing from step i - 1's weights; the
+     learning rate of iteration k is lr * lr_decay ** (k - 1).
+  5. Policy vs SFT on held-out prompts (the eval split: the leaderboard's test prompts stay unseen),
+     judged by the gold scorer (the held-out judge) and the RM (the proxy); then the guard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+
+import numpy as np
+
+from alignment.batching import collate, encode
+from alignment.config import RestConfig
+from alignment.data import read_jsonl, write_jsonl, write_metrics
+from alignment.evaluation import prompt_seed
+from alignment.generation import generate_ids
+from alignment.gold import GoldScorer
+from alignment.heldout import compare_to_sft
+from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
+from alignment.paths import Paths
+from alignment.prompts import load_incoming, load_prompts
+from alignment.rest import above, guard, learning_rate, thresholds
+from alignment.reward import RewardScorer
+from alignment.stages.brain import as_example
+from alignment.stages.sft import count_response_tokens, step as nll_step
+from alignment.tracking import Tracker
+from alignment.trainer import train
+
+logger = logging.getLogger(__name__)
+
+
+def previous_report(paths: Paths, iteration: int) -> dict:
+    if iteration == 1:
+        return {"history": [], "stopped": None}
+    path = paths.rest(iteration - 1) / "report.json"
+    return json.loads(path.read_text())
+
+
+def grow_prompts(cfg: RestConfig, paths: Paths) -> tuple[list[str], dict[str, float]]:
+    """The training prompts and the new ones from the incoming folder (counted, with what was skipped)."""
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    stats: dict[str, float] = {"grow/prompts_prepared": len(prompts), "grow/prompts_incoming": 0}
+    if cfg.incoming:
+        incoming, skipped = load_incoming(paths.resolve(cfg.incoming))
+        new = [p for p in incoming if p not in set(prompts)]
+        stats["grow/prompts_incoming"] = len(new)
+        stats |= {f"grow/incoming_skipped/{reason}": n for reason, n in skipped.items()}
+        if incoming:
+            logger.info("incoming prompts: %d new from %s (skipped: %s)", len(new), cfg.incoming, skipped or "none")
+        prompts = prompts + new
+    return prompts, stats
+
+
+def grow(policy, tokenizer, reward: RewardScorer, prompts: list[str], cfg: RestConfig, iteration: int) -> list[dict]:
+    """N samples per prompt, each (prompt, sample index) with its own seed, scored by the RM."""
+    g = cfg.grow
+    repeated = [p for p in prompts for _ in range(g.samples_per_prompt)]
+    indices = [j for _ in prompts for j in range(g.samples_per_prompt)]
+    seeds = [prompt_seed(cfg.seed * 1_000 + iteration, p, j) for p, j in zip(repeated, indices)]
+    sampled = generate_ids(policy, tokenizer, repeated, g.max_new_tokens, g.temperature, g.top_p, seeds=seeds)
+    responses = tokenizer.batch_decode([r for _, r in sampled], skip_special_tokens=True)
+    rewards = reward(repeated, responses).tolist()
+    return [{"prompt": p, "index": j, "response": text, "reward": r, "prompt_ids": ids, "response_ids": response_ids}
+            for p, j, text, r, (ids, response_ids) in zip(repeated, indices, responses, rewards, sampled)]
+
+
+def improve_examples(kept: list[dict], sft_rows: list[dict], cfg: RestConfig, tokenizer, rng: random.Random) -> list[dict]:
+    """The kept samples as token examples (exactly as sampled, EOS only where the policy emitted it),
+    plus `sft_mix` SFT rows per kept sample."""
+    examples = []
+    for row in kept:
+        example = as_example(row["prompt_ids"], row["response_ids"])
+        examples.append({k: v[: cfg.max_length] for k, v in example.items()})
+    extra = min(round(cfg.improve.sft_mix * len(kept)), len(sft_rows))
+    examples += [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in rng.sample(sft_rows, extra)]
+    return examples
+
+
+def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> dict[str, float]:
+    out, start = paths.rest(iteration), paths.resolve(cfg.iterations[str(iteration)])
+    if out.exists():
+        shutil.rmtree(out)
+    report = previous_report(paths, iteration)
+    history = report["history"]
+
+    # step 1. an earlier iteration stopped the run: this one does not train
+    if report["stopped"]:
+        logger.warning("iteration %d skipped: %s", iteration, report["stopped"])
+        shutil.copytree(start, out / "policy")
+        (out / "report.json").write_text(json.dumps(report | {"skipped": [*report.get("skipped", []), iteration]}, indent=2))
+        metrics = {"iteration": iteration, "skipped": 1}
+        write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
+        return metrics
+
+    tokenizer = load_tokenizer(start)
+    policy = load_causal_lm(start)
+    sft = load_causal_lm(paths.sft).eval().requires_grad_(False)
+    check_max_length(cfg.max_length, policy, "rest.max_length")
+    reward = RewardScorer(paths.rm if cfg.reward_model == "rm" else cfg.reward_model, max_length=cfg.max_length)
+    gold = GoldScorer.load(paths.gold)
+    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+    eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts)
+
+    def held_out(model) -> dict[str, float]:
+        scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.max_length, cfg.seed, judges)
+        return {k: scores[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft", "objective/kl")}
+
+    # step 2. the start policy is iteration 0 of the record
+    if not history:
+        history = [{"iteration": 0, "policy": str(cfg.iterations["1"])} | held_out(policy)]
+        logger.info("iteration 0 (%s): held-out gold reward %.3f, RM reward %.3f", start,
+                    history[0]["gold/reward"], history[0]["rm/reward"])
+
+    # step 3. Grow
+    prompts, prompt_stats = grow_prompts(cfg, paths)
+    logger.info("grow: %d samples for each of %d prompts from %s", cfg.grow.samples_per_prompt, len(prompts), start)
+    grown = grow(policy, tokenizer, reward, prompts, cfg, iteration)
+    rewards = np.array([row["reward"] for row in grown])
+    write_jsonl(out / "grown.jsonl", grown)
+
+    # step 4. Improve steps on the samples above a rising threshold
+    lr = learning_rate(cfg.improve.train.learning_rate, cfg.improve.lr_decay, iteration)
+    taus = thresholds(rewards, cfg.improve.threshold, cfg.improve.steps)
+    sft_rows = list(read_jsonl(paths.data / "sft_train.jsonl")) if cfg.improve.sft_mix else []
+    rng, pad = random.Random(cfg.seed * 1_000 + iteration), collate(tokenizer.pad_token_id)
+    record: dict = {"iteration": iteration, "policy": str(out / "policy"), "learning_rate": lr,
+                    "grow/rm_reward": float(rewards.mean()), "grow/samples": len(grown), **prompt_stats}
+    kept_rows, offset = [], 0
+    for i, tau in enumerate(taus):
+        kept = [grown[j] for j in above(rewards, tau)]
+        record |= {f"improve/tau_{i}": tau, f"improve/kept_fraction_{i}": len(kept) / len(grown),
+                   f"improve/kept_rm_reward_{i}": float(np.mean([r["reward"] for r in kept])) if kept else float("nan")}
+        kept_rows += [{"improve_step": i, "tau": tau, **{k: r[k] for k in ("prompt", "index", "response", "reward")}} for r in kept]
+        logger.info("improve step %d: tau %.3f keeps %d of %d samples (lr %.2g)", i, tau, len(kept), len(grown), lr)
+        if not kept:
+            logger.warning("improve step %d: no sample above tau %.3f; the step trains nothing", i, tau)
+            continue
+        examples = improve_examples(kept, sft_rows, cfg, tokenizer, rng)
+        train_cfg = cfg.improve.train.model_copy(update={"learning_rate": lr, "seed": cfg.improve.train.seed + 100 * iteration + i})
+        result = train(policy, examples, pad, nll_step, count_response_tokens, train_cfg,
+                       log_metrics=(lambda m, s, o=offset: log.metrics(m, step=o + s)) if log else None)
+        offset += result.steps
+        record[f"improve/loss_{i}"] = result.history[-1]["loss"] if result.history else float("nan")
+    record["improve/steps"] = offset
+    write_jsonl(out / "kept.jsonl", kept_rows)
+    save_pretrained(policy, tokenizer, out / "policy")
+
+    # step 5. held-out judge and the guard
+    record |= held_out(policy)
+    history = [*history, record]
+    stopped = guard(history, cfg.guard)
+    if stopped:
+        logger.warning("ReST stops: %s", stopped)
+    (out / "report.json").write_text(json.dumps({"history": history, "stopped": stopped}, indent=2))
+
+    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))} | {"guard/stopped": int(bool(stopped))}
+    write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
+    if log is not None:
+        log.metrics({k: v for k, v in metrics.items() if not k.startswith("improve/loss")}, step=offset)
+        log.table([{k: r[k] for k in ("improve_step", "tau", "prompt", "response", "reward")} for r in kept_rows[:64]], "kept.json")
+        if stopped:
+            log.tags({"guard": stopped})
+    logger.info("iteration %d: grown RM reward %.3f; held-out gold reward %.3f (win rate vs SFT %.2f), RM reward %.3f, KL %.2f",
+                iteration, record["grow/rm_reward"], record["gold/reward"], record["gold/win_rate_vs_sft"],
+                record["rm/reward"], record["objective/kl"])
+    return metrics

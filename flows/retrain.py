@@ -1,0 +1,203 @@
+"""Scheduled iterative retraining: ReST rounds from the current champion, as one DVC experiment.
+
+    python -m flows.retrain [--set rest.train_prompts=256] [--retrain-rm]   # once, on the local engine
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve          # on the cron in params `retrain`
+
+Each run, in numbered steps:
+  1. Validates params with the overrides applied: a typo fails before any compute.
+  2. Takes the project's retraining lock: runs share the DVC workspace, so a second run started while
+     one is going fails at once instead of overwriting its outputs (the served deployment also runs
+     one at a time). What each finished run made stays: its DVC experiment (`dvc exp show`,
+     `dvc exp apply <name>`), its MLflow run and, when promoted, its registered version.
+  3. Downloads the champion (the registry alias `retrain.alias` of `retrain.model_name`) into
+     `retrain.champion_dir`, where ReST iteration 1 starts; without a champion it starts from
+     `rest.iterations["1"]` (the SFT model).
+  4. `dvc exp run -n <name> -S ... [rm] rest`: the ReST stages (and, with `retrain_rm`, the reward
+     model first; DVC re-runs it only when its data changed). The Grow step picks up every prompt file
+     in `rest.incoming`. DVC records the run as an experiment; every stage logs a nested MLflow run
+     under this run's. Registering is left to step 5 (`rest.register_as` is off for the experiment).
+  5. The champion is iteration 0 of the run's held-out record (same prompts, seeds and judge as the
+     new iterations): only when the best iteration beats it is `outputs/rest_best` registered as a
+     new version and the alias moved. A failure anywhere before leaves the registry untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from ruamel.yaml import YAML
+
+from alignment import tracking
+from alignment.config import ConfigError, RestConfig, RetrainConfig
+from alignment.paths import Paths
+from alignment.rest import beats_champion
+from alignment.tracking import PARENT_RUN_ENV
+from flows.pipeline import validated
+from tasks.dvc import BIN, StageFailed
+
+
+class RetrainBusy(RuntimeError):
+    """Another retraining run holds the project's lock."""
+
+
+@contextmanager
+def project_lock(root: Path):
+    """An exclusive, non-blocking lock on `.dvc/tmp/retrain.lock`, released when the process ends."""
+    path = root / ".dvc" / "tmp" / "retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetrainBusy(f"another retraining run is in progress in {root} (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@task(task_run_name="champion {cfg.model_name}@{cfg.alias}", cache_policy=NO_CACHE)
+def fetch_champion(cfg: RetrainConfig, root: str) -> dict[str, Any] | None:
+    """Step 3: the champion's version, downloaded to `champion_dir`; None when there is none yet."""
+    logger = get_run_logger()
+    champion = tracking.alias_version(cfg.model_name, cfg.alias, Path(root))
+    if champion is None:
+        logger.info("no %s@%s yet: ReST starts from rest.iterations['1']", cfg.model_name, cfg.alias)
+        return None
+    source = tracking.load_registered_model(cfg.model_name, alias=cfg.alias)
+    target = Paths(Path(root)).resolve(cfg.champion_dir)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    shutil.rmtree(source.parent.parent, ignore_errors=True)  # the download's temporary folder
+    logger.info("champion: %s version %s -> %s", cfg.model_name, champion["version"], target)
+    return champion
+
+
+@task(task_run_name="dvc exp run {name}", cache_policy=NO_CACHE)
+def run_experiment(name: str, targets: list[str], settings: dict[str, Any], root: str, parent_run_id: str) -> None:
+    """Step 4: one DVC experiment; its output in the run log, its tail in the error when it fails."""
+    logger = get_run_logger()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PARENT_RUN_ENV: parent_run_id}
+    command = ["dvc", "exp", "run", "-n", name]
+    for key, value in settings.items():
+        command += ["-S", f"{key}={json.dumps(value)}"]
+    logger.info("%s", " ".join([*command, *targets]))
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen([*command, *targets], cwd=root, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            if line := line.rstrip():
+                logger.info(line)
+                tail.append(line)
+    if process.returncode:
+        raise StageFailed(f"dvc exp run {name} exited with {process.returncode}:\n" + "\n".join(tail))
+
+
+@flow(name="rest-retraining")
+def retrain(
+    overrides: dict[str, Any] | None = None,
+    retrain_rm: bool | None = None,
+    params_file: str = "params.yaml",
+    root: str | None = None,
+) -> dict[str, Any]:
+    """ReST rounds from the champion as a DVC experiment; the champion moves only on improvement.
+
+    Args:
+        overrides: dotted params keys to values for this run's experiment, e.g.
+            `{"rest.train_prompts": 256, "rest.improve.train.learning_rate": 0.0002}`.
+        retrain_rm: re-run the reward model stage first (default: params `retrain.retrain_rm`).
+        params_file: the params file, relative to `root`.
+        root: the project folder (default: the working directory).
+    Returns: the experiment name, the held-out record per iteration, and whether the champion moved.
+    """
+    # step 1. validate everything before any compute
+    project = Path(root or ".").resolve()
+    overrides = dict(overrides or {})
+    config = validated(project / params_file, overrides)
+    cfg: RetrainConfig = config["retrain"]
+    rest: RestConfig = config["rest"]
+    retrain_rm = cfg.retrain_rm if retrain_rm is None else retrain_rm
+    logger = get_run_logger()
+
+    # step 2. one run at a time per workspace
+    with project_lock(project):
+        name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.name or 'local'}"
+        record = {"experiment": name, "overrides": json.dumps(overrides), "retrain_rm": retrain_rm}
+        with tracking.pipeline_run(config["pipeline"].experiment, name, record, project, kind="retrain") as parent:
+            # step 3. start from the champion
+            champion = fetch_champion(cfg, str(project))
+            settings = {**overrides, "rest.register_as": None}
+            if champion is not None:
+                settings["rest.iterations.1"] = cfg.champion_dir
+
+            # step 4. the ReST stages as one DVC experiment
+            targets = (["rm"] if retrain_rm else []) + ["rest"]
+            run_experiment(name, targets, settings, str(project), parent)
+
+            # step 5. promote only on improvement
+            paths = Paths(project)
+            selection = json.loads((paths.rest_best / "selection.json").read_text())
+            held_out = rest.guard.held_out
+            label = None if champion is None else f"version {champion['version']}"
+            promoted, why = beats_champion(selection["history"], held_out, cfg.min_improvement, label)
+            best = next(r for r in selection["history"] if r["iteration"] == selection["best_iteration"])
+            version = None
+            if promoted:
+                tags = {"dvc_experiment": name, "best_iteration": best["iteration"], held_out: best[held_out],
+                        "gold/reward": best["gold/reward"], "rm/reward": best["rm/reward"], "why": why}
+                version = tracking.promote(parent, paths.rest_best, cfg.model_name, cfg.alias, tags, project)
+                logger.info("promoted %s version %s to @%s: %s", cfg.model_name, version, cfg.alias, why)
+            else:
+                logger.info("not promoted: %s", why)
+            tracking.set_run_tags(parent, {"promoted": str(promoted), "promotion": why[:5000],
+                                           "champion_version": version or (champion or {}).get("version", "none")})
+    if selection["stopped"]:
+        logger.warning("ReST stopped early: %s", selection["stopped"])
+    return {"experiment": name, "promoted": promoted, "why": why, "version": version,
+            "previous_champion": None if champion is None else champion["version"],
+            "best_iteration": selection["best_iteration"], "stopped": selection["stopped"],
+            "history": selection["history"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run's experiment (value parsed as YAML); repeatable")
+    parser.add_argument("--retrain-rm", action="store_true", default=None, help="re-run the reward model stage first")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected KEY=VALUE")
+        overrides[key] = YAML(typ="safe").load(value)
+    try:
+        result = retrain(overrides=overrides, retrain_rm=args.retrain_rm, params_file=args.params)
+    except (ConfigError, RetrainBusy) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for r in result["history"]:
+        print(f"  iteration {r['iteration']}: held-out gold reward {r['gold/reward']:.3f}, "
+              f"gold win rate vs SFT {r['gold/win_rate_vs_sft']:.3f}, RM reward {r['rm/reward']:.3f}")
+    print(f"{result['experiment']}: best iteration {result['best_iteration']}; "
+          f"{'promoted to version ' + result['version'] if result['promoted'] else 'not promoted'}: {result['why']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
