@@ -14,8 +14,10 @@ Each run, in numbered steps:
      `rest.iterations["1"]` (the SFT model).
   4. `dvc exp run -n <name> -S ... [rm] rest`: the ReST stages (and, with `retrain_rm`, the reward
      model first; DVC re-runs it only when its data changed). The Grow step picks up every prompt file
-     in `rest.incoming`. DVC records the run as an experiment; every stage logs a nested MLflow run
-     under this run's. Registering is left to step 5 (`rest.register_as` is off for the experiment).
+     in `rest.incoming`. DVC records the run as an experiment (its params, metrics and outputs); every
+     stage logs a nested MLflow run under this run's. Registering is left to step 5 (`rest.register_as`
+     is off for the experiment). The params file is restored afterwards: the experiment's settings
+     live in the experiment, and a later `dvc repro` re-runs ReST from the params as the user left them.
   5. The champion is iteration 0 of the run's held-out record (same prompts, seeds and judge as the
      new iterations): only when the best iteration beats it is `outputs/rest_best` registered as a
      new version and the alias moved. A failure anywhere before leaves the registry untouched.
@@ -94,7 +96,7 @@ def run_experiment(name: str, targets: list[str], settings: dict[str, Any], root
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PARENT_RUN_ENV: parent_run_id}
     command = ["dvc", "exp", "run", "-n", name]
     for key, value in settings.items():
-        command += ["-S", f"{key}={json.dumps(value)}"]
+        command += ["-S", f"++{key}={json.dumps(value)}"]  # ++: set, whether or not params has the key
     logger.info("%s", " ".join([*command, *targets]))
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen([*command, *targets], cwd=root, env=env, text=True,
@@ -140,13 +142,19 @@ def retrain(
         with tracking.pipeline_run(config["pipeline"].experiment, name, record, project, kind="retrain") as parent:
             # step 3. start from the champion
             champion = fetch_champion(cfg, str(project))
-            settings = {**overrides, "rest.register_as": None}
+            # the flow's own sections are read here; the stages' go to the experiment
+            settings = {k: v for k, v in overrides.items() if k.split(".")[0] not in ("retrain", "pipeline")}
+            settings["rest.register_as"] = None
             if champion is not None:
                 settings["rest.iterations.1"] = cfg.champion_dir
 
             # step 4. the ReST stages as one DVC experiment
             targets = (["rm"] if retrain_rm else []) + ["rest"]
-            run_experiment(name, targets, settings, str(project), parent)
+            params_text = (project / params_file).read_text()
+            try:
+                run_experiment(name, targets, settings, str(project), parent)
+            finally:  # the experiment keeps its params; the workspace goes back to the user's
+                (project / params_file).write_text(params_text)
 
             # step 5. promote only on improvement
             paths = Paths(project)

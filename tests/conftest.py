@@ -100,21 +100,45 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
-@pytest.fixture
-def project(tmp_path, micro_params) -> Path:
-    """A git-committed copy of the repository (what `git ls-files` would clone) with micro params."""
+def copy_project(dest: Path, params: dict) -> Path:
+    """A git-committed copy of the repository (what `git ls-files` would clone) with `params`."""
     files = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
-    dest = tmp_path / "project"
     for name in filter(None, files):
         source = ROOT / name
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    write_params(dest / "params.yaml", micro_params)
+    write_params(dest / "params.yaml", params)
     git(dest, "init", "-q", "-b", "main")
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "copy")
     return dest
+
+
+@pytest.fixture
+def project(tmp_path, micro_params) -> Path:
+    """A git-committed copy of the repository with micro params."""
+    return copy_project(tmp_path / "project", micro_params)
+
+
+@pytest.fixture(scope="session")
+def repro_upstream(tmp_path_factory) -> Path:
+    """A project copy where a real `dvc repro` made what ReST starts from (data, SFT, gold, RM),
+    committed with its dvc.lock: built once, copied by `upstream_project`."""
+    root = copy_project(tmp_path_factory.mktemp("repro") / "project", copy.deepcopy(MICRO_PARAMS))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(["dvc", "repro", "rm", "gold"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "upstream")
+    return root
+
+
+@pytest.fixture
+def upstream_project(repro_upstream, tmp_path) -> Path:
+    return Path(shutil.copytree(repro_upstream, tmp_path / "project", symlinks=True))
 
 
 @pytest.fixture(scope="session")
