@@ -126,6 +126,7 @@ def repro_upstream(tmp_path_factory) -> Path:
     """A project copy where a real `dvc repro` made what ReST starts from (data, SFT, gold, RM),
     committed with its dvc.lock: built once, copied by `upstream_project`."""
     root = copy_project(tmp_path_factory.mktemp("repro") / "project", copy.deepcopy(MICRO_PARAMS))
+    (root / "dvc.lock").unlink()  # the repository's lock is of the default params: keep only what runs here
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -3,6 +3,7 @@ registry: the first run crowns a champion, a run that does not beat it leaves th
 run leaves the registry untouched, and a second run cannot start while one holds the project."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import mlflow
@@ -66,6 +67,22 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
     with pytest.raises(StageFailed, match="week2.jsonl, line 2"):
         retrain(root=str(project))
     assert registry(project) == (["1"], "1")
+
+    # 4. later runs did not overwrite the first run's outputs: its DVC experiment brings back the policy
+    #    that became version 1 (the workspace holds the second run's)
+    (project / "data" / "incoming" / "week2.jsonl").unlink()
+    def kept() -> tuple[str, bytes]:  # (where the kept run started, its best policy's weights)
+        best = project / "outputs" / "rest_best"
+        return (json.loads((best / "selection.json").read_text())["history"][0]["policy"],
+                (best / "model.safetensors").read_bytes())
+
+    champion = (tracking.load_registered_model("alignment-rest", version="1") / "model.safetensors").read_bytes()
+    assert kept()[0] == "outputs/champion"
+    applied = subprocess.run(["dvc", "exp", "apply", first["experiment"]], cwd=project, capture_output=True, text=True)
+    # this copy never ran dpo, ppo, ...: DVC reports those as missing and checks out everything else
+    missing = applied.stderr.partition("Checkout failed for following targets:")[2]
+    assert applied.returncode == 0 or ("outputs/rest" not in missing and "outputs/ppo" in missing), applied.stderr
+    assert kept() == ("outputs/sft", champion)
 
 
 def test_a_second_run_cannot_start_while_one_holds_the_project(upstream_project):

@@ -102,3 +102,34 @@ def test_served_deployment_runs_from_the_api(project, micro_params, server, tmp_
         assert (project / "metrics" / "prepare.json").is_file()
     finally:
         stop(serve)
+
+
+def test_served_retraining_runs_from_the_api(upstream_project, micro_params, server, tmp_path):
+    """Both deployments are served with their crons; a retraining run triggered through the API (not
+    by the clock) runs ReST as a DVC experiment and crowns the first champion in the project's registry."""
+    from alignment import tracking
+
+    url, env = server
+    project, cron = upstream_project, "0 3 * * 1"  # Mondays 03:00, as in params.yaml
+    micro_params["retrain"] |= {"deployment": "weekly", "schedule": {"cron": cron, "timezone": "UTC"}}
+    write_params(project / "params.yaml", micro_params)  # `retrain` is no stage's DVC param: nothing upstream re-runs
+
+    log = tmp_path / "serve.log"
+    serve = start([sys.executable, "-m", "flows.serve"], project, env, log)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deployment = wait_for(lambda: client.read_deployment_by_name("rest-retraining/weekly"), 90, "the deployment", log)
+            [schedule] = deployment.schedules
+            assert schedule.schedule.cron == cron and schedule.active
+            assert client.read_deployment_by_name("alignment-pipeline/alignment-pipeline")  # served beside it
+
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"overrides": {"rest.improve.train.learning_rate": 0.002}})
+            state = wait_for(lambda: (s := client.read_flow_run(run.id).state) and s.is_final() and s, 420,
+                             "the retraining run", log)
+        assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
+        champion = tracking.alias_version("alignment-rest", "champion", project)
+        assert champion and champion["version"] == "1" and champion["tags"]["dvc_experiment"].startswith("retrain-")
+        assert YAML(typ="safe").load(project / "params.yaml")["rest"]["improve"]["train"]["learning_rate"] == 1.0e-3
+    finally:
+        stop(serve)
