@@ -329,12 +329,18 @@ class GrowConfig(Section):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+HeldOutScore = Literal["gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft"]
+
+
 class GuardConfig(Section):
     """Reward hacking: stop when the held-out judge's score drops by more than `tolerance` while the
-    proxy (the RM reward on the same held-out prompts) rises."""
+    proxy (the RM reward on the same held-out prompts) rises. `held_out` also picks the best iteration
+    and decides whether a retrained policy beats the champion."""
 
-    held_out: str = "gold/win_rate_vs_sft"  # the held-out judge's score per iteration (higher is better)
-    proxy: str = "rm/reward"
+    # the mean, not the win rate vs SFT: that one reaches 1.0 within a few iterations and then can
+    # neither rank later iterations nor tell a new policy from a champion that already wins every prompt
+    held_out: HeldOutScore = "gold/reward"
+    proxy: HeldOutScore = "rm/reward"
     tolerance: float = Field(default=0.0, ge=0.0)
 
 

@@ -51,7 +51,7 @@ def test_learning_rate_decays_per_iteration():
 
 # ----------------------------------------------------------------------------------------- guard
 def record(k, proxy, held_out):
-    return {"iteration": k, "rm/reward": proxy, "gold/win_rate_vs_sft": held_out}
+    return {"iteration": k, "rm/reward": proxy, "gold/reward": held_out}
 
 
 def test_guard_stops_when_proxy_rises_and_held_out_falls():
@@ -73,13 +73,13 @@ def test_guard_lets_other_moves_pass():
 
 def test_best_iteration_prefers_the_earliest_of_a_tie():
     history = [record(0, 0.0, 0.5), record(1, 1.0, 0.7), record(2, 2.0, 0.7)]
-    assert best_iteration(history, "gold/win_rate_vs_sft")["iteration"] == 1
+    assert best_iteration(history, "gold/reward")["iteration"] == 1
     with pytest.raises(ValueError):
-        best_iteration([], "gold/win_rate_vs_sft")
+        best_iteration([], "gold/reward")
 
 
 def test_champion_moves_only_on_improvement():
-    key = "gold/win_rate_vs_sft"
+    key = "gold/reward"
     better = [record(0, 0.0, 0.60), record(1, 0.5, 0.66), record(2, 0.9, 0.64)]
     worse = [record(0, 0.0, 0.60), record(1, 0.5, 0.58), record(2, 0.9, 0.55)]
     assert beats_champion(better, key, 0.0, "version 3")[0]
@@ -112,6 +112,11 @@ def test_percentile_schedule_must_stay_below_100():
         parse_section("rest", rest_params(improve=improve))
     improve["threshold"]["kind"] = "value"  # reward values may go anywhere
     parse_section("rest", rest_params(improve=improve))
+
+
+def test_guard_scores_must_be_ones_the_iterations_record():
+    with pytest.raises(ConfigError, match="rest.guard.held_out"):
+        parse_section("rest", rest_params(guard={"held_out": "gold/win_rate"}))
 
 
 def test_incoming_prompts_are_read_and_bad_rows_counted(tmp_path):
@@ -185,9 +190,9 @@ def test_rest_keeps_the_best_iteration_and_says_why(rest_run):
     selection = json.loads((paths.rest_best / "selection.json").read_text())
     history = selection["history"]
     assert [r["iteration"] for r in history] == [0, 1, 2]
-    best = max(history, key=lambda r: (r["gold/win_rate_vs_sft"], -r["iteration"]))
+    best = max(history, key=lambda r: (r["gold/reward"], -r["iteration"]))
     assert selection["best_iteration"] == summary["best_iteration"] == best["iteration"]
-    assert f"iteration {best['iteration']} has the highest held-out gold/win_rate_vs_sft" in selection["why"]
+    assert f"iteration {best['iteration']} has the highest held-out gold/reward" in selection["why"]
     source = paths.sft if best["iteration"] == 0 else paths.rest(best["iteration"]) / "policy"
     assert (paths.rest_best / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert (paths.plots("rest") / "iterations.csv").read_text().startswith("iteration,grow/rm_reward,rm/reward,gold/reward")
@@ -207,7 +212,7 @@ def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
     report_path = root / "outputs" / "rest" / "1" / "report.json"
     report = json.loads(report_path.read_text())
     report["history"][1] |= {"rm/reward": report["history"][0]["rm/reward"] + 1.0,
-                             "gold/win_rate_vs_sft": report["history"][0]["gold/win_rate_vs_sft"] - 0.2}
+                             "gold/reward": report["history"][0]["gold/reward"] - 0.2}
     report["stopped"] = guard(report["history"], cfg.guard)
     assert report["stopped"]
     report_path.write_text(json.dumps(report))

@@ -55,8 +55,8 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
     assert nested == ["rest", "rest_iter@1", "rest_iter@2"]
     assert parent.data.tags["promoted"] == "True" and parent.data.tags["champion_version"] == "1"
 
-    # 2. from the champion; a bar no policy can clear (a win rate cannot rise by 1): the alias stays
-    second = retrain(root=str(project), overrides={"retrain.min_improvement": 1.0})
+    # 2. from the champion; a bar no policy clears (a mean gold log-odds up by 1000): the alias stays
+    second = retrain(root=str(project), overrides={"retrain.min_improvement": 1000.0})
     assert second["history"][0]["policy"] == "outputs/champion" and second["previous_champion"] == "1"
     assert not second["promoted"] and "champion version 1 stays" in second["why"]
     assert registry(project) == (["1"], "1")

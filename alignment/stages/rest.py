@@ -25,19 +25,22 @@ COLUMNS = ["iteration", "grow/rm_reward", "rm/reward", "gold/reward", "gold/win_
 
 
 def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int, stopped: str | None):
-    """Per iteration: the RM (proxy) on the grown and the held-out samples, the gold reward, and the
-    held-out judge's score on its own axis; the kept iteration marked."""
+    """Per iteration: rewards on the left axis (the RM on the grown and on the held-out samples, gold on
+    the held-out ones), win rates vs SFT on the right; the proxy and the held-out judge named as such,
+    and the kept iteration marked."""
     figure, ax = plt.subplots(figsize=(6.5, 4.2))
+    right = ax.twinx()
     steps = [r["iteration"] for r in history]
+    role = {proxy: " (proxy)", held_out: " (held-out judge)"}
     grown = [(r["iteration"], r["grow/rm_reward"]) for r in history if "grow/rm_reward" in r]
     if grown:
-        ax.plot(*zip(*grown), "s:", color="tab:orange", label="RM reward, grown samples (proxy)")
-    ax.plot(steps, [r[proxy] for r in history], "o-", color="tab:red", label=f"{proxy}, held-out (proxy)")
-    ax.plot(steps, [r["gold/reward"] for r in history], "o-", color="tab:blue", label="gold/reward, held-out")
+        ax.plot(*zip(*grown), "s:", color="tab:orange", label="RM reward, grown samples")
+    for axis, key, style, color in [(ax, "rm/reward", "o-", "tab:red"), (ax, "gold/reward", "o-", "tab:blue"),
+                                    (right, "rm/win_rate_vs_sft", "d--", "tab:pink"),
+                                    (right, "gold/win_rate_vs_sft", "d--", "tab:green")]:
+        axis.plot(steps, [r[key] for r in history], style, color=color, label=f"{key}, held-out{role.get(key, '')}")
     ax.set(xlabel="ReST iteration (0: start policy)", ylabel="mean reward", xticks=steps)
-    right = ax.twinx()
-    right.plot(steps, [r[held_out] for r in history], "d--", color="tab:green", label=f"{held_out} (held-out judge)")
-    right.set_ylabel(held_out)
+    right.set_ylabel("win rate vs SFT")
     ax.axvline(best, color="grey", alpha=0.4, linewidth=6, label=f"kept: iteration {best}")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
