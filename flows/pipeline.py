@@ -138,6 +138,17 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     ])
 
 
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` arguments as overrides, each value parsed as YAML (`3e-4`, `null`, `[a, b]`)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected KEY=VALUE")
+        overrides[key] = YAML(typ="safe").load(value)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", help="comma-separated stages (default: params pipeline.stages)")
@@ -145,12 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a param (value parsed as YAML); repeatable")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item}: expected KEY=VALUE")
-        overrides[key] = YAML(typ="safe").load(value)
+    overrides = parse_overrides(parser, args.set)
     stages = args.stages.split(",") if args.stages else None
     try:
         results = pipeline(stages=stages, overrides=overrides, params_file=args.params)

@@ -40,14 +40,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from ruamel.yaml import YAML
 
 from alignment import tracking
 from alignment.config import ConfigError, RestConfig, RetrainConfig
 from alignment.paths import Paths
 from alignment.rest import beats_champion
 from alignment.tracking import PARENT_RUN_ENV
-from flows.pipeline import validated
+from flows.pipeline import parse_overrides, validated
 from tasks.dvc import BIN, StageFailed
 
 
@@ -188,12 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-rm", action="store_true", default=None, help="re-run the reward model stage first")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item}: expected KEY=VALUE")
-        overrides[key] = YAML(typ="safe").load(value)
+    overrides = parse_overrides(parser, args.set)
     try:
         result = retrain(overrides=overrides, retrain_rm=args.retrain_rm, params_file=args.params)
     except (ConfigError, RetrainBusy) as error:

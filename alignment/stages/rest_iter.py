@@ -58,7 +58,8 @@ def grow_prompts(cfg: RestConfig, paths: Paths) -> tuple[list[str], dict[str, fl
     stats: dict[str, float] = {"grow/prompts_prepared": len(prompts), "grow/prompts_incoming": 0}
     if cfg.incoming:
         incoming, skipped = load_incoming(paths.resolve(cfg.incoming))
-        new = [p for p in incoming if p not in set(prompts)]
+        known = set(prompts)
+        new = [p for p in incoming if p not in known]
         stats["grow/prompts_incoming"] = len(new)
         stats |= {f"grow/incoming_skipped/{reason}": n for reason, n in skipped.items()}
         if incoming:
