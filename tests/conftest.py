@@ -122,15 +122,17 @@ def project(tmp_path, micro_params) -> Path:
 
 
 @pytest.fixture(scope="session")
-def repro_upstream(tmp_path_factory) -> Path:
-    """A project copy where a real `dvc repro` made what ReST starts from (data, SFT, gold, RM),
-    committed with its dvc.lock: built once, copied by `upstream_project`."""
+def repro_upstream(upstream, tmp_path_factory) -> Path:
+    """A project copy holding what ReST starts from (data, SFT, gold, RM): `upstream`'s outputs, which
+    `dvc commit` records in dvc.lock as if `dvc repro rm gold` had made them (same code, same params);
+    committed, and copied by `upstream_project`."""
     root = copy_project(tmp_path_factory.mktemp("repro") / "project", copy.deepcopy(MICRO_PARAMS))
-    (root / "dvc.lock").unlink()  # the repository's lock is of the default params: keep only what runs here
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["dvc", "repro", "rm", "gold"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    (root / "dvc.lock").unlink()  # the repository's lock is of the default params: keep only what is here
+    for name in ("outputs", "checkpoints", "metrics", "plots"):
+        shutil.copytree(upstream / name, root / name, dirs_exist_ok=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", "commit", "-f", "--with-deps", "rm", "gold"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "upstream")

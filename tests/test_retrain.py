@@ -71,6 +71,7 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
     # 4. later runs did not overwrite the first run's outputs: its DVC experiment brings back the policy
     #    that became version 1 (the workspace holds the second run's)
     (project / "data" / "incoming" / "week2.jsonl").unlink()
+
     def kept() -> tuple[str, bytes]:  # (where the kept run started, its best policy's weights)
         best = project / "outputs" / "rest_best"
         return (json.loads((best / "selection.json").read_text())["history"][0]["policy"],
