@@ -24,6 +24,12 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool
     return {"input_ids": input_ids, "labels": labels}
 
 
+def as_example(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:
+    """A sampled (prompt, response) as a training or scoring example, token for token as the sampler made
+    it: EOS only where the model emitted one."""
+    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+
+
 def collate(pad_token_id: int):
     def pad(examples: list[dict[str, list[int]]]) -> Batch:
         width = max(len(e["input_ids"]) for e in examples)

@@ -95,25 +95,30 @@ class ModelConfig(Section):
 
 
 # --------------------------------------------------------------------------------------- training
-class TrainConfig(Section):
-    """The shared training loop's settings (SFT now; RM, DPO, BRAIn and ReST-improve later)."""
+class OptimizerConfig(Section):
+    """What every training loop shares: the optimiser, clipping, checkpoints and precision."""
 
     seed: int = 0
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    checkpoint_every: int | None = Field(default=None, ge=1)  # optimizer steps (PPO: rollouts); None: none
+    resume: bool = True  # continue from the latest checkpoint of the same config, if any
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"  # auto: whatever accelerate finds (GPU when present)
+
+
+class TrainConfig(OptimizerConfig):
+    """The shared training loop of the supervised-style stages (SFT, RM, DPO, BRAIn, ReST's Improve)."""
+
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)  # optimizer steps; caps epochs when set
     batch_size: int = Field(default=16, ge=1)
     grad_accum: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
     warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     log_every: int = Field(default=10, ge=1)
     eval_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: at the end only
-    checkpoint_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: no checkpoints
-    resume: bool = True  # continue from the latest checkpoint of the same config, if any
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    device: Literal["auto", "cpu"] = "auto"  # auto: whatever accelerate finds (GPU when present)
 
 
 class SampleConfig(Section):
@@ -211,6 +216,26 @@ class DPOConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------- on-policy stages
+class PolicyStageConfig(Section):
+    """What the stages that train a policy against a reward model share (BRAIn, PPO, ReST)."""
+
+    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
+    source: str = "imdb"  # which prepared prompts to train on
+    train_prompts: int = Field(default=512, ge=1)
+    eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
+    max_length: int = Field(default=128, ge=8)  # prompt + response tokens when scoring
+    samples: SampleConfig = SampleConfig(temperature=1.0)  # decoding of the held-out comparison
+    register_as: str | None = None  # MLflow registered model name; None: do not register
+
+
+class OnPolicyConfig(PolicyStageConfig):
+    """A policy stage that samples its own training responses (BRAIn's proposal, PPO's rollouts)."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)  # of the sampler; log-probs are of this distribution
+
+
 # -------------------------------------------------------------------------------------------- BRAIn
 class ProposalConfig(Section):
     """Where BRAIn's n samples per prompt come from: the SFT model first, then the policy too."""
@@ -219,26 +244,19 @@ class ProposalConfig(Section):
     policy_fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # share of each prompt's n redrawn at a refresh
 
 
-class BRAInConfig(Section):
+class BRAInConfig(OnPolicyConfig):
     """BRAIn: train the policy towards the posterior p_sft(y|x) L(x, y) with self-normalised weights."""
 
-    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
     likelihood: Literal["exp", "bradley_terry"] = "exp"
     """exp: L = exp(r / reward_beta); bradley_terry: L = sigmoid((r - r(x, y_bar)) / reward_beta),
     y_bar one extra SFT sample per prompt."""
     reward_beta: float = Field(default=0.1, gt=0.0)
     baseline: Literal["self_normalized", "none"] = "self_normalized"  # none: the DPG-like ablation
     self_normalize: bool = True  # False: the GDC++-like ablation
-    source: str = "imdb"  # which prepared prompts to train on
     train_prompts: int = Field(default=600, ge=1)
-    eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
     samples_per_prompt: int = Field(default=8, ge=2)  # n
-    max_new_tokens: int = Field(default=48, ge=1)
-    temperature: float = Field(default=1.0, gt=0.0)  # of the proposal; log q is of this distribution
-    max_length: int = Field(default=128, ge=8)
     proposal: ProposalConfig = ProposalConfig()
     train: TrainConfig = TrainConfig(batch_size=8, learning_rate=1e-4)  # batch_size: prompts per micro-batch
-    samples: SampleConfig = SampleConfig(temperature=1.0)
     register_as: str | None = "alignment-brain"
 
 
@@ -253,27 +271,25 @@ class BrainVarianceConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- PPO
-class PPOConfig(Section):
+class PPOTrainConfig(OptimizerConfig):
+    """PPO's optimisers (policy and critic); `checkpoint_every` counts rollouts."""
+
+    learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
+    critic_learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
+    checkpoint_every: int | None = Field(default=8, ge=1)
+
+
+class PPOConfig(OnPolicyConfig):
     """PPO-RLHF: maximise E[r] - kl_coef KL(pi || pi_sft) with a separate critic (Ouyang et al. 2022)."""
 
-    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
     critic_init: str = "reward_model"
     """reward_model: a separate critic initialised from the RM (default); sft: a separate critic from
     the SFT model with a fresh head; policy_head: a value head on the policy's own transformer; or a
     path to a model to initialise a separate critic from."""
-    source: str = "imdb"  # which prepared prompts to train on
-    train_prompts: int = Field(default=512, ge=1)
-    eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
-    max_new_tokens: int = Field(default=48, ge=1)
-    temperature: float = Field(default=1.0, gt=0.0)
-    max_length: int = Field(default=128, ge=8)
     rollouts: int = Field(default=64, ge=1)  # rollout -> optimise iterations
     rollout_batch_size: int = Field(default=64, ge=2)  # prompts per rollout, one response each
     minibatch_size: int = Field(default=16, ge=1)
     ppo_epochs: int = Field(default=4, ge=1)  # passes over each rollout
-    learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
-    critic_learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     kl_coef: float = Field(default=0.05, ge=0.0)  # the initial one when kl_target is set
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = Field(default=None, gt=0.0)  # adaptive controller (Ziegler et al. 2019)
@@ -286,10 +302,7 @@ class PPOConfig(Section):
     clip_range_value: float = Field(default=0.2, gt=0.0)
     vf_coef: float = Field(default=0.1, ge=0.0)
     whiten_advantages: bool = True
-    seed: int = 0
-    checkpoint_every: int | None = Field(default=8, ge=1)  # rollouts
-    resume: bool = True
-    samples: SampleConfig = SampleConfig(temperature=1.0)
+    train: PPOTrainConfig = PPOTrainConfig()
     register_as: str | None = "alignment-ppo"
 
     @model_validator(mode="after")
@@ -344,23 +357,18 @@ class GuardConfig(Section):
     tolerance: float = Field(default=0.0, ge=0.0)
 
 
-class RestConfig(Section):
+class RestConfig(PolicyStageConfig):
     """ReST (Gulcehre et al. 2023): Grow (sample N per prompt from the current policy, RM-score) then
     Improve (NLL on the samples above a rising threshold), repeated; one DVC stage per iteration."""
 
     iterations: dict[str, str] = Field(default_factory=lambda: {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, min_length=1)
     """iteration name ("1", "2", ...) -> the policy it starts from: the first from any saved policy
     (the SFT model; the scheduled retraining puts the champion there), iteration k from k-1's."""
-    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path
-    source: str = "imdb"  # which prepared prompts to grow on
-    train_prompts: int = Field(default=512, ge=1)
     incoming: str | None = "data/incoming"  # a folder of new prompt files (*.jsonl with `prompt`, *.txt lines)
     eval_prompts: int = Field(default=100, ge=1)  # held-out (eval split) prompts for the guard and the selection
-    max_length: int = Field(default=128, ge=8)
     grow: GrowConfig = GrowConfig()
     improve: ImproveConfig = ImproveConfig()
     guard: GuardConfig = GuardConfig()
-    samples: SampleConfig = SampleConfig(temperature=1.0)  # decoding of the held-out comparison
     seed: int = 0
     register_as: str | None = "alignment-rest"  # the `rest` stage registers the best iteration's policy
 
@@ -473,20 +481,25 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
-StageName = Literal["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo",
-                    "rest_iter", "rest", "evaluate", "rlaif"]
-
-
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
-    stages: tuple[StageName, ...] = (
+    stages: tuple[str, ...] = (
         "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "rest_iter", "rest",
         "evaluate",
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
     deployment: str = Field(default="alignment-pipeline", min_length=1)
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _stages_are_registered(self) -> PipelineConfig:
+        from alignment.registry import STAGES  # the registry is plumbing: imported when validating only
+
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; the registry has {list(STAGES)}")
+        return self
 
 
 SECTIONS: dict[str, type[Section]] = {

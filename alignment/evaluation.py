@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from alignment.data import read_jsonl
+from alignment.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
 from alignment.judging import Judge, Judgement, position_stats, win_rate_summary
 from alignment.paths import Paths
 
 logger = logging.getLogger(__name__)
-
-
-def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{index}\0{prompt}".encode()).digest()[:8], "little")
 
 
 def held_out_references(paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None

@@ -8,11 +8,18 @@ prompts are left-padded and positions are counted from each row's first real tok
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
+    """The seed of sample `index` of `prompt`: a function of (seed, prompt, index) alone, so a sample does
+    not depend on the batch (or the process) that drew it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{index}\0{prompt}".encode()).digest()[:8], "little")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:

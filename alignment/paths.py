@@ -1,5 +1,5 @@
-"""Where each stage reads and writes, relative to the project root. dvc.yaml names the same paths
-(tests/test_dvc.py checks that the two agree)."""
+"""Where each stage reads and writes, relative to the project root: `out(stage)` is the output folder
+the stage registry declares (and dvc.yaml names); the properties name the ones other stages read."""
 from __future__ import annotations
 
 import hashlib
@@ -11,60 +11,46 @@ from pathlib import Path
 class Paths:
     root: Path = Path(".")
 
+    def out(self, stage: str, iteration: int | str | None = None) -> Path:
+        """The output folder of `stage` (of its item `iteration`, for a foreach stage)."""
+        from alignment.registry import get  # the registry is plumbing: not a code dep of the stages
+
+        return self.root / get(stage).output.replace("${key}", str(iteration))
+
     @property
     def data(self) -> Path:  # prepare: {sft,preference,prompts}_{train,eval,test}.jsonl
-        return self.root / "outputs" / "data"
+        return self.out("prepare")
 
     @property
     def tokenizer(self) -> Path:
-        return self.root / "outputs" / "tokenizer"
+        return self.out("tokenizer")
 
     @property
     def sft(self) -> Path:  # the SFT policy (safetensors + tokenizer) and its sample generations
-        return self.root / "outputs" / "sft"
+        return self.out("sft")
 
     @property
     def gold(self) -> Path:  # the gold scorer (IMDb sentiment classifier)
-        return self.root / "outputs" / "gold" / "scorer.joblib"
+        return self.out("gold") / "scorer.joblib"
 
     @property
     def pairs(self) -> Path:  # gold-labelled SFT sample pairs: {train,eval}.jsonl
-        return self.root / "outputs" / "pairs"
+        return self.out("pairs")
 
     @property
     def rm(self) -> Path:
-        return self.root / "outputs" / "rm"
-
-    @property
-    def dpo(self) -> Path:
-        return self.root / "outputs" / "dpo"
-
-    @property
-    def brain(self) -> Path:
-        return self.root / "outputs" / "brain"
-
-    @property
-    def brain_variance(self) -> Path:  # the variance experiment's table
-        return self.root / "outputs" / "brain_variance"
-
-    @property
-    def ppo(self) -> Path:
-        return self.root / "outputs" / "ppo"
+        return self.out("rm")
 
     def rest(self, iteration: int | str) -> Path:  # ReST iteration k: grown.jsonl, kept.jsonl, report.json, policy/
-        return self.root / "outputs" / "rest" / str(iteration)
+        return self.out("rest_iter", iteration)
 
     @property
     def rest_best(self) -> Path:  # the best ReST iteration's policy and selection.json
-        return self.root / "outputs" / "rest_best"
-
-    @property
-    def evaluate(self) -> Path:  # leaderboard.{md,json}, responses.jsonl
-        return self.root / "outputs" / "evaluate"
+        return self.out("rest")
 
     @property
     def rlaif(self) -> Path:  # LLM-judge-labelled pairs: {train,eval}.jsonl
-        return self.root / "outputs" / "rlaif"
+        return self.out("rlaif")
 
     def resolve(self, path: str | Path) -> Path:
         """A path from params (relative to the project root) as a path under this root."""

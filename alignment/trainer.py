@@ -1,4 +1,4 @@
-"""The one training loop shared by the supervised-style stages (SFT now; RM, DPO, BRAIn, ReST later).
+"""The one training loop shared by the supervised-style stages: SFT, RM, DPO, BRAIn and ReST's Improve.
 
 A stage supplies `step(model, batch) -> (loss_sum, metrics)`, where loss_sum is summed over the
 batch's loss units (response tokens for SFT, pairs for DPO), and `count(batch) -> units`. The loop
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignment.config import TrainConfig
+from alignment.losses import IGNORE_INDEX, sft_loss
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +197,15 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint
     accelerator.load_state(str(target))
     logger.info("resumed from %s (step %d)", target, state["step"])
     return int(state["step"]), state.get("history", []), state.get("eval_history", [])
+
+
+def nll_step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """The step of SFT and of ReST's Improve: summed NLL of the response tokens (`count_response_tokens`
+    normalises it over the accumulation window)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll_sum, _ = sft_loss(logits, batch["labels"])
+    return nll_sum, {}
+
+
+def count_response_tokens(batch: Batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

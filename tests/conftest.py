@@ -50,7 +50,7 @@ MICRO_PARAMS = {
               "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2}},
     "brain_variance": {"proposal_means": [0.0, 0.5, 1.0], "estimates": 200},
     "ppo": {"train_prompts": 8, "eval_prompts": 3, "max_new_tokens": 8, "max_length": 64, "rollouts": 4,
-            "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2, "checkpoint_every": 2,
+            "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2, "train": {"checkpoint_every": 2},
             "samples": {"num_prompts": 2, "max_new_tokens": 8}},
     "rest": {"iterations": {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, "train_prompts": 8, "eval_prompts": 3,
              "max_length": 64, "grow": {"samples_per_prompt": 3, "max_new_tokens": 8},

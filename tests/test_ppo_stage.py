@@ -42,8 +42,9 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
         return torch.tensor([float(t.split().count("great")) for t in texts])
 
     cfg = parse_section("ppo", {"max_new_tokens": 8, "max_length": 32, "rollouts": 16, "rollout_batch_size": 32,
-                                "minibatch_size": 8, "ppo_epochs": 4, "learning_rate": 3e-3, "critic_learning_rate": 3e-3,
-                                "kl_coef": 0.05, "checkpoint_every": None})
+                                "minibatch_size": 8, "ppo_epochs": 4,
+                                "train": {"learning_rate": 3e-3, "critic_learning_rate": 3e-3, "checkpoint_every": None},
+                                "kl_coef": 0.05})
     prompts = [f"{w} {v}" for w in WORDS for v in WORDS]
     history, timing = ppo.train_ppo(policy, reference, critic, reward, tokenizer, prompts, cfg, None, "")
     first, last = history[0], history[-4:]
@@ -73,7 +74,7 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
         return torch.tensor([float(len(t)) / 10 for t in texts])
 
     cfg = parse_section("ppo", {"max_new_tokens": 4, "max_length": 32, "rollouts": 2, "rollout_batch_size": 8,
-                                "minibatch_size": 4, "ppo_epochs": 1, "critic_init": "policy_head", "checkpoint_every": None})
+                                "minibatch_size": 4, "ppo_epochs": 1, "critic_init": "policy_head", "train": {"checkpoint_every": None}})
     history, _ = ppo.train_ppo(policy, reference.eval(), critic, reward, tokenizer, WORDS, cfg, None, "")
     assert len(history) == 2 and critic.score.weight.abs().sum() > 0
     assert not torch.equal(policy.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight)

@@ -6,7 +6,7 @@ from alignment.config import ModelConfig, TrainConfig
 from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, train_tokenizer
 from alignment.batching import collate, encode
-from alignment.stages.sft import count_response_tokens, step
+from alignment.trainer import count_response_tokens, nll_step as step
 from alignment.trainer import train, window_indices
 
 TEXTS = [

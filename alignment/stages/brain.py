@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignment.batching import collate
+from alignment.batching import as_example, collate
 from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
 from alignment.data import write_jsonl
 from alignment.generation import generate_ids
 from alignment.gold import GoldScorer
 from alignment.heldout import compare_to_sft
-from alignment.losses import IGNORE_INDEX, sequence_logps
+from alignment.losses import sequence_logps
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
 from alignment.prompts import load_prompts
@@ -38,10 +38,6 @@ from alignment.tracking import Tracker
 from alignment.trainer import config_fingerprint, train, window_indices
 
 logger = logging.getLogger(__name__)
-
-
-def as_example(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
 @torch.no_grad()

@@ -25,11 +25,10 @@ import shutil
 
 import numpy as np
 
-from alignment.batching import collate, encode
+from alignment.batching import as_example, collate, encode
 from alignment.config import RestConfig
 from alignment.data import read_jsonl, write_jsonl, write_metrics
-from alignment.evaluation import prompt_seed
-from alignment.generation import generate_ids
+from alignment.generation import generate_ids, prompt_seed
 from alignment.gold import GoldScorer
 from alignment.heldout import compare_to_sft
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
@@ -37,10 +36,8 @@ from alignment.paths import Paths
 from alignment.prompts import load_incoming, load_prompts
 from alignment.rest import above, guard, learning_rate, thresholds
 from alignment.reward import RewardScorer
-from alignment.stages.brain import as_example
-from alignment.stages.sft import count_response_tokens, step as nll_step
 from alignment.tracking import Tracker
-from alignment.trainer import train
+from alignment.trainer import count_response_tokens, nll_step, train
 
 logger = logging.getLogger(__name__)
 

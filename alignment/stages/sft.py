@@ -12,24 +12,14 @@ from alignment.config import SFTConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.generation import generate
 from alignment.batching import collate, encode
-from alignment.losses import IGNORE_INDEX, sft_loss
+from alignment.losses import sft_loss
 from alignment.models import build_model, load_tokenizer, save_pretrained
 from alignment.paths import Paths, hash_paths
 from alignment.plots import loss_curve, write_csv
 from alignment.tracking import Tracker
-from alignment.trainer import Batch, config_fingerprint, train
+from alignment.trainer import config_fingerprint, count_response_tokens, nll_step, train
 
 logger = logging.getLogger(__name__)
-
-
-def step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll_sum, _ = sft_loss(logits, batch["labels"])
-    return nll_sum, {}
-
-
-def count_response_tokens(batch: Batch) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def evaluation(examples: list[dict], pad: callable, batch_size: int):
@@ -74,7 +64,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         model,
         train_examples,
         pad,
-        step,
+        nll_step,
         count_response_tokens,
         cfg.train,
         checkpoint_dir=paths.checkpoints("sft"),
