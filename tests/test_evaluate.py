@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignment import tracking
-from alignment.config import parse_section
+from alignment.config import flatten, parse_section
 from alignment.judging import PairwiseJudge, Template
 from alignment.local_judge import TransformersJudgeBackend
 from alignment.models import load_causal_lm, load_tokenizer
@@ -49,6 +49,7 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
     shutil.rmtree(root / "checkpoints/evaluate", ignore_errors=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     with tracking.stage_run("evaluate", root=tmp_path) as log:
+        log.params(flatten(parse_section("evaluate", EVALUATE)))  # as the CLI does
         run_evaluate(root, monkeypatch, log)
         stage_run_id = log.run_id
     board = json.loads((root / "outputs/evaluate/leaderboard.json").read_text())
@@ -85,6 +86,8 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
     assert by_model["tilted"].data.metrics["gold/win_rate"] == rows["tilted"]["gold/win_rate"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(stage_run_id)}
     assert {"leaderboard.md", "leaderboard.json", "plots"} <= artifacts
+    params = mlflow.get_run(stage_run_id).data.params  # a key-like name (api_key_env) is dropped
+    assert params["llm_judge.openai.timeout_s"] == "60.0" and "llm_judge.openai.api_key_env" not in params
 
     # the same evaluation again: every sample comes from the cache, the numbers are identical
     run_evaluate(root, monkeypatch)
@@ -101,12 +104,17 @@ def longer_wins(request: dict, call_number: int) -> Reply:
     return Reply(f"[[{'C' if a == b else 'A' if a > b else 'B'}]]")
 
 
+def served_judge(base_url: str, model: str, api_key_env: str | None = None, **shared) -> dict:
+    """A judge section for the fake server at `base_url` (fast retries); `shared`: e.g. max_prompts."""
+    return {"backend": "openai", **shared,
+            "openai": {"base_url": base_url, "model": model, "api_key_env": api_key_env, "backoff_s": 0.01}}
+
+
 def test_llm_judge_over_http_joins_the_leaderboard(root, monkeypatch):
     monkeypatch.setenv("EVAL_JUDGE_KEY", "sk-test-never-logged")
     with FakeOpenAI(longer_wins) as server:
         run_evaluate(root, monkeypatch, models={"sft": "outputs/sft"}, best_of_n={"n": []},
-                     llm_judge={"backend": "openai", "base_url": server.base_url, "model": "judge-7b",
-                                "api_key_env": "EVAL_JUDGE_KEY", "max_prompts": 4, "backoff_s": 0.01})
+                     llm_judge=served_judge(server.base_url, "judge-7b", "EVAL_JUDGE_KEY", max_prompts=4))
         asked = len(server.requests)
     board = json.loads((root / "outputs/evaluate/leaderboard.json").read_text())
     row = board["models"][0]
@@ -121,8 +129,7 @@ def test_llm_judge_over_http_joins_the_leaderboard(root, monkeypatch):
     assert "sk-test" not in (root / "outputs/evaluate/leaderboard.json").read_text()
     with FakeOpenAI(longer_wins) as server:  # a re-run asks nothing: verdicts come from the cache
         run_evaluate(root, monkeypatch, models={"sft": "outputs/sft"}, best_of_n={"n": []},
-                     llm_judge={"backend": "openai", "base_url": server.base_url, "model": "judge-7b",
-                                "api_key_env": "EVAL_JUDGE_KEY", "max_prompts": 4, "backoff_s": 0.01})
+                     llm_judge=served_judge(server.base_url, "judge-7b", "EVAL_JUDGE_KEY", max_prompts=4))
         assert server.requests == []
     stats = json.loads((root / "outputs/evaluate/leaderboard.json").read_text())["judges"]["llm"]["stats"]
     assert stats["requests"] == 0 and stats["cache_hits"] == 8
@@ -160,7 +167,7 @@ def test_rlaif_labels_pairs_and_reports_agreement(root, monkeypatch):
                 for line in (root / f).read_text().splitlines()]
     params = {"sources": ["imdb_pairs", "prepared"], "train_pairs": 6, "eval_pairs": 3}
     with FakeOpenAI(oracle(labelled)) as server:
-        judge = {"backend": "openai", "base_url": server.base_url, "model": "oracle", "api_key_env": None}
+        judge = served_judge(server.base_url, "oracle")
         metrics = rlaif.run(parse_section("rlaif", {**params, "judge": judge}), Paths(root), None)
     train = [json.loads(line) for line in (root / "outputs/rlaif/train.jsonl").read_text().splitlines()]
     assert metrics["train/imdb_pairs/agreement"] == metrics["train/prepared/agreement"] == 1.0
@@ -168,7 +175,7 @@ def test_rlaif_labels_pairs_and_reports_agreement(root, monkeypatch):
     assert all(r["source"] == "rlaif" and r["agrees_with_label"] for r in train)
 
     with FakeOpenAI(fake.position_biased) as server:  # every pair a disagreement between orders: nothing kept
-        judge = {"backend": "openai", "base_url": server.base_url, "model": "biased", "api_key_env": None}
+        judge = served_judge(server.base_url, "biased")
         metrics = rlaif.run(parse_section("rlaif", {**params, "judge": judge}), Paths(root), None)
     assert metrics["train/imdb_pairs/kept"] == 0 and metrics["train/imdb_pairs/tie_or_disagreement"] == 6
     assert metrics["train/imdb_pairs/first_position_rate"] == 1.0
