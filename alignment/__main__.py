@@ -10,11 +10,15 @@ import functools
 import importlib
 import json
 import logging
+import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import registry, tracking
+from alignment import checkpoint, registry, tracking
 from alignment.config import ConfigError, flatten, load_all, load_section
 from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_tracking:
             metrics = run_stage(cfg, paths, None)
         else:
-            with tracking.stage_run(name, pipeline.experiment) as log:
+            resume = run_to_continue(stage, name, cfg, paths, args.iteration)
+            with tracking.stage_run(name, pipeline.experiment, resume_run_id=resume) as log, run_ledger(paths, name, log.run_id):
                 log.params(flatten(cfg))
                 log.tags({"data_hash": hash_paths(registry.inputs(stage, cfg, paths.root, args.iteration))})
                 metrics = run_stage(cfg, paths, log)
@@ -83,6 +88,57 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2))
     return 0
+
+
+def ledger_path(paths: Paths, name: str) -> Path:
+    return paths.root / "checkpoints" / ".runs" / f"{name.replace('@', '_')}.json"
+
+
+@contextmanager
+def run_ledger(paths: Paths, name: str, run_id: str) -> Iterator[None]:
+    """Which MLflow run this stage process has open, until it ends. A ledger left behind names a run whose
+    process was killed (SIGKILL, a lost machine): MLflow would show it RUNNING forever."""
+    path = ledger_path(paths, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def run_to_continue(stage: registry.Stage, name: str, cfg, paths: Paths, iteration: str | None) -> str | None:
+    """The run of a killed process of this stage to continue, or None for a new run. A killed run is
+    continued when the checkpoint the stage will resume from was written by it (same settings, inputs and
+    code), so its curves go on from the resumed step; otherwise it is marked KILLED."""
+    path = ledger_path(paths, name)
+    if not path.exists():
+        return None
+    dead = json.loads(path.read_text())
+    if dead["host"] == socket.gethostname() and _alive(dead["pid"]):
+        return None  # not dead: another process of this stage (outside DVC, which locks the stage) owns it
+    if tracking.run_status(dead["run_id"], paths.root) != "RUNNING":
+        return None
+    found = None
+    if stage.checkpoints:
+        found = checkpoint.load(paths.checkpoints(name), registry.fingerprint(stage.name, cfg, paths.root, iteration))
+    if found is not None and found[1].get("run_id") == dead["run_id"]:
+        logging.getLogger(__name__).info("continuing MLflow run %s of the killed %s from step %d", dead["run_id"], name,
+                                         found[1]["step"])
+        return dead["run_id"]
+    tracking.mark_killed(dead["run_id"], paths.root)
+    logging.getLogger(__name__).info("marked MLflow run %s of the killed %s as KILLED", dead["run_id"], name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_dvc_yaml(path: Path, check: bool) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ALIGNMENT_PARENT_RUN_ID"
 HF_ARTIFACT = "hf_model"
-_SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+STAGE_RUN_ENV = "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, for checkpoints to record (see stage_run)
+# a params key whose last part names a secret (or the variable holding one) is never logged; counts of
+# tokens (`max_new_tokens`) and tokenizer settings are not secrets
+_SECRET = re.compile(r"(^|_)(api_?key|key|token|secret|password|authorization)(_env)?$|api_?key")
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -63,7 +67,7 @@ def _pip_requirements() -> list[str]:
 
 
 def _is_secret(key: str) -> bool:
-    return any(word in key.lower() for word in _SECRET_WORDS)
+    return bool(_SECRET.search(key.lower().rsplit(".", 1)[-1]))
 
 
 class Tracker:
@@ -139,20 +143,49 @@ class Tracker:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str = "alignment", root: Path | None = None) -> Iterator[Tracker]:
-    """An MLflow run for one stage: nested under the pipeline run when one handed us its id."""
+def stage_run(stage: str, experiment: str = "alignment", root: Path | None = None,
+              resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """An MLflow run for one stage: nested under the pipeline run when one handed us its id. With
+    `resume_run_id` (a run whose process was killed after a checkpoint) that run is continued instead:
+    its curves go on from the step the stage resumes at. The run's id is in STAGE_RUN_ENV while open."""
     mlflow = _mlflow(root)
     parent = os.environ.get(PARENT_RUN_ENV)
-    if parent:  # the parent's experiment wins, so the UI shows the stage under its pipeline run
-        experiment_id = mlflow.get_run(parent).info.experiment_id
+    if resume_run_id:
+        context = mlflow.start_run(run_id=resume_run_id)
     else:
-        experiment_id = _experiment_id(mlflow, experiment, root)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, nested=bool(parent), parent_run_id=parent or None
-    ) as run:
+        if parent:  # the parent's experiment wins, so the UI shows the stage under its pipeline run
+            experiment_id = mlflow.get_run(parent).info.experiment_id
+        else:
+            experiment_id = _experiment_id(mlflow, experiment, root)
+        context = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=bool(parent), parent_run_id=parent or None)
+    with context as run:
         mlflow.set_tags({"stage": stage, "git_commit": git_commit(root)})
-        logger.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
-        yield Tracker(mlflow, run.info.run_id)
+        if resume_run_id:
+            resumes = int(run.data.tags.get("resumes", "0")) + 1
+            mlflow.set_tags({"resumes": str(resumes)})
+        logger.info("MLflow run %s (%s%s) in %s", run.info.run_id, stage, ", resumed" if resume_run_id else "",
+                    mlflow.get_tracking_uri())
+        os.environ[STAGE_RUN_ENV] = run.info.run_id
+        try:
+            yield Tracker(mlflow, run.info.run_id)
+        finally:
+            os.environ.pop(STAGE_RUN_ENV, None)
+
+
+def run_status(run_id: str, root: Path | None = None) -> str | None:
+    """RUNNING, FINISHED, FAILED, KILLED, or None when the store has no such run."""
+    mlflow = _mlflow(root)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def mark_killed(run_id: str, root: Path | None = None) -> None:
+    """End a run whose process died without ending it (it would show RUNNING in the UI forever)."""
+    _mlflow(root).MlflowClient().set_terminated(run_id, status="KILLED")
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
-from alignment import tracking
+from alignment import registry, tracking
 from alignment.config import SECTIONS, ConfigError, flatten, parse_section, read_params
 from tasks.dvc import run_stage
 
@@ -59,14 +59,14 @@ def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     yaml.dump(params, params_path)
 
 
-def dag_order(root: Path, config: dict[str, Any]) -> dict[str, list[str]]:
-    """The stages in dvc.yaml's order, which lists each stage after the stages it depends on, by name;
-    a `foreach` group (`rest_iter`) lists its members (`rest_iter@1`, `rest_iter@2`, ...) from the
-    params it iterates over, a plain stage itself."""
+def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The stages in the registry's order (dvc.yaml's, generated from it), which lists each stage after
+    the stages it depends on; a `foreach` stage (`rest_iter`) lists its members (`rest_iter@1`,
+    `rest_iter@2`, ...) from the params it iterates over, a plain stage itself."""
     order = {}
-    for name, stage in YAML(typ="safe").load(root / "dvc.yaml")["stages"].items():
-        if "foreach" in stage:
-            section, *keys = stage["foreach"].strip("${} ").split(".")
+    for name, stage in registry.STAGES.items():
+        if stage.foreach:
+            section, *keys = stage.foreach.split(".")
             items = config[section].model_dump()
             for key in keys:
                 items = items[key]
@@ -101,7 +101,7 @@ def pipeline(
     overrides = overrides or {}
     config = validated(params_path, overrides)
     chosen = list(stages or config["pipeline"].stages)
-    groups = dag_order(project, config)
+    groups = dag_order(config)
     order = [member for members in groups.values() for member in members]
     unknown = sorted(set(chosen) - set(order) - set(groups))
     if unknown:

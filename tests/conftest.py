@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from alignment import registry
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's dvc, prefect and mlflow executables
 
@@ -66,8 +68,8 @@ MICRO_PARAMS = {
     "rlaif": {"sources": ["imdb_pairs"], "train_pairs": 4, "eval_pairs": 2,
               "judge": {"backend": "transformers",
                         "transformers": {"name_or_path": "outputs/sft", "batch_size": 4}}},
-    "pipeline": {"stages": ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain",
-                            "ppo", "rest_iter", "rest", "evaluate"],
+    # every registered stage but rlaif (an LLM judge), in the registry's (DAG) order
+    "pipeline": {"stages": [name for name in registry.STAGES if name != "rlaif"],
                  "experiment": "alignment",
                  "deployment": "alignment-pipeline", "schedule": {"cron": None, "timezone": "UTC"}},
     "retrain": {"deployment": "rest-retraining", "schedule": {"cron": None, "timezone": "UTC"}},

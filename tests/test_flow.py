@@ -11,9 +11,11 @@ from prefect.testing.utilities import prefect_test_harness
 from alignment.config import ConfigError
 from flows.pipeline import pipeline, set_dotted, write_overrides
 from tasks.dvc import StageFailed
+from tests.conftest import MICRO_PARAMS
 
-STAGES = ["prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "rest_iter@1",
-          "rest_iter@2", "rest", "evaluate"]
+# the micro pipeline's stages in DAG order, the foreach stage expanded to its items
+STAGES = [member for s in MICRO_PARAMS["pipeline"]["stages"]
+          for member in ([f"rest_iter@{k}" for k in MICRO_PARAMS["rest"]["iterations"]] if s == "rest_iter" else [s])]
 
 
 @pytest.fixture(scope="module", autouse=True)

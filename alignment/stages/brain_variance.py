@@ -19,6 +19,7 @@ from torch.distributions import Normal
 from alignment.brain_loss import brain_loss
 from alignment.config import BrainVarianceConfig
 from alignment.paths import Paths
+from alignment.stage_helpers import finish
 from alignment.plots import plt, write_csv
 from alignment.tracking import Tracker
 
@@ -109,7 +110,7 @@ def run(cfg: BrainVarianceConfig, paths: Paths, log: Tracker | None) -> dict[str
         logger.info("%-22s mu=%.2f  mean %.4f  variance %.4f",
                     r["method"], r["proposal_mean"], r["grad_mean"], r["grad_variance"])
 
-    out = paths.brain_variance
+    out = paths.out("brain_variance")
     out.mkdir(parents=True, exist_ok=True)
     table = {"config": cfg.model_dump(), "true_gradient": cfg.policy_mean, "rows": rows}
     (out / "variance.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -120,14 +121,6 @@ def run(cfg: BrainVarianceConfig, paths: Paths, log: Tracker | None) -> dict[str
          **{r["method"]: r["grad_variance"] for r in rows if r["proposal_mean"] == mu}}
         for mu in cfg.proposal_means
     ]
-    write_csv(paths.plots("brain_variance") / "variance.csv", wide, ["proposal_mean", "kl_proposal_target", *METHODS])
-
-    metrics = summary(rows)
-    paths.metrics("brain_variance").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("brain_variance").write_text(json.dumps(metrics, indent=2) + "\n")
-    if log is not None:
-        figure = variance_figure(rows)
-        log.figure(figure, "plots/brain_variance.png")
-        plt.close(figure)
-        log.table(rows, "variance.json")
-    return metrics
+    return finish("brain_variance", paths, log, summary(rows),
+                  csvs={"variance.csv": (wide, ["proposal_mean", "kl_proposal_target", *METHODS])},
+                  figures={"plots/brain_variance.png": variance_figure(rows)}, tables={"variance.json": rows})

@@ -28,6 +28,7 @@ from alignment.evaluation import (
 from alignment.judging import ScalarJudge, build_llm_judge
 from alignment.paths import Paths, hash_paths
 from alignment.plots import write_csv
+from alignment.stage_helpers import reward_model_path
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
 
     judges = []
     if cfg.reward_model:
-        rm_path = paths.rm if cfg.reward_model == "rm" else paths.resolve(cfg.reward_model)
+        rm_path = reward_model_path(paths, cfg.reward_model)
         scorer = RewardScorer(rm_path, max_length=cfg.max_length)
         judges.append(ScalarJudge("rm", lambda p, r: scorer(p, r).numpy(), {"model": str(rm_path), "hash": hash_paths([rm_path])}))
     if cfg.gold and cfg.source == "imdb":

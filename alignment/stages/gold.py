@@ -1,7 +1,6 @@
 """gold: fit the IMDb gold scorer on held-out labelled reviews and report its test accuracy."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -9,6 +8,7 @@ from alignment.config import GoldConfig
 from alignment.data import REQUIRED_FIELDS, read_rows
 from alignment.gold import GoldScorer
 from alignment.paths import Paths
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,5 @@ def run(cfg: GoldConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         "fit_seconds": seconds,
     }
     scorer.save(paths.gold)
-    paths.metrics("gold").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("gold").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("gold scorer: test accuracy %.3f (%.3f on 40-word openings)", metrics["test_accuracy"], metrics["test_accuracy_first_40_words"])
-    return metrics
+    return finish("gold", paths, log, metrics)

@@ -17,6 +17,7 @@ from alignment.generation import generate
 from alignment.gold import GoldScorer
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,4 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             **{f"{split}/skipped_{reason}": n for reason, n in sorted(skipped.items())},
         }
         logger.info("%s: %d prompts -> %d pairs (skipped %s), SFT gold reward %.3f", split, len(prompts), len(pairs), dict(skipped), np.mean(rewards))
-    paths.metrics("pairs").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("pairs").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return finish("pairs", paths, log, metrics)

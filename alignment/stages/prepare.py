@@ -1,11 +1,10 @@
 """prepare: raw files -> SFT / preference / prompt splits and a drop report."""
 from __future__ import annotations
 
-import json
 import logging
 
 from alignment.config import PrepareConfig
-from alignment.data import SCHEMAS, SPLITS, prepare, write_jsonl
+from alignment.data import SCHEMAS, SPLITS, prepare, write_jsonl, write_metrics
 from alignment.paths import Paths
 from alignment.tracking import Tracker
 
@@ -18,8 +17,7 @@ def run(cfg: PrepareConfig, paths: Paths, log: Tracker | None) -> dict[str, floa
         for split in SPLITS:
             write_jsonl(paths.data / f"{schema}_{split}.jsonl", splits[schema][split])
     report_path = paths.metrics("prepare")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(report_path, report)
     for name, counts in report["sources"].items():
         logger.info("%s: read %d, kept %d, dropped %s", name, counts["read"], counts["kept"], counts["dropped"] or "none")
 

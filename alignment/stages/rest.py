@@ -12,10 +12,10 @@ import logging
 import shutil
 
 from alignment.config import RestConfig
-from alignment.data import write_metrics
 from alignment.paths import Paths
-from alignment.plots import plt, write_csv
+from alignment.plots import plt
 from alignment.rest import best_iteration
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     selection = {"best_iteration": best["iteration"], "why": why, "stopped": stopped, "skipped": report.get("skipped", []),
                  "held_out_judge": cfg.guard.held_out, "proxy": cfg.guard.proxy, "history": history}
     (paths.rest_best / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-    write_csv(paths.plots("rest") / "iterations.csv", history, COLUMNS)
-
     metrics = {"best_iteration": best["iteration"], "iterations_trained": len(history) - 1,
                "guard/stopped": int(bool(stopped)), "improved": int(best["iteration"] > 0)}
     metrics |= {k: best[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "objective/kl")}
     metrics |= {f"start/{k}": start[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward")}
-    write_metrics(paths.metrics("rest"), metrics)
     logger.info("kept %s: %s", source, why)
     for r in history:
         logger.info("  iteration %d: RM reward grown %s, held-out RM %.3f, gold %.3f, gold win rate vs SFT %.3f, kept %s at tau %s",
@@ -86,11 +83,8 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         for r in history:  # one point per iteration: the MLflow UI draws them as curves over `step`
             log.metrics({f"iteration/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k != "iteration"},
                         step=r["iteration"])
-        log.figure(proxy_vs_held_out(history, cfg.guard.proxy, cfg.guard.held_out, best["iteration"], stopped),
-                   "plots/rest_proxy_vs_held_out.png")
         log.artifact(paths.rest_best / "selection.json")
         log.tags({"best_iteration": str(best["iteration"]), "selection": why[:5000]})
-        if cfg.register_as:
-            version = log.register_model(paths.rest_best, cfg.register_as)
-            logger.info("registered %s version %s (iteration %d)", cfg.register_as, version, best["iteration"])
-    return metrics
+    figure = proxy_vs_held_out(history, cfg.guard.proxy, cfg.guard.held_out, best["iteration"], stopped)
+    return finish("rest", paths, log, metrics, csvs={"iterations.csv": (history, COLUMNS)},
+                  figures={"plots/rest_proxy_vs_held_out.png": figure}, model=paths.rest_best, register_as=cfg.register_as)

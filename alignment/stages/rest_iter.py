@@ -29,13 +29,13 @@ from alignment.batching import as_example, collate, encode
 from alignment.config import RestConfig
 from alignment.data import read_jsonl, write_jsonl, write_metrics
 from alignment.generation import generate_ids, prompt_seed
-from alignment.gold import GoldScorer
 from alignment.heldout import compare_to_sft
 from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
 from alignment.paths import Paths
 from alignment.prompts import load_incoming, load_prompts
 from alignment.rest import above, guard, learning_rate, thresholds
 from alignment.reward import RewardScorer
+from alignment.stage_helpers import held_out_judges, reward_scorer
 from alignment.tracking import Tracker
 from alignment.trainer import count_response_tokens, nll_step, train
 
@@ -110,9 +110,8 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     policy = load_causal_lm(start)
     sft = load_causal_lm(paths.sft).eval().requires_grad_(False)
     check_max_length(cfg.max_length, policy, "rest.max_length")
-    reward = RewardScorer(paths.rm if cfg.reward_model == "rm" else cfg.reward_model, max_length=cfg.max_length)
-    gold = GoldScorer.load(paths.gold)
-    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    judges = held_out_judges(paths, reward)
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts)
 
     def held_out(model) -> dict[str, float]:

@@ -2,7 +2,6 @@
 gold-labelled IMDb pairs and human HH pairs; chosen and rejected are scored in one forward pass."""
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 
@@ -11,12 +10,14 @@ import torch
 from alignment.config import RewardModelConfig
 from alignment.losses import bradley_terry_loss
 from alignment.models import check_max_length, load_tokenizer, save_pretrained
-from alignment.paths import Paths, hash_paths
-from alignment.plots import loss_curve, write_csv
+from alignment.paths import Paths
+from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.reward import load_reward_model, sequence_rewards
+from alignment.registry import fingerprint as registry_fingerprint
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
-from alignment.trainer import config_fingerprint, train
+from alignment.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
     eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
     pad = collate_pairs(tokenizer.pad_token_id)
-    inputs = [paths.pairs, paths.data, paths.sft] if cfg.init_from == "sft" else [paths.pairs, paths.data]
     result = train(
         model,
         train_examples,
@@ -90,7 +90,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         count_pairs,
         cfg.train,
         checkpoint_dir=paths.checkpoints("rm"),
-        fingerprint=config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths(inputs)),
+        fingerprint=registry_fingerprint("rm", cfg, paths.root),
         evaluate=evaluation(eval_pairs, eval_examples, pad, cfg.train.batch_size, cfg),
         log_metrics=log.metrics if log else None,
     )
@@ -99,13 +99,8 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}
     metrics |= {"train/loss": result.history[-1]["loss"], "train/accuracy": result.history[-1]["accuracy"], "steps": result.steps}
-    paths.metrics("rm").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("rm").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_csv(paths.plots("rm") / "train.csv", result.history, ["step", "loss", "accuracy", "margin"])
-    write_csv(paths.plots("rm") / "eval.csv", result.eval_history, ["step", "loss", "accuracy", "margin"])
-    if log is not None:
-        log.figure(loss_curve(result.history, result.eval_history, "Reward model loss", ylabel="Bradley-Terry loss"), "plots/rm_loss.png")
-        if cfg.register_as:
-            log.register_model(paths.rm, cfg.register_as, kind="reward")
     logger.info("eval accuracy %.3f %s", final["accuracy"], {k: round(v, 3) for k, v in final.items() if k.endswith("/accuracy")})
-    return metrics
+    columns = ["step", "loss", "accuracy", "margin"]
+    figure = loss_curve(result.history, result.eval_history, "Reward model loss", ylabel="Bradley-Terry loss")
+    return finish("rm", paths, log, metrics, csvs={"train.csv": (result.history, columns), "eval.csv": (result.eval_history, columns)},
+                  figures={"plots/rm_loss.png": figure}, model=paths.rm, register_as=cfg.register_as, kind="reward")

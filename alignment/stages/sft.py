@@ -1,7 +1,6 @@
 """sft: supervised fine-tuning on {prompt, response} with the loss on response tokens only."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from itertools import zip_longest
@@ -14,10 +13,12 @@ from alignment.generation import generate
 from alignment.batching import collate, encode
 from alignment.losses import sft_loss
 from alignment.models import build_model, load_tokenizer, save_pretrained
-from alignment.paths import Paths, hash_paths
-from alignment.plots import loss_curve, write_csv
+from alignment.paths import Paths
+from alignment.plots import loss_curve
+from alignment.registry import fingerprint as registry_fingerprint
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
-from alignment.trainer import config_fingerprint, count_response_tokens, nll_step, train
+from alignment.trainer import count_response_tokens, nll_step, train
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
     eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in eval_rows]
     pad = collate(tokenizer.pad_token_id)
-    fingerprint = config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.data, paths.tokenizer]))
+    fingerprint = registry_fingerprint("sft", cfg, paths.root)
     result = train(
         model,
         train_examples,
@@ -90,16 +91,10 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         "tokens_per_second": result.tokens_per_second,
         "parameters": model.num_parameters(),
     }
-    paths.metrics("sft").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("sft").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_csv(paths.plots("sft") / "train.csv", result.history, ["step", "loss", "learning_rate", "grad_norm"])
-    write_csv(paths.plots("sft") / "eval.csv", result.eval_history, ["step", "loss", "perplexity"])
-    if log is not None:
-        log.figure(loss_curve(result.history, result.eval_history, "SFT loss"), "plots/sft_loss.png")
-        log.table(generations, "generations.json")
-        if cfg.register_as:
-            version = log.register_model(paths.sft, cfg.register_as)
-            logger.info("registered %s version %s", cfg.register_as, version)
     for row in generations[:4]:
         logger.info("sample: %r -> %r", row["prompt"][-60:], row["response"][:120])
-    return metrics
+    return finish("sft", paths, log, metrics,
+                  csvs={"train.csv": (result.history, ["step", "loss", "learning_rate", "grad_norm"]),
+                        "eval.csv": (result.eval_history, ["step", "loss", "perplexity"])},
+                  figures={"plots/sft_loss.png": loss_curve(result.history, result.eval_history, "SFT loss")},
+                  tables={"generations.json": generations}, model=paths.sft, register_as=cfg.register_as)

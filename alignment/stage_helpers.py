@@ -1,0 +1,98 @@
+"""What the stages repeat, written once: the policy with its frozen reference and tokenizer, the reward
+model a params key names, the held-out judges, the comparison with SFT on held-out prompts, and the
+end of a stage (metrics file, DVC plot files, MLflow figures and tables, registration)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from alignment.data import write_jsonl, write_metrics
+from alignment.paths import Paths
+from alignment.plots import plt, write_csv
+
+logger = logging.getLogger(__name__)
+
+
+def load_policy_and_reference(path: Path):
+    """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
+    mode (no dropout, no gradients)."""
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    reference = load_causal_lm(path).eval().requires_grad_(False)
+    return load_tokenizer(path), load_causal_lm(path), reference
+
+
+def reward_model_path(paths: Paths, name: str) -> Path:
+    """`rm`: the pipeline's reward model; anything else a path (relative to the project root) or hub id."""
+    return paths.rm if name == "rm" else paths.resolve(name)
+
+
+def reward_scorer(paths: Paths, name: str, max_length: int):
+    from alignment.reward import RewardScorer
+
+    return RewardScorer(reward_model_path(paths, name), max_length=max_length)
+
+
+def held_out_judges(paths: Paths, reward) -> dict:
+    """The judges every policy stage compares with SFT by: the gold scorer (the held-out judge of the IMDb
+    task, which nothing trains against) on prompt + response, and the reward model (the proxy)."""
+    from alignment.gold import GoldScorer
+
+    gold = GoldScorer.load(paths.gold)
+    return {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+
+
+def compare_on_held_out(policy, reference, tokenizer, paths: Paths, cfg, reward, seed: int, split: str = "test",
+                        out: Path | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Policy vs SFT on `cfg.eval_prompts` prompts of `split` (`cfg.source`), judged by gold and the RM;
+    the per-prompt rows go to `out/held_out_generations.jsonl` when `out` is given."""
+    from alignment.heldout import compare_to_sft
+    from alignment.prompts import load_prompts
+
+    prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts)
+    metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, seed,
+                                   held_out_judges(paths, reward))
+    if out is not None:
+        write_jsonl(out / "held_out_generations.jsonl", rows)
+    return metrics, rows
+
+
+def log_held_out(name: str, metrics: dict[str, float]) -> None:
+    logger.info("held-out: gold reward %s %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats", name,
+                metrics["gold/reward"], metrics["gold/sft_reward"], metrics["gold/win_rate_vs_sft"],
+                metrics["rm/win_rate_vs_sft"], metrics["objective/kl"])
+
+
+def finish(stage: str, paths: Paths, log, metrics: dict, *, csvs: dict[str, tuple[list[dict], list[str]]] | None = None,
+           figures: dict | None = None, tables: dict[str, list[dict]] | None = None, curves: tuple[dict, int] | None = None,
+           model: Path | None = None, register_as: str | None = None, kind: str = "causal_lm") -> dict:
+    """The end of a stage: `metrics/<stage>.json` (NaN-safe), `plots/<stage>/<file>` for each of `csvs`
+    ({file: (rows, columns)}), and with a tracker: `curves` (metrics, step) as a last point of the curves,
+    `figures` ({artifact name: figure}) and `tables` ({name: rows}) in MLflow, and the model registered
+    as `register_as`. Returns `metrics`."""
+    write_metrics(paths.metrics(stage), metrics)
+    for file, (rows, columns) in (csvs or {}).items():
+        write_csv(paths.plots(stage) / file, rows, columns)
+    if log is not None:
+        if curves is not None:
+            log.metrics(*curves)
+        for name, figure in (figures or {}).items():
+            log.figure(figure, name)
+            plt.close(figure)
+        for name, rows in (tables or {}).items():
+            log.table(rows, name)
+        if register_as and model is not None:
+            version = log.register_model(model, register_as, kind=kind)
+            logger.info("registered %s version %s", register_as, version)
+    else:
+        for figure in (figures or {}).values():
+            plt.close(figure)
+    return metrics
+
+
+def mean(values) -> float:
+    """The mean of a possibly empty sequence: NaN (null in a metrics file) rather than a warning."""
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
