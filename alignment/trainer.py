@@ -6,9 +6,10 @@ divides every micro-batch's loss_sum by the unit count of the whole accumulation
 processes), so the update is the mean over the window whatever the split into micro-batches: batch 8
 x accumulation 1 and batch 1 x accumulation 8 give the same step.
 
-Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint holds the model,
-optimizer, scheduler and every RNG (through accelerate's save_state) plus the step; a run that is
-killed and resumed from its last checkpoint ends with the same weights as one that never stopped.
+Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint (alignment/checkpoint.py)
+holds the model, optimizer, scheduler and every RNG (through accelerate's save_state), the step and a
+stage's `extra_state` (BRAIn's samples); a run that is killed and resumed from its last checkpoint ends
+with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from alignment import checkpoint
 from alignment.config import TrainConfig
 from alignment.losses import IGNORE_INDEX, sft_loss
 
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+# (get, set): a stage's own state, saved with every checkpoint and handed back on resume
+ExtraState = tuple[Callable[[], dict], Callable[[dict], None]]
 
 
 @dataclass
@@ -75,11 +78,15 @@ def train(
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    extra_state: ExtraState | None = None,
 ) -> TrainResult:
     """Train `model` in place on `examples`; see the module docstring for the contract.
 
-    `on_start(step)` runs once before the first step (the step resumed from, or 0) and `on_step(done)`
-    after every optimizer step: on-policy stages refresh or restore their samples there."""
+    `on_start(step)` runs once before the first step (the step resumed from, or 0), after a resume has
+    restored `extra_state`; `on_step(done)` runs after every optimizer step, before that step's
+    checkpoint, so a checkpoint at step k holds the state after step k's refresh. `extra_state` is a
+    `(get, set)` pair: `get()` returns a dict of tensors, numbers, strings, lists and dicts (loaded back
+    with weights_only=True), the same on every process (the main process writes it)."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     windows_per_epoch = len(window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0))
@@ -99,7 +106,8 @@ def train(
 
     result = TrainResult(steps=0)
     if checkpoint_dir is not None and cfg.resume:
-        result.resumed_from, result.history, result.eval_history = _load_checkpoint(accelerator, checkpoint_dir, fingerprint)
+        loaded = _load_checkpoint(accelerator, checkpoint_dir, fingerprint, extra_state)
+        result.resumed_from, result.history, result.eval_history = loaded
     if on_start is not None:
         on_start(result.resumed_from)
     progress = tqdm(total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0)
@@ -145,10 +153,10 @@ def train(
             pending = []
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
             _run_eval(evaluate, accelerator, model, done, result, log_metrics)
-        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done, result)
         if on_step is not None:
             on_step(done)
+        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done, result, extra_state)
     progress.close()
 
     if evaluate is not None:
@@ -171,32 +179,29 @@ def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: Trai
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int, result: TrainResult) -> None:
-    """Write step_<n>/, then point `latest.json` at it, then drop older ones: a kill at any moment
-    leaves a complete checkpoint behind. The logged curves go along, so a resumed run reports them whole."""
-    target = checkpoint_dir / f"step_{step:07d}"
-    accelerator.save_state(str(target))
-    if accelerator.is_main_process:
-        state = {"step": step, "fingerprint": fingerprint, "history": result.history, "eval_history": result.eval_history}
-        (target / "trainer_state.json").write_text(json.dumps(state))
-        (checkpoint_dir / "latest.json").write_text(json.dumps({"path": target.name, "step": step}))
-        for old in checkpoint_dir.glob("step_*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int,
+                     result: TrainResult, extra_state: ExtraState | None) -> None:
+    """The logged curves go along in the meta, so a resumed run reports them whole."""
+    def write(folder: Path) -> None:
+        accelerator.save_state(str(folder))  # every process writes its share (its RNG state)
+        if extra_state is not None and accelerator.is_main_process:
+            torch.save(extra_state[0](), folder / "extra_state.pt")
+
+    meta = {"history": result.history, "eval_history": result.eval_history}
+    checkpoint.save(checkpoint_dir, step, fingerprint, write, meta, accelerator)
 
 
-def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str) -> tuple[int, list, list]:
-    latest = checkpoint_dir / "latest.json"
-    if not latest.exists():
+def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str,
+                     extra_state: ExtraState | None) -> tuple[int, list, list]:
+    found = checkpoint.load(checkpoint_dir, fingerprint)
+    if found is None:
         return 0, [], []
-    target = checkpoint_dir / json.loads(latest.read_text())["path"]
-    state = json.loads((target / "trainer_state.json").read_text())
-    if state["fingerprint"] != fingerprint:
-        logger.info("ignoring checkpoint %s: it belongs to other settings, data or code", target)
-        return 0, [], []
-    accelerator.load_state(str(target))
-    logger.info("resumed from %s (step %d)", target, state["step"])
-    return int(state["step"]), state.get("history", []), state.get("eval_history", [])
+    folder, meta = found
+    accelerator.load_state(str(folder))
+    if extra_state is not None:
+        extra_state[1](torch.load(folder / "extra_state.pt", weights_only=True))
+    logger.info("resumed from %s (step %d)", folder, meta["step"])
+    return meta["step"], meta.get("history", []), meta.get("eval_history", [])
 
 
 def nll_step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -50,10 +50,11 @@ def test_brain_trains_refreshes_and_resumes_exactly(upstream, monkeypatch):
     assert history["steps"] == 4
     train_csv = (root / "plots/brain/train.csv").read_text().splitlines()
     assert train_csv[0].startswith("step,loss,brain/ess_fraction") and len(train_csv) == 5
-    # the step-0 SFT samples and a refresh at step 2 (not at 4: training ends there)
-    saved = sorted(p.name for p in (root / "checkpoints/brain").glob("samples_*.pt"))
-    assert saved == ["samples_0000000.pt", "samples_0000002.pt"]
-    refreshed = torch.load(root / "checkpoints/brain/samples_0000002.pt", weights_only=False)["store"]
+    # the samples travel inside the checkpoint: step 4's hold the SFT draw and the refresh at step 2
+    # (not at 4: training ends there), and no side files are left
+    checkpoints = root / "checkpoints/brain"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step_0000004"]
+    refreshed = torch.load(checkpoints / "step_0000004/extra_state.pt", weights_only=True)
     assert (refreshed["drawn_at"][:, -1] == 2).all() and (refreshed["drawn_at"][:, 0] == 0).all()
     uninterrupted = weights(root)
 

@@ -8,8 +8,8 @@ The outer loop, in numbered steps:
      log pi_theta, log q and log p_sft + log L into the self-normalised objective.
   3. Every `proposal.refresh_every` steps, redraw a `policy_fraction` of each prompt's samples from
      the current policy (its slots n - m .. n - 1; the other slots stay SFT samples), so the proposal
-     is a mixture of SFT and the latest policy. The samples are cached with the checkpoints: a resume
-     reloads them, and a refresh is the only generation cost after step 1.
+     is a mixture of SFT and the latest policy. The samples are saved in each checkpoint (the trainer's
+     `extra_state`): a resume reloads them, and a refresh is the only generation cost after step 1.
   4. Policy vs SFT on held-out prompts, judged by the gold scorer and the reward model.
 """
 from __future__ import annotations
@@ -200,27 +200,16 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     refresh, n = cfg.proposal.refresh_every, cfg.samples_per_prompt
     policy_slots = range(n - max(1, round(cfg.proposal.policy_fraction * n)), n)
 
-    def save_store(step: int) -> None:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        # one file per refresh (a few MB): whichever checkpoint a resume starts from finds its samples
-        torch.save({"fingerprint": fingerprint, "step": step, "store": store_ref["store"].state_dict()},
-                   checkpoints / f"samples_{step:07d}.pt")
+    def restore_store(saved: dict) -> None:
+        store_ref["store"] = SampleStore.from_state_dict(saved)
+        logger.info("samples restored from the checkpoint")
 
     def on_start(step: int) -> None:
-        """Step 1, or its cached result: the samples as they were at `step`."""
+        """Step 1, unless a resumed checkpoint brought the samples back."""
         state["step"] = step
-        saved = sorted(checkpoints.glob("samples_*.pt"), reverse=True)
-        for path in saved:
-            cached = torch.load(path, weights_only=False)
-            if cached["fingerprint"] == fingerprint and cached["step"] <= step:
-                store_ref["store"] = SampleStore.from_state_dict(cached["store"])
-                logger.info("samples restored from %s", path)
-                return
-        for stale in saved:  # from other settings or data, or beyond a discarded checkpoint
-            stale.unlink()
-        logger.info("step 1: %d SFT samples for each of %d prompts", n, len(train_prompts))
-        store_ref["store"] = sampler.fresh_store(cfg.train.seed)
-        save_store(0)
+        if "store" not in store_ref:
+            logger.info("step 1: %d SFT samples for each of %d prompts", n, len(train_prompts))
+            store_ref["store"] = sampler.fresh_store(cfg.train.seed)
 
     def on_step(done: int) -> None:
         """Step 3: redraw the policy's share of the samples."""
@@ -228,7 +217,6 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         if refresh and done % refresh == 0 and done < total_steps:
             logger.info("step %d: redrawing %d of %d samples per prompt from the policy", done, len(policy_slots), n)
             sampler.draw(policy, store_ref["store"], policy_slots, step=done, seed=cfg.train.seed * 1_000_003 + done)
-            save_store(done)
 
     eval_store = Sampler(cfg, tokenizer, eval_prompts, sft, reward).fresh_store(cfg.train.seed + 7)
     step = make_step(cfg, state)
@@ -247,6 +235,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         log_metrics=log.metrics if log else None,
         on_step=on_step,
         on_start=on_start,
+        extra_state=(lambda: store_ref["store"].state_dict(), restore_store),
     )
     save_pretrained(policy, tokenizer, paths.brain)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from alignment import checkpoint
 from alignment.batching import collate
 from alignment.config import PPOConfig
 from alignment.data import write_jsonl
@@ -153,34 +153,31 @@ def optimise(policy, critic, optimizers, data: Rollout, cfg: PPOConfig, seed: in
 
 
 def save_checkpoint(path: Path, fingerprint: str, done: int, policy, critic, optimizers, kl_control, history) -> None:
-    """policy, critic, optimizers, KL controller, RNG states and the rollout count, written atomically."""
-    path.mkdir(parents=True, exist_ok=True)
+    """policy, critic, optimizers, KL controller and RNG states in step_<done>/state.pt (weights_only-safe);
+    the rollout count and the curves in its meta."""
     state = {
-        "fingerprint": fingerprint, "rollouts_done": done, "policy": policy.state_dict(), "critic": critic.state_dict(),
-        "optimizers": [o.state_dict() for o in optimizers], "kl_control": kl_control.state_dict(), "history": history,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "policy": policy.state_dict(), "critic": critic.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers], "kl_control": kl_control.state_dict(),
+        "rng": checkpoint.rng_state(),
     }
-    torch.save(state, path / "latest.pt.tmp")
-    (path / "latest.pt.tmp").replace(path / "latest.pt")
+    checkpoint.save(path, done, fingerprint, lambda folder: torch.save(state, folder / "state.pt"),
+                    {"history": history})
 
 
 def load_checkpoint(path: Path, fingerprint: str, policy, critic, optimizers, kl_control) -> tuple[int, list]:
-    if not (path / "latest.pt").exists():
+    found = checkpoint.load(path, fingerprint)
+    if found is None:
         return 0, []
-    state = torch.load(path / "latest.pt", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        logger.info("ignoring %s: it belongs to other settings or data", path / "latest.pt")
-        return 0, []
+    folder, meta = found
+    state = torch.load(folder / "state.pt", weights_only=True)
     policy.load_state_dict(state["policy"])
     critic.load_state_dict(state["critic"])
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     kl_control.load_state_dict(state["kl_control"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    logger.info("resumed from %s after %d rollouts", path / "latest.pt", state["rollouts_done"])
-    return state["rollouts_done"], state["history"]
+    checkpoint.set_rng_state(state["rng"])
+    logger.info("resumed from %s after %d rollouts", folder, meta["step"])
+    return meta["step"], meta["history"]
 
 
 def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompts: list[str], cfg: PPOConfig,

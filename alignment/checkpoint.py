@@ -1,0 +1,157 @@
+"""Checkpoints for every training loop: step folders, an atomic pointer, loading that cannot crash a resume.
+
+A checkpoint directory holds
+
+    step_0000004/   what the caller's `write(folder)` put there, plus meta.json
+    latest.json     {"path": "step_0000004", "step": 4}
+
+`save` writes `.step_<n>.partial/` (the caller's files, then meta.json), renames it to `step_<n>/`, points
+`latest.json` at it (temp file, fsync, os.replace), then deletes the older step folders. A kill at any
+moment leaves the old pointer or the new one, each naming a complete folder: a step folder gets its name
+only once it is whole. (One gap: re-saving a step whose folder exists, another fingerprint's or a run's
+with resume off, deletes it first; a kill right then leaves a pointer to nothing, which `load` survives.)
+
+`load` trusts the pointer. If the pointer is unreadable (truncated, garbage) or names a missing folder, it
+falls back to the newest step folder whose meta.json reads, and with none the run starts fresh. A
+checkpoint of another fingerprint (other settings, data or code) is ignored.
+
+meta.json holds the step, the fingerprint and whatever `meta` the caller passes: logged curves, and
+`run_id`, the MLflow run a resumed stage continues. `load` reads JSON only, so peeking is cheap.
+
+Several processes (accelerate): every process calls `save` with the same arguments, and each one's `write`
+puts its share (its RNG state, say) into the same folder, on a filesystem they share. Only the main
+process renames, writes meta.json and the pointer, and deletes old folders, after barriers. On one
+process the barriers are no-ops.
+
+Saved RNG states go through `rng_state`: types that `torch.load(..., weights_only=True)` accepts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+POINTER = "latest.json"
+META = "meta.json"
+
+
+def save(
+    checkpoint_dir: Path,
+    step: int,
+    fingerprint: str,
+    write: Callable[[Path], None],
+    meta: dict | None = None,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Write checkpoint `step` through `write(folder)` and make it the latest; returns its folder."""
+    is_main = accelerator is None or accelerator.is_main_process
+    barrier = accelerator.wait_for_everyone if accelerator is not None else lambda: None
+    target = checkpoint_dir / f"step_{step:07d}"
+    partial = checkpoint_dir / f".{target.name}.partial"  # hidden from the step_* globs
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left behind by a kill mid-save
+        partial.mkdir(parents=True)
+    barrier()  # no process writes into the folder before it is there, emptied
+    write(partial)
+    if is_main:
+        (partial / META).write_text(json.dumps({**(meta or {}), "step": step, "fingerprint": fingerprint}))
+    barrier()  # every process's files are in before the folder gets its name
+    if is_main:
+        shutil.rmtree(target, ignore_errors=True)  # a same-step checkpoint of other settings
+        partial.rename(target)
+        _replace_json(checkpoint_dir / POINTER, {"path": target.name, "step": step})
+    barrier()  # nobody can still be writing or reading what is deleted next
+    if is_main:
+        for old in [*checkpoint_dir.glob("step_*"), *checkpoint_dir.glob(".step_*.partial")]:
+            if old != target:  # older checkpoints, and saves a kill cut short
+                shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    """The latest checkpoint's folder and meta, or None: nothing there, nothing readable, or another
+    fingerprint's. Reads JSON only; the caller loads its own files from the folder."""
+    found = _from_pointer(checkpoint_dir) or _newest_folder(checkpoint_dir)
+    if found is None:
+        return None
+    folder, meta = found
+    if meta.get("fingerprint") != fingerprint:
+        logger.info("ignoring checkpoint %s: it belongs to other settings, data or code", folder)
+        return None
+    return folder, meta
+
+
+def _from_pointer(checkpoint_dir: Path) -> tuple[Path, dict] | None:
+    pointer = checkpoint_dir / POINTER
+    if not pointer.exists():
+        return None
+    try:
+        folder = checkpoint_dir / json.loads(pointer.read_text())["path"]
+        return folder, _read_meta(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("unusable %s (%r): looking for the newest complete step folder", pointer, error)
+        return None
+
+
+def _newest_folder(checkpoint_dir: Path) -> tuple[Path, dict] | None:
+    for folder in sorted(checkpoint_dir.glob("step_*"), reverse=True):  # zero-padded: newest first
+        try:
+            return folder, _read_meta(folder)
+        except (OSError, ValueError) as error:
+            logger.warning("skipping %s (%r)", folder, error)
+    return None
+
+
+def _read_meta(folder: Path) -> dict:
+    meta = json.loads((folder / META).read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{folder / META} is not a checkpoint's meta")
+    return meta
+
+
+def _replace_json(path: Path, content: dict) -> None:
+    """Write `path` atomically: readers see the old content or the new, never a part."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(json.dumps(content))
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name moves to them
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict:
+    """Every global RNG (torch CPU and CUDA, python, numpy) as weights_only-safe types: numpy's uint32
+    key array becomes an int64 tensor, the rest are tensors, ints, floats, str, tuples and None."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state((saved["kind"], keys, saved["position"], saved["has_gauss"],
+                         saved["cached_gaussian"]))
