@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from alignment.tracking import STAGE_RUN_ENV
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -67,7 +69,9 @@ def save(
     barrier()  # no process writes into the folder before it is there, emptied
     write(partial)
     if is_main:
-        (partial / META).write_text(json.dumps({**(meta or {}), "step": step, "fingerprint": fingerprint}))
+        # run_id: the MLflow run that wrote it; a stage killed after this checkpoint continues that run
+        meta = {"run_id": os.environ.get(STAGE_RUN_ENV), **(meta or {}), "step": step, "fingerprint": fingerprint}
+        (partial / META).write_text(json.dumps(meta))
     barrier()  # every process's files are in before the folder gets its name
     if is_main:
         shutil.rmtree(target, ignore_errors=True)  # a same-step checkpoint of other settings

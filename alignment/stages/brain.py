@@ -24,18 +24,17 @@ import torch
 from alignment.batching import as_example, collate
 from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
-from alignment.data import write_jsonl
 from alignment.generation import generate_ids
-from alignment.gold import GoldScorer
-from alignment.heldout import compare_to_sft
 from alignment.losses import sequence_logps
-from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
-from alignment.paths import Paths, hash_paths
+from alignment.models import check_max_length, save_pretrained
+from alignment.paths import Paths
 from alignment.prompts import load_prompts
-from alignment.plots import loss_curve, write_csv
+from alignment.plots import loss_curve
+from alignment.registry import fingerprint as registry_fingerprint
 from alignment.reward import RewardScorer
+from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_scorer
 from alignment.tracking import Tracker
-from alignment.trainer import config_fingerprint, train, window_indices
+from alignment.trainer import train, window_indices
 
 logger = logging.getLogger(__name__)
 
@@ -183,14 +182,12 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer = load_tokenizer(paths.sft)
-    policy, sft = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    tokenizer, policy, sft = load_policy_and_reference(paths.sft)
     check_max_length(cfg.max_length, policy, "brain.max_length")
-    reward_path = paths.rm if cfg.reward_model == "rm" else cfg.reward_model
-    reward = RewardScorer(reward_path, max_length=cfg.max_length)
+    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
     train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
     eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10))
-    fingerprint = config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.data, paths.sft, Path(reward_path)]))
+    fingerprint = registry_fingerprint("brain", cfg, paths.root)
     checkpoints = paths.checkpoints("brain")
     sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
     store_ref: dict = {}
@@ -237,29 +234,18 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         on_start=on_start,
         extra_state=(lambda: store_ref["store"].state_dict(), restore_store),
     )
-    save_pretrained(policy, tokenizer, paths.brain)
+    out = paths.out("brain")
+    save_pretrained(policy, tokenizer, out)
 
     # step 4: policy vs SFT on held-out prompts
-    test_prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
-    gold = GoldScorer.load(paths.gold)
-    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
-    held_out, rows = compare_to_sft(policy, sft, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
-    write_jsonl(paths.brain / "held_out_generations.jsonl", rows)
-
+    held_out, rows = compare_on_held_out(policy, sft, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
+    log_held_out("BRAIn", held_out)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps, "train_seconds": result.seconds}
-    paths.metrics("brain").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("brain").write_text(json.dumps(metrics, indent=2) + "\n")
     columns = ["step", "loss", "brain/ess_fraction", "objective/scores", "objective/kl", "proposal/age"]
-    write_csv(paths.plots("brain") / "train.csv", result.history, columns)
-    if log is not None:
-        log.metrics(held_out, step=result.steps)
-        log.figure(loss_curve(result.history, result.eval_history, "BRAIn loss", ylabel="loss per prompt"), "plots/brain_loss.png")
-        log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
-        if cfg.register_as:
-            log.register_model(paths.brain, cfg.register_as)
-    logger.info("held-out: gold reward BRAIn %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
-                held_out["gold/reward"], held_out["gold/sft_reward"], held_out["gold/win_rate_vs_sft"],
-                held_out["rm/win_rate_vs_sft"], held_out["objective/kl"])
+    figure = loss_curve(result.history, result.eval_history, "BRAIn loss", ylabel="loss per prompt")
+    finish("brain", paths, log, metrics, csvs={"train.csv": (result.history, columns)}, curves=(held_out, result.steps),
+           figures={"plots/brain_loss.png": figure}, tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+           model=out, register_as=cfg.register_as)
     return metrics | {"mean_reward_final_samples": float(np.mean(store_ref["store"].rewards.numpy()))}

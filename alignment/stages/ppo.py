@@ -17,22 +17,21 @@ from tqdm.auto import tqdm
 from alignment import checkpoint
 from alignment.batching import collate
 from alignment.config import PPOConfig
-from alignment.data import write_jsonl
 from alignment.generation import generate_ids
-from alignment.gold import GoldScorer
-from alignment.heldout import compare_to_sft
 from alignment.losses import IGNORE_INDEX, token_logps
-from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
-from alignment.paths import Paths, hash_paths
+from alignment.models import check_max_length, save_pretrained
+from alignment.paths import Paths
 from alignment.prompts import load_prompts
-from alignment.plots import plt, write_csv
+from alignment.plots import plt
 from alignment.ppo_loss import (
     AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_entropy, masked_whiten,
     ppo_policy_loss, ppo_value_loss,
 )
+from alignment.registry import fingerprint as registry_fingerprint
 from alignment.reward import RewardScorer, load_reward_model
+from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_model_path
 from alignment.tracking import Tracker
-from alignment.trainer import config_fingerprint, window_indices
+from alignment.trainer import window_indices
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def optimise(policy, critic, optimizers, data: Rollout, cfg: PPOConfig, seed: in
             values = critic_values(critic, batch["input_ids"], batch["attention_mask"])
             vf_loss, vf_stats = ppo_value_loss(values, data.old_values[rows], data.returns[rows], mask, cfg.clip_range_value)
             (pg_loss + cfg.vf_coef * vf_loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.train.max_grad_norm or float("inf"))
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -183,15 +182,15 @@ def load_checkpoint(path: Path, fingerprint: str, policy, critic, optimizers, kl
 def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompts: list[str], cfg: PPOConfig,
               checkpoint_dir: Path | None, fingerprint: str, log_metrics=None) -> tuple[list[dict], dict[str, float]]:
     """The outer loop: rollouts 1..cfg.rollouts, each steps 1-5, then step 6 (the KL controller)."""
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0),
+    optimizers = [torch.optim.AdamW(policy.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0),
                   torch.optim.AdamW(critic.own_parameters() if isinstance(critic, PolicyValueHead) else critic.parameters(),
-                                    lr=cfg.critic_learning_rate, weight_decay=0.0)]
+                                    lr=cfg.train.critic_learning_rate, weight_decay=0.0)]
     kl_control = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                   else FixedKLController(cfg.kl_coef))
     done, history = 0, []
-    if checkpoint_dir is not None and cfg.resume:
+    if checkpoint_dir is not None and cfg.train.resume:
         done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, critic, optimizers, kl_control)
-    windows = len(window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.seed, 0))
+    windows = len(window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.train.seed, 0))
     if windows == 0:
         raise ValueError(f"{len(prompts)} prompts are fewer than one rollout of {cfg.rollout_batch_size}")
     timing = {"generation_seconds": 0.0, "training_seconds": 0.0}
@@ -199,12 +198,12 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
     critic.train()
     for k in tqdm(range(done, cfg.rollouts), initial=done, total=cfg.rollouts, desc="ppo", unit="rollout", mininterval=2.0):
         epoch, position = divmod(k, windows)
-        rows = window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.seed, epoch)[position]
+        rows = window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.train.seed, epoch)[position]
         started = time.perf_counter()
         data = rollout(policy, reference, critic, reward, tokenizer, [prompts[i] for i in rows], cfg, kl_control.value,
-                       seed=cfg.seed * 1_000_003 + k)
+                       seed=cfg.train.seed * 1_000_003 + k)
         middle = time.perf_counter()
-        stats = optimise(policy, critic, optimizers, data, cfg, seed=cfg.seed * 1_000_003 + k)
+        stats = optimise(policy, critic, optimizers, data, cfg, seed=cfg.train.seed * 1_000_003 + k)
         # step 6. adapt the KL coefficient to the rollout's KL
         kl_control.update(data.stats["objective/kl"], cfg.rollout_batch_size)
         timing["generation_seconds"] += middle - started
@@ -213,7 +212,7 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
         history.append(row)
         if log_metrics:
             log_metrics({key: value for key, value in row.items() if key != "step"}, k + 1)
-        if checkpoint_dir is not None and cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0:
+        if checkpoint_dir is not None and cfg.train.checkpoint_every and (k + 1) % cfg.train.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, fingerprint, k + 1, policy, critic, optimizers, kl_control, history)
     return history, timing
 
@@ -234,45 +233,29 @@ def curves(history: list[dict]):
 
 
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer = load_tokenizer(paths.sft)
-    policy, reference = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
     check_max_length(cfg.max_length, policy, "ppo.max_length")
-    reward_path = paths.rm if cfg.reward_model == "rm" else Path(cfg.reward_model)
+    reward_path = reward_model_path(paths, cfg.reward_model)
     reward = RewardScorer(reward_path, max_length=cfg.max_length)
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
     critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference, critic = policy.to(device), reference.to(device), critic.to(device)
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
-    fingerprint = config_fingerprint(cfg.model_dump(exclude={"resume"}), hash_paths([paths.data, paths.sft, Path(reward_path)]))
+    fingerprint = registry_fingerprint("ppo", cfg, paths.root)
     logger.info("PPO: %d rollouts of %d prompts, kl_coef %g (%s), critic from %s",
                 cfg.rollouts, cfg.rollout_batch_size, cfg.kl_coef, "adaptive" if cfg.kl_target else "fixed", critic_path)
     history, timing = train_ppo(policy, reference, critic, reward, tokenizer, prompts, cfg, paths.checkpoints("ppo"),
                                 fingerprint, log.metrics if log else None)
-    save_pretrained(policy, tokenizer, paths.ppo)
+    out = paths.out("ppo")
+    save_pretrained(policy, tokenizer, out)
 
-    test_prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
-    gold = GoldScorer.load(paths.gold)
-    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
-    held_out, rows = compare_to_sft(policy, reference, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.seed, judges)
-    write_jsonl(paths.ppo / "held_out_generations.jsonl", rows)
-
+    held_out, rows = compare_on_held_out(policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
+    log_held_out("PPO", held_out)
+    logger.info("generation %.0f s, training %.0f s", timing["generation_seconds"], timing["training_seconds"])
     last = history[-1]
     metrics = {f"train/{k}": v for k, v in last.items() if k != "step"} | held_out | timing | {"rollouts": len(history)}
-    paths.metrics("ppo").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("ppo").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_csv(paths.plots("ppo") / "train.csv", history,
-              ["step", "objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "policy/clipfrac_avg"])
-    if log is not None:
-        log.metrics(held_out, step=len(history))
-        figure = curves(history)
-        log.figure(figure, "plots/ppo.png")
-        plt.close(figure)
-        log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
-        if cfg.register_as:
-            log.register_model(paths.ppo, cfg.register_as)
-    logger.info("held-out: gold reward PPO %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats; "
-                "generation %.0f s, training %.0f s", held_out["gold/reward"], held_out["gold/sft_reward"],
-                held_out["gold/win_rate_vs_sft"], held_out["rm/win_rate_vs_sft"], held_out["objective/kl"],
-                timing["generation_seconds"], timing["training_seconds"])
-    return metrics
+    columns = ["step", "objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "policy/clipfrac_avg"]
+    return finish("ppo", paths, log, metrics, csvs={"train.csv": (history, columns)}, curves=(held_out, len(history)),
+                  figures={"plots/ppo.png": curves(history)}, tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+                  model=out, register_as=cfg.register_as)
