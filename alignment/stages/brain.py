@@ -258,7 +258,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     test_prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
     gold = GoldScorer.load(paths.gold)
     judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
-    held_out, rows = compare_to_sft(policy, sft, tokenizer, test_prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
+    held_out, rows = compare_to_sft(policy, sft, tokenizer, test_prompts, cfg.samples, cfg.train.seed, judges)
     write_jsonl(paths.brain / "held_out_generations.jsonl", rows)
 
     final = result.eval_history[-1]

@@ -135,7 +135,8 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     prompts = [r["prompt"] for r in read_jsonl(paths.data / "prompts_test.jsonl") if r["source"] == "imdb"][: cfg.eval_prompts]
     gold, reward = GoldScorer.load(paths.gold), RewardScorer(paths.rm, max_length=cfg.max_length)
     judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
-    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
+    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.train.seed,
+                                        judges)
     write_jsonl(paths.dpo / "held_out_generations.jsonl", rows)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | gold_metrics
