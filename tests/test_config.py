@@ -32,6 +32,9 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
         ("sft", {"max_length": 4096}, "exceeds model.max_position_embeddings"),
         ("tokenizer", {"source": "pretrained"}, "source: pretrained needs name_or_path"),
         ("prepare", {"eval_fraction": 0.6, "test_fraction": 0.5}, "eval_fraction + test_fraction must be below 1"),
+        ("dpo", {"loss_type": "ipo", "ipo_length_normalize": "sometimes"},
+         "dpo.ipo_length_normalize: Input should be a valid boolean"),
+        ("dpo", {"ipo_length_normalize": False}, "ipo_length_normalize applies to loss_type ipo only, not sigmoid"),
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):

@@ -1,7 +1,7 @@
 """dpo: Direct Preference Optimization (Rafailov et al. 2023) from the SFT policy, with the SFT model as
-the frozen reference; IPO, hinge and conservative DPO through `loss_type` and `label_smoothing`, and
-the DPO paper's two baselines on the same pairs: `preferred_ft` (fine-tune on the chosen responses)
-and `unlikelihood` (Welleck et al. 2019).
+the frozen reference; IPO (on per-token log-ratios unless `ipo_length_normalize` is false), hinge and
+conservative DPO through `loss_type` and `label_smoothing`, and the DPO paper's two baselines on the
+same pairs: `preferred_ft` (fine-tune on the chosen responses) and `unlikelihood` (Welleck et al. 2019).
 After training, policy and SFT continue the same held-out IMDb prompts and the gold scorer judges both."""
 from __future__ import annotations
 
@@ -66,6 +66,12 @@ def make_step(reference, cfg: DPOConfig):
         else:
             with torch.no_grad():
                 reference_logps = policy_logps(reference, batch)
+        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:
+            # per-token averages, the IPO paper's form (see DPOConfig): one target margin for short and
+            # long answers. The counts come from this batch's labels, the very tokens the reference
+            # log-probs (precomputed or not) were summed over; rewards and logps/* are then per token.
+            num_tokens = mask.sum(-1)
+            logps, reference_logps = logps / num_tokens, reference_logps / num_tokens
         half = logps.shape[0] // 2
         # the implicit rewards beta * log(pi / ref) are reported for every method, baselines included
         losses, chosen_rewards, rejected_rewards = dpo_loss(
