@@ -203,16 +203,23 @@ class DPOConfig(Section):
     preferred_ft (NLL of the chosen response) and unlikelihood (NLL of chosen + alpha * unlikelihood
     of the rejected tokens)."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # > 0: conservative DPO (cDPO)
+    ipo_length_normalize: bool = True
+    """ipo only: log-ratios averaged per response token (True) or summed (False). Averaged by default: it
+    is the form behind the IPO authors' results and TRL's; with sums, the target margin 1/(2 beta) is the
+    same for a 5-token and a 50-token answer, so long responses are pushed far less per token."""
     unlikelihood_alpha: float = Field(default=1.0, gt=0.0)
     precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
+    source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
     eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
     samples: SampleConfig = SampleConfig(temperature=1.0)
     register_as: str | None = "alignment-dpo"
 
     @model_validator(mode="after")
-    def _smoothing_is_for_sigmoid(self) -> DPOConfig:
+    def _options_match_loss_type(self) -> DPOConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
+        if "ipo_length_normalize" in self.model_fields_set and self.loss_type != "ipo":
+            raise ValueError(f"ipo_length_normalize applies to loss_type ipo only, not {self.loss_type}")
         return self
 
 

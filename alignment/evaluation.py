@@ -77,24 +77,27 @@ class Samples:
     responses: list[str]
     tokens: np.ndarray  # response length in tokens, EOS included
     ended: np.ndarray  # True when the model emitted EOS before max_new_tokens
+    ids: list[tuple[list[int], list[int]]]  # (prompt ids, response ids) as sampled: what KL is scored on
 
 
 def sample(model, model_hash: str, tokenizer, prompts: list[str], settings: dict, cache: GenerationCache | None,
            samples_per_prompt: int = 1) -> tuple[list[Samples], int]:
     """`samples_per_prompt` samples of every prompt (list index j: the j-th sample of each prompt),
     from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
-    many were drawn now."""
+    many were drawn now. A cached row without the sampled ids (written before they were kept) counts
+    as missing: its per-prompt seed draws the same sample again, ids included."""
     from alignment.generation import generate_ids
 
     cached = cache.load(model_hash, settings) if cache else {}
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
-    missing = [key for key in wanted if key not in cached]
+    missing = [key for key in wanted if "response_ids" not in cached.get(key, {})]
     if missing:
         drawn = generate_ids(model, tokenizer, [p for p, _ in missing], settings["max_new_tokens"], settings["temperature"],
                              settings["top_p"], seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing])
         eos = tokenizer.eos_token_id
         new = [{"prompt": p, "index": j, "response": tokenizer.decode(ids, skip_special_tokens=True),
-                "tokens": len(ids), "ended": bool(ids) and ids[-1] == eos} for (p, j), (_, ids) in zip(missing, drawn)]
+                "tokens": len(ids), "ended": bool(ids) and ids[-1] == eos, "prompt_ids": prompt_ids,
+                "response_ids": ids} for (p, j), (prompt_ids, ids) in zip(missing, drawn)]
         cached |= {(r["prompt"], r["index"]): r for r in new}
         if cache:
             cache.add(model_hash, settings, new)
@@ -102,7 +105,8 @@ def sample(model, model_hash: str, tokenizer, prompts: list[str], settings: dict
     for j in range(samples_per_prompt):
         rows = [cached[(p, j)] for p in prompts]
         out.append(Samples([r["response"] for r in rows], np.array([r["tokens"] for r in rows]),
-                           np.array([r["ended"] for r in rows], dtype=bool)))
+                           np.array([r["ended"] for r in rows], dtype=bool),
+                           [(r["prompt_ids"], r["response_ids"]) for r in rows]))
     return out, len(missing)
 
 
@@ -152,7 +156,7 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
     """One row per model: each judge's win rate against the reference with its 95% interval, the
     tie-adjusted rate for pairwise judges, mean scores, KL to the reference policy and length."""
     head = ["model", *[f"{j} win rate [95% CI]" for j in judges], *[f"{j} reward" for j in judges if f"{j}/reward" in rows[0]],
-            "KL to SFT", "mean tokens", "n"]
+            "KL to SFT ± se", "mean tokens", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"]]
@@ -166,8 +170,9 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
                          f"{int(row[f'{j}/invalid'])} invalid; consistency {row[f'{j}/consistency']:.2f}")
             cells.append(cell)
         cells += [f"{row[f'{j}/reward']:.2f}" for j in judges if f"{j}/reward" in rows[0]]
-        kl = row["objective/kl"]
-        cells += [f"{kl:.2f}" + (" (analytic)" if row.get("kind") == "best_of_n" else ""), f"{row['length/mean_tokens']:.1f}",
+        analytic = row.get("kind") == "best_of_n"  # log n - (n - 1) / n: no sampling error
+        spread = " (analytic)" if analytic else f" ± {row['objective/kl_se']:.2f}"
+        cells += [f"{row['objective/kl']:.2f}{spread}", f"{row['length/mean_tokens']:.1f}",
                   str(int(row[f"{judges[0]}/n"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -24,8 +24,8 @@ def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) token ids drawn from softmax(logits / temperature), restricted to the top-p nucleus;
-    temperature 0 is greedy. One uniform per row: `uniforms` (B,) when given, else from the global
-    torch RNG."""
+    temperature 0 is greedy. One uniform u in [0, 1) per row: `uniforms` (B,) when given, else from
+    the global torch RNG. A token of zero probability (outside the nucleus) is never drawn, at any u."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -36,8 +36,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, un
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     cdf = probs.cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) if uniforms is None else uniforms.to(cdf)[:, None]
-    u = u * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    # right=True picks the first token whose cdf exceeds u, so its own mass is positive even at u = 0
+    # (the left side would return token 0, EOS, at u = 0 whatever its probability). u * total can
+    # round up to the total (a float64 uniform just below 1 becomes 1.0 in float32): the index would
+    # then run past the end, so it is capped at the row's last token with positive probability.
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    return torch.minimum(index, torch.where(probs > 0, positions, 0).amax(-1))
 
 
 @torch.no_grad()
@@ -115,4 +120,9 @@ def generate(
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt) as text, up to the first EOS."""
     samples = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_tokens, seeds)
+    return decode_responses(tokenizer, samples)
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, samples: list[tuple[list[int], list[int]]]) -> list[str]:
+    """The responses of `generate_ids` as text, without their EOS (what `generate` returns)."""
     return tokenizer.batch_decode([response for _, response in samples], skip_special_tokens=True)

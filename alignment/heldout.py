@@ -1,29 +1,74 @@
 """A trained policy against the SFT model on held-out prompts: both continue the same prompts under
 the same seed; judges (the gold scorer, the reward model) score both; the policy's KL to SFT is
-estimated on its own samples."""
+estimated on its own samples, scored token for token as they were drawn."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from alignment.batching import collate, encode
+from alignment.batching import collate
 from alignment.config import SampleConfig
-from alignment.generation import generate
-from alignment.losses import sequence_logps
+from alignment.generation import decode_responses, generate_ids
+from alignment.losses import IGNORE_INDEX, sequence_logps
+
+Sample = tuple[list[int], list[int]]  # (prompt ids, response ids), as `generate_ids` returns them
+
+
+@contextmanager
+def evaluating(*models) -> Iterator[None]:
+    """The models in eval mode (no dropout) inside the block; their training flags restored after."""
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def _response_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"]).cpu()
 
 
 @torch.no_grad()
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
-    """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (the k1 estimator; its mean
-    is KL(pi || pi_ref)). Responses are re-tokenized from text, without a closing EOS."""
-    encoded = [encode(tokenizer, p, r, max_length, add_eos=False) for p, r in zip(prompts, responses)]
-    pad, out = collate(tokenizer.pad_token_id), []
-    for start in range(0, len(encoded), 64):
-        batch = pad(encoded[start : start + 64])
-        logps = [sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
-                 for m in (policy, reference)]
-        out.append((logps[0] - logps[1]).numpy())
+def kl_to_reference(policy, reference, samples: list[Sample], batch_size: int = 64) -> np.ndarray:
+    """Per-sample k1 = log pi(y|x) - log pi_ref(y|x) on the policy's own samples; its mean estimates
+    KL(pi || pi_ref) when the samples were drawn from pi itself (temperature 1, top_p 1).
+
+    The sampled ids are scored exactly, as TRL scores its rollouts: re-tokenizing the decoded text
+    would score other tokens and drop the closing EOS, whose log-ratio is part of the sample's.
+    Worked example, one step over the vocabulary {EOS, a} with pi(EOS) = 0.9, pi_ref(EOS) = 0.5:
+      y = (EOS) with probability 0.9, k1 = ln(0.9 / 0.5); y = (a) with probability 0.1, k1 = ln(0.1 / 0.5);
+      E[k1] = 0.9 ln 1.8 + 0.1 ln 0.2 ~ 0.368064, the KL. Without the EOS the first k1 is 0 and the
+      expectation 0.1 ln 0.2 ~ -0.161, a negative "KL".
+
+    Args:
+        samples: (prompt ids, response ids) per sample, the response ending in EOS iff pi emitted it.
+    Returns:
+        (N,) float array of k1 per sample.
+    """
+    # right padding: no real token attends to a pad, so the pad id is irrelevant (0 is in every vocabulary)
+    pad, out = collate(pad_token_id=0), []
+    with evaluating(policy, reference):
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            batch = pad([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in chunk])
+            out.append((_response_logps(policy, batch) - _response_logps(reference, batch)).numpy())
     return np.concatenate(out)
+
+
+def kl_summary(kl: np.ndarray) -> dict[str, float]:
+    """`objective/kl`, the mean of the per-sample k1, and `objective/kl_se`, its standard error
+    (sample standard deviation / sqrt(n); nan for a single sample)."""
+    se = kl.std(ddof=1) / np.sqrt(len(kl)) if len(kl) > 1 else float("nan")
+    return {"objective/kl": float(kl.mean()), "objective/kl_se": float(se)}
 
 
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,18 +76,22 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a > b) + 0.5 * np.mean(a == b))
 
 
-def compare_to_sft(policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, max_length: int, seed: int,
+def compare_to_sft(policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int,
                    judges: dict) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on the same prompts. `judges` maps a name ("gold", "rm") to a function
     (prompts, responses) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
-    `<name>/win_rate_vs_sft`. `objective/kl` is the mean k1 estimate of KL(policy || SFT)."""
-    torch.manual_seed(seed)
-    policy_responses = generate(policy, tokenizer, prompts, samples.max_new_tokens, samples.temperature, samples.top_p)
-    torch.manual_seed(seed)
-    sft_responses = generate(reference, tokenizer, prompts, samples.max_new_tokens, samples.temperature, samples.top_p)
-    kl = kl_to_reference(policy, reference, tokenizer, prompts, policy_responses, max_length)
-    metrics: dict[str, float] = {"objective/kl": float(kl.mean()), "eval/prompts": len(prompts)}
-    rows = [{"prompt": p, "policy": r, "sft": q, "kl": float(k)} for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)]
+    `<name>/win_rate_vs_sft`. `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
+    policy's sampled ids, `objective/kl_se` its standard error."""
+    drawn = []
+    for model in (policy, reference):
+        torch.manual_seed(seed)  # the same seed for both: common random numbers
+        drawn.append(generate_ids(model, tokenizer, prompts, samples.max_new_tokens, samples.temperature,
+                                  samples.top_p))
+    policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
+    kl = kl_to_reference(policy, reference, drawn[0])
+    metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
+    rows = [{"prompt": p, "policy": r, "sft": q, "kl": float(k)}
+            for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)]
     for name, judge in judges.items():
         policy_scores = np.asarray(judge(prompts, policy_responses), dtype=float)
         sft_scores = np.asarray(judge(prompts, sft_responses), dtype=float)

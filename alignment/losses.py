@@ -95,7 +95,9 @@ def dpo_loss(
       "sigmoid": -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta).
                  eps = 0 is DPO (Rafailov et al. 2023, eq. 7); eps > 0 is conservative DPO (cDPO,
                  Mitchell 2023), which assumes each label is flipped with probability eps.
-      "ipo":     (delta - 1 / (2 beta))^2 (IPO, Azar et al. 2023, eq. 17; their tau is our beta).
+      "ipo":     (delta - 1 / (2 beta))^2 (IPO, Azar et al. 2023, eq. 17; their tau is our beta), on
+                 summed log-probs or, as in the IPO paper's experiments and TRL, on per-token averages:
+                 the caller chooses by what it passes (`dpo.ipo_length_normalize` in the DPO stage).
       "hinge":   relu(1 - beta delta) (SLiC-HF calibration loss, Zhao et al. 2023, margin 1/beta,
                  on reference-normalised log-ratios).
     label_smoothing only has a meaning for "sigmoid"; any other type rejects eps != 0.
@@ -103,12 +105,15 @@ def dpo_loss(
     Worked example (pi_c, ref_c, pi_r, ref_r) = (-1, -2, -4, -2), so delta = 1 - (-2) = 3:
       sigmoid, beta = ln(3)/3: beta delta = ln 3, sigmoid(ln 3) = 3/4, loss = ln(4/3) ~ 0.287682;
                with eps = 1/4: (3/4) ln(4/3) + (1/4) ln 4 ~ 0.562336.
-      ipo,     beta = 1/2: (3 - 1)^2 = 4.
+      ipo,     beta = 1/2: (3 - 1)^2 = 4. Read the four numbers as per-token averages of a 4-token
+               chosen and a 2-token rejected response: their sums (-4, -8, -8, -4) give delta
+               4 - (-4) = 8 and summed IPO (8 - 1)^2 = 49.
       hinge,   beta = 1/10: relu(1 - 0.3) = 0.7.
       rewards: chosen beta * (-1 + 2) = beta, rejected beta * (-4 + 2) = -2 beta.
 
     Args:
-        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs under the policy.
+        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs under the policy
+            (for length-normalised IPO, their per-token averages).
         reference_chosen_logps, reference_rejected_logps: (B,) the same under the frozen reference.
         beta: > 0, strength of the KL regularisation towards the reference.
         label_smoothing: eps in [0, 0.5), assumed label-noise rate (cDPO).

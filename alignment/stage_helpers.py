@@ -52,8 +52,7 @@ def compare_on_held_out(policy, reference, tokenizer, paths: Paths, cfg, reward,
     from alignment.prompts import load_prompts
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts)
-    metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, seed,
-                                   held_out_judges(paths, reward))
+    metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward))
     if out is not None:
         write_jsonl(out / "held_out_generations.jsonl", rows)
     return metrics, rows

@@ -13,8 +13,6 @@ with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -47,14 +45,6 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
-
-
-def config_fingerprint(*parts: object) -> str:
-    """Identifies the run a checkpoint belongs to: a checkpoint of other settings, other inputs or
-    other code (any source file of the `alignment` package) is never resumed."""
-    package = Path(__file__).resolve().parent
-    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(package.rglob("*.py")))).hexdigest()
-    return hashlib.sha256(json.dumps([str(p) for p in parts] + [code]).encode()).hexdigest()[:16]
 
 
 def window_indices(num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int) -> list[list[int]]:

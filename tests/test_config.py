@@ -40,6 +40,9 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
         ("rlaif", {"judge": {"transformers": {"name_or_path": "m", "batch_size": 0}}},
          "rlaif.judge.transformers.batch_size: Input should be greater than or equal to 1"),
         ("rlaif", {"judge": {"name_or_path": "m"}}, "rlaif.judge.name_or_path: Extra inputs"),  # flat: gone
+        ("dpo", {"loss_type": "ipo", "ipo_length_normalize": "sometimes"},
+         "dpo.ipo_length_normalize: Input should be a valid boolean"),
+        ("dpo", {"ipo_length_normalize": False}, "ipo_length_normalize applies to loss_type ipo only, not sigmoid"),
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):

@@ -63,6 +63,7 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
             assert row[f"{judge}/wins"] + row[f"{judge}/ties"] + row[f"{judge}/losses"] == 6
         assert 1 <= row["length/mean_tokens"] <= 8
     assert rows["sft"]["objective/kl"] == 0 and rows["tilted"]["objective/kl"] != 0
+    assert rows["sft"]["objective/kl_se"] == 0 and rows["tilted"]["objective/kl_se"] > 0
     assert rows["sft"]["samples_drawn"] == 6 * 3 and rows["tilted"]["samples_drawn"] == 6  # best-of-3 draws SFT's 3 per prompt
     # best-of-n shares SFT's samples (sample 0 is SFT's own), so its mean RM reward can only rise with n
     assert rows["sft"]["rm/reward"] <= rows["best_of_2"]["rm/reward"] <= rows["best_of_3"]["rm/reward"]
@@ -70,6 +71,7 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
 
     markdown = (root / "outputs/evaluate/leaderboard.md").read_text()
     assert all(f"| {name} |" in markdown for name in rows) and "gold win rate [95% CI]" in markdown
+    assert f"{rows['tilted']['objective/kl']:.2f} ± {rows['tilted']['objective/kl_se']:.2f}" in markdown
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["tilted"]["gold/win_rate"] == rows["tilted"]["gold/win_rate"]
     assert (root / "plots/evaluate/frontier.csv").read_text().splitlines()[0] == "model,objective/kl,rm/reward,gold/reward"

@@ -105,6 +105,18 @@ def test_sample_next_draws_from_the_softmax():
     assert edge.tolist() == [0, 2, 3]
 
 
+def test_sample_next_never_draws_a_token_of_zero_probability():
+    """At u = 0 the left-side search returned token 0 (EOS) whatever its probability; at u just below
+    1 (a float64 uniform that rounds to 1.0 in float32) the right-side search runs past the last token."""
+    p = torch.tensor([[0.0, 0.2, 0.3, 0.5], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.0, 0.0]])
+    zero = sample_next(p.log(), 1.0, uniforms=torch.zeros(3))
+    assert zero.tolist() == [1, 0, 0]
+    nucleus = sample_next(p[1:2].log(), 1.0, top_p=0.65, uniforms=torch.zeros(1))  # keeps tokens 2 and 3
+    assert nucleus.tolist() == [2]
+    top = sample_next(p.log(), 1.0, uniforms=torch.full((3,), 1 - 1e-12, dtype=torch.float64))
+    assert top.tolist() == [3, 3, 1]
+
+
 def test_best_of_n_helpers():
     scores = np.array([[0.1, 0.9, 0.5, 2.0], [3.0, 0.0, 1.0, 0.5]])
     assert best_of(scores, 1).tolist() == [0, 0] and best_of(scores, 2).tolist() == [1, 0] and best_of(scores, 4).tolist() == [3, 0]

@@ -132,6 +132,14 @@ def test_dpo_sigmoid_gradient_matches_closed_form():
     assert torch.allclose(pi_c.grad, -beta * torch.sigmoid(-beta * delta.detach()), rtol=0, atol=1e-12)
 
 
+def test_ipo_summed_and_length_normalised_worked_example():
+    """The docstring's numbers as per-token averages of a 4-token chosen and a 2-token rejected
+    response: averaged, delta = 3 and (3 - 1)^2 = 4; summed (-4, -8, -8, -4), delta = 8 and (8 - 1)^2 = 49."""
+    averaged, _, _ = dpo_loss(*WORKED, beta=0.5, loss_type="ipo")
+    summed, _, _ = dpo_loss(*_pair([-4.0], [-8.0], [-8.0], [-4.0]), beta=0.5, loss_type="ipo")
+    assert averaged.item() == 4.0 and summed.item() == 49.0
+
+
 def test_ipo_minimum_is_at_delta_one_over_two_beta():
     beta = 0.25  # target delta = 2
     deltas = torch.tensor([1.5, 1.9, 2.0, 2.1, 2.5], dtype=torch.float64, requires_grad=True)

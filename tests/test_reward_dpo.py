@@ -1,5 +1,6 @@
 """Reward model and DPO on tiny models: the reward index, a separable pair set, DPO's step 0."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,6 +92,37 @@ def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
           TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
     after = evaluate(policy)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] == 1.0 and after["loss"] < 0.4
+
+
+class ConstantLM(torch.nn.Module):
+    """A causal LM whose next-token distribution is `probs` at every position."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(torch.tensor(probs).log())
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.log_probs.expand(*input_ids.shape, -1))
+
+
+@pytest.mark.parametrize("normalize, expected", [(True, 4.0), (False, 49.0)])
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_ipo_step_averages_log_ratios_per_token(normalize, expected, precomputed):
+    """dpo_loss's worked example through the stage: chosen "a a a a", rejected "b b" after the prompt
+    token 0; log pi(a) = -1, log pi(b) = -4, log ref(a) = log ref(b) = -2 per token. Averaged:
+    (-1, -2, -4, -2), loss (3 - 1)^2 = 4; summed: (-4, -8, -8, -4), loss (8 - 1)^2 = 49."""
+    e = math.exp
+    policy = ConstantLM([1 - e(-1) - e(-4), e(-1), e(-4)])
+    reference = ConstantLM([1 - 2 * e(-2), e(-2), e(-2)])
+    batch = {"input_ids": torch.tensor([[0, 1, 1, 1, 1], [0, 2, 2, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[-100, 1, 1, 1, 1], [-100, 2, 2, -100, -100]])}
+    if precomputed:  # summed, as precompute_reference stores them
+        batch["reference_logps"], reference = torch.tensor([-8.0, -4.0]), None
+    cfg = DPOConfig(beta=0.5, loss_type="ipo", ipo_length_normalize=normalize)
+    loss, metrics = dpo.make_step(reference, cfg)(policy, batch)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert metrics["logps/chosen"] == pytest.approx(-1.0 if normalize else -4.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "preferred_ft", "unlikelihood"])

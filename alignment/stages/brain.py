@@ -14,9 +14,7 @@ The outer loop, in numbered steps:
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -1,27 +1,24 @@
 """dpo: Direct Preference Optimization (Rafailov et al. 2023) from the SFT policy, with the SFT model as
-the frozen reference; IPO, hinge and conservative DPO through `loss_type` and `label_smoothing`, and
-the DPO paper's two baselines on the same pairs: `preferred_ft` (fine-tune on the chosen responses)
-and `unlikelihood` (Welleck et al. 2019).
+the frozen reference; IPO (on per-token log-ratios unless `ipo_length_normalize` is false), hinge and
+conservative DPO through `loss_type` and `label_smoothing`, and the DPO paper's two baselines on the
+same pairs: `preferred_ft` (fine-tune on the chosen responses) and `unlikelihood` (Welleck et al. 2019).
 After training, policy and SFT continue the same held-out IMDb prompts and the gold scorer judges both."""
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
 from alignment.config import DPOConfig
-from alignment.data import read_jsonl, write_jsonl
-from alignment.gold import GoldScorer
-from alignment.heldout import compare_to_sft
-from alignment.reward import RewardScorer
 from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
-from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
-from alignment.paths import Paths, hash_paths
-from alignment.plots import loss_curve, write_csv
+from alignment.models import check_max_length, save_pretrained
+from alignment.paths import Paths
+from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
+from alignment.registry import fingerprint as registry_fingerprint
+from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_scorer
 from alignment.tracking import Tracker
-from alignment.trainer import config_fingerprint, train
+from alignment.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +63,12 @@ def make_step(reference, cfg: DPOConfig):
         else:
             with torch.no_grad():
                 reference_logps = policy_logps(reference, batch)
+        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:
+            # per-token averages, the IPO paper's form (see DPOConfig): one target margin for short and
+            # long answers. The counts come from this batch's labels, the very tokens the reference
+            # log-probs (precomputed or not) were summed over; rewards and logps/* are then per token.
+            num_tokens = mask.sum(-1)
+            logps, reference_logps = logps / num_tokens, reference_logps / num_tokens
         half = logps.shape[0] // 2
         # the implicit rewards beta * log(pi / ref) are reported for every method, baselines included
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -106,8 +109,7 @@ def evaluation(examples: list[dict], pad, step, batch_size: int):
 
 
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer = load_tokenizer(paths.sft)
-    policy, reference = load_causal_lm(paths.sft), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
     check_max_length(cfg.max_length, policy, "dpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
@@ -126,30 +128,21 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         count_pairs,
         cfg.train,
         checkpoint_dir=paths.checkpoints("dpo"),
-        fingerprint=config_fingerprint(cfg.model_dump(exclude={"train": {"resume"}}), hash_paths([paths.pairs, paths.data, paths.sft])),
+        fingerprint=registry_fingerprint("dpo", cfg, paths.root),
         evaluate=evaluation(eval_examples, pad, step, cfg.train.batch_size),
         log_metrics=log.metrics if log else None,
     )
-    save_pretrained(policy, tokenizer, paths.dpo)
+    out = paths.out("dpo")
+    save_pretrained(policy, tokenizer, out)
 
-    prompts = [r["prompt"] for r in read_jsonl(paths.data / "prompts_test.jsonl") if r["source"] == "imdb"][: cfg.eval_prompts]
-    gold, reward = GoldScorer.load(paths.gold), RewardScorer(paths.rm, max_length=cfg.max_length)
-    judges = {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
-    gold_metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, cfg.max_length, cfg.train.seed, judges)
-    write_jsonl(paths.dpo / "held_out_generations.jsonl", rows)
+    reward = reward_scorer(paths, "rm", cfg.max_length)
+    held_out, rows = compare_on_held_out(policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
+    log_held_out("DPO", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | gold_metrics
+    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
-    paths.metrics("dpo").parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics("dpo").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_csv(paths.plots("dpo") / "train.csv", result.history, ["step", "loss", "rewards/margins", "rewards/accuracies"])
-    if log is not None:
-        log.metrics(gold_metrics, step=result.steps)
-        log.figure(loss_curve(result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"), "plots/dpo_loss.png")
-        log.table(rows[: cfg.samples.num_prompts], "held_out_generations.json")
-        if cfg.register_as:
-            log.register_model(paths.dpo, cfg.register_as)
-    logger.info("held-out gold reward: DPO %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
-                gold_metrics["gold/reward"], gold_metrics["gold/sft_reward"], gold_metrics["gold/win_rate_vs_sft"],
-                gold_metrics["rm/win_rate_vs_sft"], gold_metrics["objective/kl"])
-    return metrics
+    figure = loss_curve(result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair")
+    return finish("dpo", paths, log, metrics,
+                  csvs={"train.csv": (result.history, ["step", "loss", "rewards/margins", "rewards/accuracies"])},
+                  curves=(held_out, result.steps), figures={"plots/dpo_loss.png": figure},
+                  tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]}, model=out, register_as=cfg.register_as)

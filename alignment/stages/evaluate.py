@@ -51,7 +51,7 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
 
 
 def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
-    from alignment.heldout import kl_to_reference
+    from alignment.heldout import kl_summary, kl_to_reference
     from alignment.models import load_causal_lm, load_tokenizer
 
     located = {name: paths.resolve(path) for name, path in cfg.models.items()}
@@ -92,10 +92,10 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         samples, new = sample(model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
         drawn[name] = samples
         first = samples[0]
-        kl = kl_to_reference(model, reference_model, tokenizer, prompts, first.responses, cfg.max_length)
+        kl = kl_to_reference(model, reference_model, first.ids)
         metrics, judgements = judge_model(judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed)
         row = {"model": name, "kind": "policy", "path": str(path), "model_hash": model_hash, "samples_drawn": new,
-               "objective/kl": float(kl.mean()), **length_stats(first), **metrics}
+               **kl_summary(kl), **length_stats(first), **metrics}
         rows.append(row)
         per_prompt[name] = first.responses
         for judge_name, judgement in judgements.items():
@@ -126,9 +126,11 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
         chosen = [samples[j].responses[i] for i, j in enumerate(pick)]
         tokens = np.array([samples[j].tokens[i] for i, j in enumerate(pick)])
         ended = np.array([samples[j].ended[i] for i, j in enumerate(pick)])
+        ids = [samples[j].ids[i] for i, j in enumerate(pick)]
         metrics, _ = judge_model(judges, prompts, chosen, references, limits, cfg.bootstrap_resamples, cfg.seed)
         rows.append({"model": f"best_of_{n}", "kind": "best_of_n", "policy": cfg.best_of_n.policy, "n": n,
-                     "objective/kl": best_of_n_kl(n), **length_stats(Samples(chosen, tokens, ended)), **metrics})
+                     "objective/kl": best_of_n_kl(n), **length_stats(Samples(chosen, tokens, ended, ids)),
+                     **metrics})
         logger.info("best-of-%d (%s): %s", n, cfg.best_of_n.policy,
                     ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges))
     return rows

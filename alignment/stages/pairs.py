@@ -3,7 +3,6 @@ continuations from the SFT policy, score each with the gold scorer, and make all
 the higher gold reward winning (or a Bradley-Terry draw, to simulate noisy annotators)."""
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from itertools import combinations

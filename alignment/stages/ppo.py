@@ -5,7 +5,6 @@ grid of `token_logps`: column j is the token at position j + 1, and `mask` marks
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path

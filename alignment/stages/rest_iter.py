@@ -115,8 +115,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts)
 
     def held_out(model) -> dict[str, float]:
-        scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.max_length, cfg.seed, judges)
-        return {k: scores[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft", "objective/kl")}
+        scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
+        keys = ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft", "objective/kl",
+                "objective/kl_se")
+        return {k: scores[k] for k in keys}
 
     # step 2. the start policy is iteration 0 of the record
     if not history:
