@@ -54,7 +54,7 @@ def workspace(upstream, tmp_path) -> Path:
     (root / "data").symlink_to(upstream / "data")
     shutil.copytree(upstream / "outputs", root / "outputs")
     params = copy.deepcopy(MICRO_PARAMS)
-    params["dpo"]["train"] |= {"max_steps": 24, "checkpoint_every": 2, "log_every": 1}
+    params["dpo"]["train"] |= {"epochs": 10, "max_steps": 24, "checkpoint_every": 2, "log_every": 1}
     write_params(root / "params.yaml", params)
     return root
 

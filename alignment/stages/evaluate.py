@@ -138,7 +138,7 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
 
 def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[dict], per_prompt: dict, identities: dict,
            skipped: list[str], judge_names: list[str]) -> dict:
-    out = paths.evaluate
+    out = paths.out("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     decoding = cfg.samples.model_dump(exclude={"num_prompts"}) | {"seed": cfg.seed}
     board = {"prompts": len(per_prompt["prompt"]), "source": cfg.source, "split": cfg.split, "decoding": decoding,
