@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # the temporary Prefect server of `make pipeline` may start slowly on a busy machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup pipeline test mlflow-ui prefect-server serve clean
+.PHONY: setup pipeline test lint dvc-yaml mlflow-ui prefect-server serve clean
 
 setup: .venv/.installed
 
@@ -27,7 +27,17 @@ pipeline: setup
 	$(PY) -m flows.pipeline
 
 test: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# dvc.yaml is generated from the stage registry (alignment/registry.py)
+dvc-yaml: setup
+	$(PY) -m alignment dvc-yaml
 
 mlflow-ui: setup
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

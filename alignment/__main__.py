@@ -3,6 +3,7 @@
 Validates the stage's params section (and fails before any compute), opens the stage's MLflow run
 (nested under the pipeline run when the Prefect flow started one), runs the stage, logs its metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from alignment.config import ConfigError, flatten, load_all, load_section
 from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
 
+
 def keep_freed_memory() -> None:
     """Stop glibc from returning every large freed block to the OS: a training step allocates and
     frees the same (batch, length, vocab) buffers each time, and the page faults of fresh mmaps cost
@@ -38,19 +40,28 @@ def keep_freed_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alignment", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=[*registry.STAGES, "check", "dvc-yaml"],
-                        help="a stage to run; `check` validates params; `dvc-yaml` writes dvc.yaml from the registry")
+    parser.add_argument(
+        "stage",
+        choices=[*registry.STAGES, "check", "dvc-yaml"],
+        help="a stage to run; `check` validates params; `dvc-yaml` writes dvc.yaml from the registry",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--iteration", help="a foreach stage (rest_iter): which item (a key of rest.iterations)")
-    parser.add_argument("--check", action="store_true", help="dvc-yaml: fail if dvc.yaml differs instead of writing it")
+    parser.add_argument(
+        "--iteration", help="a foreach stage (rest_iter): which item (a key of rest.iterations)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="dvc-yaml: fail if dvc.yaml differs instead of writing it"
+    )
     args = parser.parse_args(argv)
     if args.stage == "dvc-yaml":
         return write_dvc_yaml(Path("dvc.yaml"), args.check)
     stage = registry.STAGES.get(args.stage)
     if stage is not None and (stage.foreach is not None) != (args.iteration is not None):
-        parser.error(f"--iteration goes with the foreach stages ({[s.name for s in registry.STAGES.values() if s.foreach]}), "
-                     "and only with them")
+        parser.error(
+            f"--iteration goes with the foreach stages "
+            f"({[s.name for s in registry.STAGES.values() if s.foreach]}), and only with them"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
@@ -61,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_section(stage.params_section, args.params)
         pipeline = load_section("pipeline", args.params)
         if args.iteration is not None and str(args.iteration) not in cfg.iterations:
-            raise ConfigError(f"{args.params}: rest.iterations has no iteration {args.iteration!r}; it has {list(cfg.iterations)}")
+            raise ConfigError(
+                f"{args.params}: rest.iterations has no iteration {args.iteration!r}; "
+                f"it has {list(cfg.iterations)}"
+            )
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -71,14 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     run_stage = importlib.import_module(stage.module).run
     name = stage.name
     if args.iteration is not None:  # the DVC stage rest_iter@<k>
-        run_stage, name = functools.partial(run_stage, iteration=int(args.iteration)), f"{stage.name}@{args.iteration}"
+        run_stage, name = (
+            functools.partial(run_stage, iteration=int(args.iteration)),
+            f"{stage.name}@{args.iteration}",
+        )
     started = time.perf_counter()
     try:
         if args.no_tracking:
             metrics = run_stage(cfg, paths, None)
         else:
             resume = run_to_continue(stage, name, cfg, paths, args.iteration)
-            with tracking.stage_run(name, pipeline.experiment, resume_run_id=resume) as log, run_ledger(paths, name, log.run_id):
+            with (
+                tracking.stage_run(name, pipeline.experiment, resume_run_id=resume) as log,
+                run_ledger(paths, name, log.run_id),
+            ):
                 log.params(flatten(cfg))
                 log.tags({"data_hash": hash_paths(registry.inputs(stage, cfg, paths.root, args.iteration))})
                 metrics = run_stage(cfg, paths, log)
@@ -86,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2))
+    print(
+        json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2)
+    )
     return 0
 
 
@@ -121,10 +143,13 @@ def run_to_continue(stage: registry.Stage, name: str, cfg, paths: Paths, iterati
         return None
     found = None
     if stage.checkpoints:
-        found = checkpoint.load(paths.checkpoints(name), registry.fingerprint(stage.name, cfg, paths.root, iteration))
+        found = checkpoint.load(
+            paths.checkpoints(name), registry.fingerprint(stage.name, cfg, paths.root, iteration)
+        )
     if found is not None and found[1].get("run_id") == dead["run_id"]:
-        logging.getLogger(__name__).info("continuing MLflow run %s of the killed %s from step %d", dead["run_id"], name,
-                                         found[1]["step"])
+        logging.getLogger(__name__).info(
+            "continuing MLflow run %s of the killed %s from step %d", dead["run_id"], name, found[1]["step"]
+        )
         return dead["run_id"]
     tracking.mark_killed(dead["run_id"], paths.root)
     logging.getLogger(__name__).info("marked MLflow run %s of the killed %s as KILLED", dead["run_id"], name)

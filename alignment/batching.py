@@ -1,5 +1,6 @@
 """Token ids for {prompt, response} examples and their right-padded batches, shared by every stage
 that trains or scores text (SFT, reward model, DPO): labels hold IGNORE_INDEX on the prompt."""
+
 from __future__ import annotations
 
 import torch
@@ -9,14 +10,18 @@ from alignment.losses import IGNORE_INDEX
 Batch = dict[str, torch.Tensor]
 
 
-def encode(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True) -> dict[str, list[int]]:
+def encode(
+    tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True
+) -> dict[str, list[int]]:
     """Prompt and response tokenized apart (so the mask is exact), EOS closing the response.
 
     Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
     dialogue turns matter most), and then cut the response on the right.
     """
     prompt_ids = tokenizer(prompt).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if add_eos else [])
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + (
+        [tokenizer.eos_token_id] if add_eos else []
+    )
     if len(prompt_ids) + len(response_ids) > max_length:
         prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(response_ids)) :]
     input_ids = (prompt_ids + response_ids)[:max_length]
@@ -38,7 +43,11 @@ def collate(pad_token_id: int):
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+            ids[row, :n], labels[row, :n], mask[row, :n] = (
+                torch.tensor(e["input_ids"]),
+                torch.tensor(e["labels"]),
+                1,
+            )
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return pad

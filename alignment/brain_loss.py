@@ -3,6 +3,7 @@
 No models, no config, no I/O: the same function trains the language model (log-densities are summed
 response log-probs) and computes the Gaussian toy of the variance experiment.
 """
+
 from __future__ import annotations
 
 import math
@@ -96,9 +97,13 @@ def brain_loss(
         if log_partition is None:
             log_z = torch.logsumexp(log_ratio_target, dim=-1, keepdim=True) - math.log(n)
         else:
-            log_z = torch.as_tensor(log_partition, dtype=log_ratio_target.dtype, device=log_ratio_target.device)
+            log_z = torch.as_tensor(
+                log_partition, dtype=log_ratio_target.dtype, device=log_ratio_target.device
+            )
             if log_z.shape not in ((), (batch,)):
-                raise ValueError(f"log_partition must be a scalar or have shape ({batch},), got {tuple(log_z.shape)}")
+                raise ValueError(
+                    f"log_partition must be a scalar or have shape ({batch},), got {tuple(log_z.shape)}"
+                )
             log_z = log_z.reshape(-1, 1) if log_z.dim() else log_z
         weights = torch.exp((log_ratio_target - log_z).clamp(max=MAX_LOG_RATIO)) / n
         losses = -(weights * policy_logps).sum(-1)

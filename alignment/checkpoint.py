@@ -25,6 +25,7 @@ process the barriers are no-ops.
 
 Saved RNG states go through `rng_state`: types that `torch.load(..., weights_only=True)` accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,12 @@ def save(
     write(partial)
     if is_main:
         # run_id: the MLflow run that wrote it; a stage killed after this checkpoint continues that run
-        meta = {"run_id": os.environ.get(STAGE_RUN_ENV), **(meta or {}), "step": step, "fingerprint": fingerprint}
+        meta = {
+            "run_id": os.environ.get(STAGE_RUN_ENV),
+            **(meta or {}),
+            "step": step,
+            "fingerprint": fingerprint,
+        }
         (partial / META).write_text(json.dumps(meta))
     barrier()  # every process's files are in before the folder gets its name
     if is_main:
@@ -144,8 +150,13 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
     }
 
 
@@ -157,5 +168,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     saved = state["numpy"]
     keys = saved["keys"].numpy().astype(np.uint32)
-    np.random.set_state((saved["kind"], keys, saved["position"], saved["has_gauss"],
-                         saved["cached_gaussian"]))
+    np.random.set_state(
+        (saved["kind"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
+    )

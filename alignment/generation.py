@@ -6,6 +6,7 @@ Sampling by inverse CDF (one uniform per row, `searchsorted` on the cumulative p
 from the same distribution and halves the time per sample. Any causal LM with a KV cache works:
 prompts are left-padded and positions are counted from each row's first real token.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,9 @@ def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{index}\0{prompt}".encode()).digest()[:8], "little")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B,) token ids drawn from softmax(logits / temperature), restricted to the top-p nucleus;
     temperature 0 is greedy. One uniform u in [0, 1) per row: `uniforms` (B,) when given, else from
     the global torch RNG. A token of zero probability (outside the nucleus) is never drawn, at any u."""
@@ -80,13 +83,27 @@ def generate_ids(
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=limit,
             ).to(device)
             mask = batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            step = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
-            position, done, tokens = positions[:, -1:], torch.zeros(len(mask), dtype=torch.bool, device=device), []
-            rngs = None if seeds is None else [np.random.default_rng(s) for s in seeds[start : start + batch_size]]
+            step = model(
+                input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True
+            )
+            position, done, tokens = (
+                positions[:, -1:],
+                torch.zeros(len(mask), dtype=torch.bool, device=device),
+                [],
+            )
+            rngs = (
+                None
+                if seeds is None
+                else [np.random.default_rng(s) for s in seeds[start : start + batch_size]]
+            )
             for _ in range(max_new_tokens):
                 uniforms = None if rngs is None else torch.tensor([rng.random() for rng in rngs])
                 token = sample_next(step.logits[:, -1], temperature, top_p, uniforms)
@@ -95,11 +112,20 @@ def generate_ids(
                 if done.all() or len(tokens) == max_new_tokens:
                     break
                 mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
-                step = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                             past_key_values=step.past_key_values, use_cache=True)
+                step = model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=position,
+                    past_key_values=step.past_key_values,
+                    use_cache=True,
+                )
             rows = torch.stack(tokens, dim=1).tolist()
-            for ids, row_mask, row in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), rows):
-                end = row.index(eos) + 1 if eos in row else len(row)  # what follows the first EOS is discarded
+            for ids, row_mask, row in zip(
+                batch["input_ids"].tolist(), batch["attention_mask"].tolist(), rows
+            ):
+                end = (
+                    row.index(eos) + 1 if eos in row else len(row)
+                )  # what follows the first EOS is discarded
                 out.append(([i for i, m in zip(ids, row_mask) if m], row[:end]))
     finally:
         model.train(was_training)
@@ -119,10 +145,14 @@ def generate(
     seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt) as text, up to the first EOS."""
-    samples = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_tokens, seeds)
+    samples = generate_ids(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, max_prompt_tokens, seeds
+    )
     return decode_responses(tokenizer, samples)
 
 
-def decode_responses(tokenizer: PreTrainedTokenizerBase, samples: list[tuple[list[int], list[int]]]) -> list[str]:
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, samples: list[tuple[list[int], list[int]]]
+) -> list[str]:
     """The responses of `generate_ids` as text, without their EOS (what `generate` returns)."""
     return tokenizer.batch_decode([response for _, response in samples], skip_special_tokens=True)

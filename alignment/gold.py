@@ -3,6 +3,7 @@ on labelled IMDb reviews the pipeline never uses for SFT or prompts. It plays th
 pairs are labelled by it and every policy is judged by it, but nothing is ever trained against it.
 Gold reward = the classifier's log-odds that a text is positive.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,15 @@ class GoldScorer:
 
     @classmethod
     def fit(cls, texts: list[str], labels: list[int], c: float = 4.0, seed: int = 0) -> GoldScorer:
-        pipeline = Pipeline([
-            ("tfidf", TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True)),
-            ("logreg", LogisticRegression(C=c, max_iter=2000, random_state=seed)),
-        ])
+        pipeline = Pipeline(
+            [
+                (
+                    "tfidf",
+                    TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True),
+                ),
+                ("logreg", LogisticRegression(C=c, max_iter=2000, random_state=seed)),
+            ]
+        )
         pipeline.fit([clean_review(t) for t in texts], labels)
         return cls(pipeline)
 

@@ -11,6 +11,7 @@ No models, no config objects, no I/O. Rewards are (G, k): G prompts, k completio
 (B, T) tensor is over completion positions with a float `mask`, 1 on real tokens; whatever sits at a
 padded position (garbage log-probs, even inf) never reaches a result or a gradient.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """A trained policy against the SFT model on held-out prompts: both continue the same prompts under
 the same seed; judges (the gold scorer, the reward model) score both; the policy's KL to SFT is
 estimated on its own samples, scored token for token as they were drawn."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -76,8 +77,9 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a > b) + 0.5 * np.mean(a == b))
 
 
-def compare_to_sft(policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int,
-                   judges: dict) -> tuple[dict[str, float], list[dict]]:
+def compare_to_sft(
+    policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int, judges: dict
+) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on the same prompts. `judges` maps a name ("gold", "rm") to a function
     (prompts, responses) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
     `<name>/win_rate_vs_sft`. `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
@@ -85,18 +87,26 @@ def compare_to_sft(policy, reference, tokenizer, prompts: list[str], samples: Sa
     drawn = []
     for model in (policy, reference):
         torch.manual_seed(seed)  # the same seed for both: common random numbers
-        drawn.append(generate_ids(model, tokenizer, prompts, samples.max_new_tokens, samples.temperature,
-                                  samples.top_p))
+        drawn.append(
+            generate_ids(
+                model, tokenizer, prompts, samples.max_new_tokens, samples.temperature, samples.top_p
+            )
+        )
     policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
     kl = kl_to_reference(policy, reference, drawn[0])
     metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
-    rows = [{"prompt": p, "policy": r, "sft": q, "kl": float(k)}
-            for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)]
+    rows = [
+        {"prompt": p, "policy": r, "sft": q, "kl": float(k)}
+        for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)
+    ]
     for name, judge in judges.items():
         policy_scores = np.asarray(judge(prompts, policy_responses), dtype=float)
         sft_scores = np.asarray(judge(prompts, sft_responses), dtype=float)
-        metrics |= {f"{name}/reward": float(policy_scores.mean()), f"{name}/sft_reward": float(sft_scores.mean()),
-                    f"{name}/win_rate_vs_sft": win_rate(policy_scores, sft_scores)}
+        metrics |= {
+            f"{name}/reward": float(policy_scores.mean()),
+            f"{name}/sft_reward": float(sft_scores.mean()),
+            f"{name}/win_rate_vs_sft": win_rate(policy_scores, sft_scores),
+        }
         for row, s, t in zip(rows, policy_scores, sft_scores):
             row |= {f"policy_{name}": float(s), f"sft_{name}": float(t)}
     return metrics, rows

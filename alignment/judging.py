@@ -15,6 +15,7 @@ every rate, never counted as a win or a loss).
 Statistics: `win_rate = W / N`, `win_rate_adjusted = (W + T/2) / N` over the N valid rows, with
 percentile-bootstrap 95% intervals from resampling prompts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,9 @@ class Judge(Protocol):
     def identity(self) -> dict:
         """What produced the verdicts (kind, model, template and its hash), recorded with the results."""
 
-    def compare(self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> Judgement: ...
+    def compare(
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str]
+    ) -> Judgement: ...
 
 
 class ScalarJudge:
@@ -88,7 +91,9 @@ class Template:
 
     @property
     def sha256(self) -> str:
-        text = json.dumps({"system_prompt": self.system_prompt, "prompt_template": self.prompt_template}, sort_keys=True)
+        text = json.dumps(
+            {"system_prompt": self.system_prompt, "prompt_template": self.prompt_template}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def messages(self, question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
@@ -106,13 +111,15 @@ def load_template(path: str | Path, name: str) -> Template:
                 raise ValueError(f"{path}:{line_number}: template {name!r} lacks {sorted(missing)}")
             for placeholder in ("{question}", "{answer_a}", "{answer_b}"):
                 if placeholder not in row["prompt_template"]:
-                    raise ValueError(f"{path}:{line_number}: template {name!r}: prompt_template lacks {placeholder}")
+                    raise ValueError(
+                        f"{path}:{line_number}: template {name!r}: prompt_template lacks {placeholder}"
+                    )
             return Template(name, row["system_prompt"], row["prompt_template"])
     raise ValueError(f"{path}: no template named {name!r}")
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B" or "C" (tie): the [[X]] the judge's answer names; None when it names none, or more
+    """ "A", "B" or "C" (tie): the [[X]] the judge's answer names; None when it names none, or more
     than one different verdict (MT-Bench takes the first of [[A]], [[B]], [[C]] it finds; an answer
     that says both "[[A]]" and "[[B]]" is better read as unparseable and asked again)."""
     if not text:
@@ -145,10 +152,17 @@ class PairwiseJudge:
         self.name, self.backend, self.template, self.parse_retries = name, backend, template, parse_retries
 
     def identity(self) -> dict:
-        return {"kind": "pairwise_llm", "template": self.template.name, "template_sha256": self.template.sha256,
-                "parse_retries": self.parse_retries, **self.backend.identity()}
+        return {
+            "kind": "pairwise_llm",
+            "template": self.template.name,
+            "template_sha256": self.template.sha256,
+            "parse_retries": self.parse_retries,
+            **self.backend.identity(),
+        }
 
-    def verdicts(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str]) -> tuple[list[str | None], list[int]]:
+    def verdicts(
+        self, questions: Sequence[str], first: Sequence[str], second: Sequence[str]
+    ) -> tuple[list[str | None], list[int]]:
         """One order: the parsed verdict per row (A = `first` is better) and how many asks each took."""
         requests = [self.template.messages(q, a, b) for q, a, b in zip(questions, first, second)]
         verdicts: list[str | None] = [None] * len(requests)
@@ -167,7 +181,10 @@ class PairwiseJudge:
         as_a, asks_a = self.verdicts(prompts, responses, references)
         as_b, asks_b = self.verdicts(prompts, references, responses)
         outcomes = np.array([combine(a, b) for a, b in zip(as_a, as_b)], dtype=float)
-        details = [{"model_first": a, "model_second": b, "asks": x + y} for a, b, x, y in zip(as_a, as_b, asks_a, asks_b)]
+        details = [
+            {"model_first": a, "model_second": b, "asks": x + y}
+            for a, b, x, y in zip(as_a, as_b, asks_a, asks_b)
+        ]
         return Judgement(outcomes, details=details)
 
 
@@ -180,9 +197,13 @@ def position_stats(details: list[dict]) -> dict[str, float]:
     singles = [v for d in details for v in (d["model_first"], d["model_second"]) if v]
     agree = [{"A": "B", "B": "A", "C": "C"}[a] == b for a, b in pairs]
     decided = [v for v in singles if v != "C"]
-    return {"consistency": float(np.mean(agree)) if agree else float("nan"),
-            "first_position_rate": float(np.mean([v == "A" for v in decided])) if decided else float("nan"),
-            "invalid_single_verdicts": float(sum(1 for d in details for v in (d["model_first"], d["model_second"]) if v is None))}
+    return {
+        "consistency": float(np.mean(agree)) if agree else float("nan"),
+        "first_position_rate": float(np.mean([v == "A" for v in decided])) if decided else float("nan"),
+        "invalid_single_verdicts": float(
+            sum(1 for d in details for v in (d["model_first"], d["model_second"]) if v is None)
+        ),
+    }
 
 
 # ---------------------------------------------------------------- statistics
@@ -193,14 +214,24 @@ def rates(outcomes: np.ndarray) -> dict[str, float]:
     outcomes = np.asarray(outcomes, dtype=float)
     valid = outcomes[~np.isnan(outcomes)]
     n, wins, ties = len(valid), float(np.sum(valid == WIN)), float(np.sum(valid == TIE))
-    return {"n": float(n), "wins": wins, "ties": ties, "losses": float(np.sum(valid == LOSS)),
-            "invalid": float(len(outcomes) - n),
-            "win_rate": wins / n if n else float("nan"),
-            "win_rate_adjusted": (wins + 0.5 * ties) / n if n else float("nan")}
+    return {
+        "n": float(n),
+        "wins": wins,
+        "ties": ties,
+        "losses": float(np.sum(valid == LOSS)),
+        "invalid": float(len(outcomes) - n),
+        "win_rate": wins / n if n else float("nan"),
+        "win_rate_adjusted": (wins + 0.5 * ties) / n if n else float("nan"),
+    }
 
 
-def bootstrap_ci(values: np.ndarray, statistic: Callable[[np.ndarray], float], resamples: int = 2000,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of `statistic` over rows of `values` (NaN rows dropped first)."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
@@ -215,9 +246,13 @@ def bootstrap_ci(values: np.ndarray, statistic: Callable[[np.ndarray], float], r
 def win_rate_summary(outcomes: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
     """`rates` plus a 95% bootstrap interval for each win rate (`win_rate_ci_low`, ..._high)."""
     summary = rates(outcomes)
-    for key, statistic in (("win_rate", lambda v: np.mean(v == WIN)),
-                           ("win_rate_adjusted", lambda v: np.mean(v == WIN) + 0.5 * np.mean(v == TIE))):
-        summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(outcomes, statistic, resamples, seed=seed)
+    for key, statistic in (
+        ("win_rate", lambda v: np.mean(v == WIN)),
+        ("win_rate_adjusted", lambda v: np.mean(v == WIN) + 0.5 * np.mean(v == TIE)),
+    ):
+        summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(
+            outcomes, statistic, resamples, seed=seed
+        )
     return summary
 
 
@@ -234,9 +269,18 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
         from alignment.openai_judge import OpenAIChatBackend
 
         served = cfg.openai
-        return OpenAIChatBackend(served.base_url, served.model, served.api_key_env, served.timeout_s,
-                                 served.max_retries, served.backoff_s, served.concurrency, served.temperature,
-                                 max_tokens=served.max_tokens, cache_dir=cache_dir)
+        return OpenAIChatBackend(
+            served.base_url,
+            served.model,
+            served.api_key_env,
+            served.timeout_s,
+            served.max_retries,
+            served.backoff_s,
+            served.concurrency,
+            served.temperature,
+            max_tokens=served.max_tokens,
+            cache_dir=cache_dir,
+        )
     if cfg.backend == "transformers":
         from alignment.local_judge import TransformersJudgeBackend
         from alignment.models import smollm2_gguf
@@ -248,5 +292,9 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
     raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
 
 
-def build_llm_judge(cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path(".")) -> PairwiseJudge:
-    return PairwiseJudge(name, build_backend(cfg, cache_dir), judge_template(cfg, source, root), cfg.parse_retries)
+def build_llm_judge(
+    cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path(".")
+) -> PairwiseJudge:
+    return PairwiseJudge(
+        name, build_backend(cfg, cache_dir), judge_template(cfg, source, root), cfg.parse_retries
+    )

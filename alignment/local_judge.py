@@ -8,6 +8,7 @@ returned as MT-Bench text (`[[A]]`) so that it goes through the same parser as a
 the three probabilities are kept in `last_probabilities` for analysis. The answer never fails to
 parse, so retries never happen; a tie needs `C` to beat both letters.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,14 +25,28 @@ VERDICT_PREFIX = "[["
 
 
 class TransformersJudgeBackend:
-    def __init__(self, name_or_path: str | Path, gguf_file: str | None = None, batch_size: int = 8,
-                 max_length: int = 1024, model=None, tokenizer=None):
-        self.name, self.gguf_file, self.batch_size, self.max_length = str(name_or_path), gguf_file, batch_size, max_length
+    def __init__(
+        self,
+        name_or_path: str | Path,
+        gguf_file: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        model=None,
+        tokenizer=None,
+    ):
+        self.name, self.gguf_file, self.batch_size, self.max_length = (
+            str(name_or_path),
+            gguf_file,
+            batch_size,
+            max_length,
+        )
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path, gguf_file)
         self.model = (model if model is not None else load_causal_lm(name_or_path, gguf_file)).eval()
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions and positions < max_length:
-            logger.warning("%s: judging within %d positions; longer chats lose their beginning", self.name, positions)
+            logger.warning(
+                "%s: judging within %d positions; longer chats lose their beginning", self.name, positions
+            )
             self.max_length = positions
         self.letters = [self._single_token(letter) for letter in "ABC"]
         self.last_probabilities: list[tuple[float, float, float]] = []
@@ -44,8 +59,12 @@ class TransformersJudgeBackend:
         return ids[-1]
 
     def identity(self) -> dict:
-        return {"backend": "transformers", "model": self.name, "gguf_file": self.gguf_file or "",
-                "readout": "argmax P(A|B|C) after '[['"}
+        return {
+            "backend": "transformers",
+            "model": self.name,
+            "gguf_file": self.gguf_file or "",
+            "readout": "argmax P(A|B|C) after '[['",
+        }
 
     def render(self, messages: list[dict[str, str]]) -> str:
         if self.tokenizer.chat_template:
@@ -63,15 +82,29 @@ class TransformersJudgeBackend:
         of its KV cache, right-padded, reading each row's logits at its own last token."""
         if not requests:
             return torch.empty(0, 3)
-        encoded = [self.tokenizer(self.render(m), add_special_tokens=False)["input_ids"][-self.max_length :] for m in requests]
+        encoded = [
+            self.tokenizer(self.render(m), add_special_tokens=False)["input_ids"][-self.max_length :]
+            for m in requests
+        ]
         shared = len(encoded[0])
         for ids in encoded[1:]:
-            shared = next((i for i, (a, b) in enumerate(zip(encoded[0][:shared], ids)) if a != b), min(shared, len(ids)))
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(encoded[0][:shared], ids)) if a != b), min(shared, len(ids))
+            )
         shared = min(shared, min(len(ids) for ids in encoded) - 1)  # every row keeps at least its last token
-        prefix = self.model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True).past_key_values if shared else None
+        prefix = (
+            self.model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True).past_key_values
+            if shared
+            else None
+        )
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
-        for start in tqdm(range(0, len(encoded), self.batch_size), desc="judge", unit="batch", disable=len(encoded) <= 4 * self.batch_size):
+        for start in tqdm(
+            range(0, len(encoded), self.batch_size),
+            desc="judge",
+            unit="batch",
+            disable=len(encoded) <= 4 * self.batch_size,
+        ):
             rows = [ids[shared:] for ids in encoded[start : start + self.batch_size]]
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -81,7 +114,9 @@ class TransformersJudgeBackend:
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(rows))
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+            ).logits
             last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
             out.append(torch.softmax(last[:, self.letters].float(), dim=-1))
         return torch.cat(out)

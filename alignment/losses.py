@@ -2,6 +2,7 @@
 
 No models, no config objects, no I/O. Shapes: B = batch, T = sequence length, V = vocabulary.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     safe_labels = labels.masked_fill(~mask, 0)
-    logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, safe_labels.unsqueeze(-1)).squeeze(
+        -1
+    )
     return logps * mask, mask.float()
 
 

@@ -1,5 +1,6 @@
 """Tokenizers and causal LMs: train a byte-level BPE, load from a path / hub id / GGUF file, or
 build a small GPT-2 or Llama from a config. Models are always saved as safetensors."""
+
 from __future__ import annotations
 
 import logging
@@ -90,12 +91,16 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     logger.info("loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+    )
 
 
 def check_max_length(max_length: int, model: PreTrainedModel, key: str) -> None:
     """A length the model cannot embed fails before any compute, naming the params key."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
     if limit is not None and max_length > limit:
         raise ValueError(f"params.yaml: {key} = {max_length} exceeds the model's {limit} positions")
 

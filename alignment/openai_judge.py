@@ -10,6 +10,7 @@ of an interrupted one, asks only what it has not asked before.
 The API key is read once from an environment variable and only ever sent as a header: it is kept out
 of logs, errors, `identity()` and the cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +39,20 @@ class _Transient(Exception):
 
 
 class OpenAIChatBackend:
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 timeout_s: float = 60.0, max_retries: int = 4, backoff_s: float = 1.0, concurrency: int = 8,
-                 temperature: float = 0.0, retry_temperature: float = 0.7, max_tokens: int = 512,
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        concurrency: int = 8,
+        temperature: float = 0.0,
+        retry_temperature: float = 0.7,
+        max_tokens: int = 512,
+        cache_dir: str | Path | None = None,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         positive = {"timeout_s": timeout_s, "concurrency": concurrency, "max_tokens": max_tokens}
@@ -66,9 +77,14 @@ class OpenAIChatBackend:
         return f"OpenAIChatBackend(base_url={self.base_url!r}, model={self.model!r})"
 
     def identity(self) -> dict:
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                "temperature": self.temperature, "retry_temperature": self.retry_temperature,
-                "max_tokens": self.max_tokens}
+        return {
+            "backend": "openai",
+            "base_url": self.base_url,
+            "model": self.model,
+            "temperature": self.temperature,
+            "retry_temperature": self.retry_temperature,
+            "max_tokens": self.max_tokens,
+        }
 
     def complete(self, requests: list[list[dict[str, str]]], attempt: int = 0) -> list[str | None]:
         """Answers in the order of `requests`; a re-ask (`attempt` > 0) samples at `retry_temperature`
@@ -81,9 +97,12 @@ class OpenAIChatBackend:
         if not missing:
             return answers
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        with (httpx.Client(headers=headers, timeout=self.timeout_s,
-                           limits=httpx.Limits(max_connections=self.concurrency)) as client,
-              ThreadPoolExecutor(max_workers=self.concurrency) as pool):
+        with (
+            httpx.Client(
+                headers=headers, timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.concurrency)
+            ) as client,
+            ThreadPoolExecutor(max_workers=self.concurrency) as pool,
+        ):
             futures = {pool.submit(self._ask, client, payloads[i]): i for i in missing}
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), disable=len(futures) <= 50):
@@ -98,8 +117,12 @@ class OpenAIChatBackend:
 
     def _payload(self, messages: list[dict[str, str]], attempt: int) -> dict:
         temperature = self.retry_temperature if attempt > 0 else self.temperature
-        payload = {"model": self.model, "messages": messages, "temperature": temperature,
-                   "max_tokens": self.max_tokens}
+        payload = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": self.max_tokens,
+        }
         return {**payload, "seed": attempt} if attempt > 0 else payload
 
     def _ask(self, client: httpx.Client, payload: dict) -> str | None:
@@ -113,8 +136,12 @@ class OpenAIChatBackend:
             except _Transient as error:
                 failure = error
         self._count("failures")
-        log.warning("judge request to %s failed after %d retries (%s): the row is invalid",
-                    self.url, self.max_retries, failure)
+        log.warning(
+            "judge request to %s failed after %d retries (%s): the row is invalid",
+            self.url,
+            self.max_retries,
+            failure,
+        )
         return None
 
     def _post(self, client: httpx.Client, payload: dict) -> str:

@@ -1,5 +1,6 @@
 """Where each stage reads and writes, relative to the project root: `out(stage)` is the output folder
 the stage registry declares (and dvc.yaml names); the properties name the ones other stages read."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,9 @@ class Paths:
     def rm(self) -> Path:
         return self.out("rm")
 
-    def rest(self, iteration: int | str) -> Path:  # ReST iteration k: grown.jsonl, kept.jsonl, report.json, policy/
+    def rest(
+        self, iteration: int | str
+    ) -> Path:  # ReST iteration k: grown.jsonl, kept.jsonl, report.json, policy/
         return self.out("rest_iter", iteration)
 
     @property

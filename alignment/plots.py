@@ -1,4 +1,5 @@
 """Curves as DVC plot files (csv) and as matplotlib figures for MLflow."""
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,10 @@ def write_csv(path: Path, rows: list[dict[str, float]], columns: list[str]) -> N
 
 
 def loss_curve(
-    train: list[dict[str, float]], evals: list[dict[str, float]], title: str, ylabel: str = "loss (nats / response token)"
+    train: list[dict[str, float]],
+    evals: list[dict[str, float]],
+    title: str,
+    ylabel: str = "loss (nats / response token)",
 ):
     figure, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")

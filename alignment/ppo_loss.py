@@ -9,6 +9,7 @@ No models, no config objects, no I/O. Every (B, T) tensor is over *response* pos
 `mask` (B, T): 1 on real response tokens, 0 on padding. Whatever sits at a padded position (garbage
 log-probs, values, even inf) never reaches a result.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,17 +1,20 @@
 """Preference pairs as tensors: loading the configured sources, encoding, and batching chosen and
 rejected together so that one forward pass scores both (rows [0, B) chosen, [B, 2B) rejected)."""
+
 from __future__ import annotations
 
 import torch
 
+from alignment.batching import collate, encode
 from alignment.config import PreferenceData
 from alignment.data import read_jsonl
 from alignment.paths import Paths
-from alignment.batching import collate, encode
 
-FILES = {"imdb_pairs": lambda paths, split: paths.pairs / f"{split}.jsonl",
-         "prepared": lambda paths, split: paths.data / f"preference_{split}.jsonl",
-         "rlaif": lambda paths, split: paths.rlaif / f"{split}.jsonl"}
+FILES = {
+    "imdb_pairs": lambda paths, split: paths.pairs / f"{split}.jsonl",
+    "prepared": lambda paths, split: paths.data / f"preference_{split}.jsonl",
+    "rlaif": lambda paths, split: paths.rlaif / f"{split}.jsonl",
+}
 
 
 def load_pairs(paths: Paths, data: PreferenceData, split: str) -> list[dict]:

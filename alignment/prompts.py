@@ -1,5 +1,6 @@
 """Prompts for the on-policy stages: one source from a split of `prepare`'s prompt files, and new
 prompts dropped into a folder (ReST's scheduled retraining picks them up)."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,11 @@ def load_incoming(folder: str | Path) -> tuple[list[str], dict[str, int]]:
     skipped, by reason. A line that is not JSON raises DataError naming the file and line."""
     prompts, skipped, seen = [], Counter(), set()
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".txt")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".txt"))
+        if folder.is_dir()
+        else []
+    )
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():

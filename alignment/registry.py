@@ -13,6 +13,7 @@ Adding a method: a loss (if any), `alignment/stages/<name>.py` with `run(cfg, pa
 class in alignment/config.py, one `Stage(...)` below and its params.yaml section; then
 `python -m alignment dvc-yaml` writes dvc.yaml.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,13 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent
-NOT_OUTPUT_CODE = ("alignment/tracking.py", "alignment/serving.py", "alignment/registry.py", "alignment/__init__.py",
-                   "alignment/stages/__init__.py")
+NOT_OUTPUT_CODE = (
+    "alignment/tracking.py",
+    "alignment/serving.py",
+    "alignment/registry.py",
+    "alignment/__init__.py",
+    "alignment/stages/__init__.py",
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,9 @@ class Stage:
     metrics: bool = True  # metrics/<name>.json
     plots: tuple[Plot, ...] = ()  # curves with one y column
     plot_files: tuple[str, ...] = ()  # csvs drawn by the top-level `PLOTS`
-    foreach: str | None = None  # a params key: one stage per item, `<name>@<key>`, started with --iteration <key>
+    foreach: str | None = (
+        None  # a params key: one stage per item, `<name>@<key>`, started with --iteration <key>
+    )
     extra_deps: tuple[str, ...] = ()  # further deps (DVC templating allowed in foreach stages: ${item})
     desc: str = ""
     params_inputs: Any = None  # cfg -> further paths it reads, chosen by params (hashed, not DVC deps)
@@ -71,63 +79,166 @@ def _reward_model_input(cfg) -> list[str]:
 
 
 ON_POLICY_READS = ("prepare", "sft", "rm", "gold")
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("prepare", data=("data/embedded",), out="outputs/data", desc="raw sources -> sft / preference / prompts splits"),
-    Stage("tokenizer", reads=("prepare",), metrics=False),
-    Stage("sft", reads=("prepare", "tokenizer"), checkpoints=True,
-          plots=(Plot("plots/sft/train.csv", "step", "loss", "SFT training loss"),
-                 Plot("plots/sft/eval.csv", "step", "loss", "SFT eval loss"))),
-    Stage("gold", data=("data/embedded/imdb_gold_train.jsonl.gz", "data/embedded/imdb_gold_test.jsonl.gz"),
-          desc="the IMDb gold scorer: plays the human, never trained against"),
-    Stage("pairs", reads=("prepare", "sft", "gold"), desc="k SFT samples per IMDb prompt, all pairs labelled by gold"),
-    Stage("rm", reads=("prepare", "pairs", "sft"), checkpoints=True,
-          plots=(Plot("plots/rm/train.csv", "step", "accuracy", "Reward model training"),
-                 Plot("plots/rm/eval.csv", "step", "accuracy", "Reward model eval")),
-          params_inputs=lambda cfg: [] if cfg.init_from == "sft" else [cfg.init_from]),
-    Stage("dpo", reads=("prepare", "pairs", "sft", "rm", "gold"), checkpoints=True,
-          plots=(Plot("plots/dpo/train.csv", "step", "rewards/margins", "DPO training"),)),
-    Stage("brain_variance", plot_files=("plots/brain_variance/variance.csv",),
-          desc="BRAIn's gradient variance on the Gaussian toy"),
-    Stage("brain", reads=ON_POLICY_READS, checkpoints=True, plot_files=("plots/brain/train.csv",),
-          params_inputs=_reward_model_input),
-    Stage("ppo", reads=ON_POLICY_READS, checkpoints=True, plot_files=("plots/ppo/train.csv",),
-          params_inputs=_reward_model_input),
-    Stage("rest_iter", section="rest", reads=ON_POLICY_READS, foreach="rest.iterations", out="outputs/rest/${key}",
-          extra_deps=("data/incoming", "${item}"), params_inputs=_reward_model_input,
-          desc="ReST: one stage per iteration, rest_iter@1, rest_iter@2, ... (params rest.iterations)"),
-    Stage("rest", extra_deps=("outputs/rest",), out="outputs/rest_best", plot_files=("plots/rest/iterations.csv",),
-          desc="keeps the best ReST iteration by the held-out judge"),
-    Stage("evaluate", reads=("prepare", "rm", "gold", "sft", "dpo", "brain", "ppo", "rest"), data=("data/judge",),
-          checkpoints=True, plot_files=("plots/evaluate/frontier.csv", "plots/evaluate/win_rates.csv"),
-          params_inputs=lambda cfg: list(cfg.models.values()) + _reward_model_input(cfg),
-          desc="every policy vs the held-out references: leaderboard, frontier (caches in checkpoints/)"),
-    Stage("rlaif", reads=("prepare", "pairs"), data=("data/judge",), checkpoints=True,
-          desc="an LLM judge labels pairs (not in the default pipeline.stages: minutes on 2 CPU cores)"),
-]}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "prepare",
+            data=("data/embedded",),
+            out="outputs/data",
+            desc="raw sources -> sft / preference / prompts splits",
+        ),
+        Stage("tokenizer", reads=("prepare",), metrics=False),
+        Stage(
+            "sft",
+            reads=("prepare", "tokenizer"),
+            checkpoints=True,
+            plots=(
+                Plot("plots/sft/train.csv", "step", "loss", "SFT training loss"),
+                Plot("plots/sft/eval.csv", "step", "loss", "SFT eval loss"),
+            ),
+        ),
+        Stage(
+            "gold",
+            data=("data/embedded/imdb_gold_train.jsonl.gz", "data/embedded/imdb_gold_test.jsonl.gz"),
+            desc="the IMDb gold scorer: plays the human, never trained against",
+        ),
+        Stage(
+            "pairs",
+            reads=("prepare", "sft", "gold"),
+            desc="k SFT samples per IMDb prompt, all pairs labelled by gold",
+        ),
+        Stage(
+            "rm",
+            reads=("prepare", "pairs", "sft"),
+            checkpoints=True,
+            plots=(
+                Plot("plots/rm/train.csv", "step", "accuracy", "Reward model training"),
+                Plot("plots/rm/eval.csv", "step", "accuracy", "Reward model eval"),
+            ),
+            params_inputs=lambda cfg: [] if cfg.init_from == "sft" else [cfg.init_from],
+        ),
+        Stage(
+            "dpo",
+            reads=("prepare", "pairs", "sft", "rm", "gold"),
+            checkpoints=True,
+            plots=(Plot("plots/dpo/train.csv", "step", "rewards/margins", "DPO training"),),
+        ),
+        Stage(
+            "brain_variance",
+            plot_files=("plots/brain_variance/variance.csv",),
+            desc="BRAIn's gradient variance on the Gaussian toy",
+        ),
+        Stage(
+            "brain",
+            reads=ON_POLICY_READS,
+            checkpoints=True,
+            plot_files=("plots/brain/train.csv",),
+            params_inputs=_reward_model_input,
+        ),
+        Stage(
+            "ppo",
+            reads=ON_POLICY_READS,
+            checkpoints=True,
+            plot_files=("plots/ppo/train.csv",),
+            params_inputs=_reward_model_input,
+        ),
+        Stage(
+            "rest_iter",
+            section="rest",
+            reads=ON_POLICY_READS,
+            foreach="rest.iterations",
+            out="outputs/rest/${key}",
+            extra_deps=("data/incoming", "${item}"),
+            params_inputs=_reward_model_input,
+            desc="ReST: one stage per iteration, rest_iter@1, rest_iter@2, ... (params rest.iterations)",
+        ),
+        Stage(
+            "rest",
+            extra_deps=("outputs/rest",),
+            out="outputs/rest_best",
+            plot_files=("plots/rest/iterations.csv",),
+            desc="keeps the best ReST iteration by the held-out judge",
+        ),
+        Stage(
+            "evaluate",
+            reads=("prepare", "rm", "gold", "sft", "dpo", "brain", "ppo", "rest"),
+            data=("data/judge",),
+            checkpoints=True,
+            plot_files=("plots/evaluate/frontier.csv", "plots/evaluate/win_rates.csv"),
+            params_inputs=lambda cfg: list(cfg.models.values()) + _reward_model_input(cfg),
+            desc="every policy vs the held-out references: leaderboard, frontier (caches in checkpoints/)",
+        ),
+        Stage(
+            "rlaif",
+            reads=("prepare", "pairs"),
+            data=("data/judge",),
+            checkpoints=True,
+            desc="an LLM judge labels pairs (not in the default pipeline.stages: minutes on 2 CPU cores)",
+        ),
+    ]
+}
 
 # Plots with several curves from one file (a stage's own `plots` take a single y column)
 PLOTS: list[dict] = [
-    {"brain_variance": {"x": "kl_proposal_target",
-                        "y": {"plots/brain_variance/variance.csv": ["brain", "no_self_normalization", "no_baseline"]},
-                        "title": "BRAIn toy: gradient variance against KL(proposal || target)",
-                        "x_label": "KL(proposal || target)", "y_label": "variance of the gradient estimate"}},
-    {"brain_training": {"x": "step", "y": {"plots/brain/train.csv": ["objective/scores", "objective/kl", "brain/ess_fraction"]},
-                        "title": "BRAIn training: RM score of the samples, KL to SFT, ESS fraction"}},
-    {"ppo_training": {"x": "step", "y": {"plots/ppo/train.csv": ["objective/scores", "objective/rlhf_reward", "objective/kl"]},
-                      "title": "PPO: RM score, RLHF reward and KL to SFT per rollout"}},
-    {"reward_kl_frontier": {"template": "scatter", "x": "objective/kl",
-                            "y": {"plots/evaluate/frontier.csv": ["gold/reward", "rm/reward"]},
-                            "title": "Reward-KL frontier: mean reward against KL(policy || SFT) per model "
-                                     "(best-of-n: analytic KL)",
-                            "x_label": "KL(policy || SFT), nats", "y_label": "mean reward"}},
-    {"win_rates": {"template": "bar_horizontal", "x": "win_rate", "y": {"plots/evaluate/win_rates.csv": "model_judge"},
-                   "title": "Win rate against the reference response, per model and judge"}},
-    {"rest_iterations": {"x": "iteration",
-                         "y": {"plots/rest/iterations.csv": ["grow/rm_reward", "rm/reward", "gold/reward",
-                                                             "gold/win_rate_vs_sft"]},
-                         "title": "ReST per iteration (0: start policy): RM reward (proxy) vs gold reward and win "
-                                  "rate (held-out)",
-                         "x_label": "ReST iteration"}},
+    {
+        "brain_variance": {
+            "x": "kl_proposal_target",
+            "y": {"plots/brain_variance/variance.csv": ["brain", "no_self_normalization", "no_baseline"]},
+            "title": "BRAIn toy: gradient variance against KL(proposal || target)",
+            "x_label": "KL(proposal || target)",
+            "y_label": "variance of the gradient estimate",
+        }
+    },
+    {
+        "brain_training": {
+            "x": "step",
+            "y": {"plots/brain/train.csv": ["objective/scores", "objective/kl", "brain/ess_fraction"]},
+            "title": "BRAIn training: RM score of the samples, KL to SFT, ESS fraction",
+        }
+    },
+    {
+        "ppo_training": {
+            "x": "step",
+            "y": {"plots/ppo/train.csv": ["objective/scores", "objective/rlhf_reward", "objective/kl"]},
+            "title": "PPO: RM score, RLHF reward and KL to SFT per rollout",
+        }
+    },
+    {
+        "reward_kl_frontier": {
+            "template": "scatter",
+            "x": "objective/kl",
+            "y": {"plots/evaluate/frontier.csv": ["gold/reward", "rm/reward"]},
+            "title": "Reward-KL frontier: mean reward against KL(policy || SFT) per model "
+            "(best-of-n: analytic KL)",
+            "x_label": "KL(policy || SFT), nats",
+            "y_label": "mean reward",
+        }
+    },
+    {
+        "win_rates": {
+            "template": "bar_horizontal",
+            "x": "win_rate",
+            "y": {"plots/evaluate/win_rates.csv": "model_judge"},
+            "title": "Win rate against the reference response, per model and judge",
+        }
+    },
+    {
+        "rest_iterations": {
+            "x": "iteration",
+            "y": {
+                "plots/rest/iterations.csv": [
+                    "grow/rm_reward",
+                    "rm/reward",
+                    "gold/reward",
+                    "gold/win_rate_vs_sft",
+                ]
+            },
+            "title": "ReST per iteration (0: start policy): RM reward (proxy) vs gold reward and win "
+            "rate (held-out)",
+            "x_label": "ReST iteration",
+        }
+    },
 ]
 
 
@@ -159,7 +270,9 @@ def _imports(path: Path) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from alignment import tracking`
+            found |= {
+                f"{node.module}.{alias.name}" for alias in node.names
+            }  # `from alignment import tracking`
     return {m for m in found if _module_file(m) is not None}
 
 
@@ -206,8 +319,14 @@ def fingerprint(name: str, cfg, root: Path, iteration: str | None = None, world_
     from alignment.paths import hash_paths
 
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(PACKAGE.rglob("*.py")))).hexdigest()
-    parts = [name, str(iteration), _without_resume(cfg.model_dump()), hash_paths(inputs(get(name), cfg, root, iteration)),
-             code, world_size]
+    parts = [
+        name,
+        str(iteration),
+        _without_resume(cfg.model_dump()),
+        hash_paths(inputs(get(name), cfg, root, iteration)),
+        code,
+        world_size,
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -229,7 +348,12 @@ def dvc_stage(stage: Stage) -> dict:
     if stage.desc:
         entry["desc"] = stage.desc
     entry["cmd"] = f"python -m alignment {stage.name}" + (f" --iteration {key}" if stage.foreach else "")
-    deps = code_deps(stage.module) + list(stage.data) + [STAGES[s].output for s in stage.reads] + list(stage.extra_deps)
+    deps = (
+        code_deps(stage.module)
+        + list(stage.data)
+        + [STAGES[s].output for s in stage.reads]
+        + list(stage.extra_deps)
+    )
     entry["deps"] = list(dict.fromkeys(deps))
     entry["params"] = [stage.params_section]
     outs: list = [stage.output]
@@ -240,7 +364,9 @@ def dvc_stage(stage: Stage) -> dict:
     if stage.metrics:
         entry["metrics"] = [{f"metrics/{stage.name}{'_' + key if key else ''}.json": {"cache": False}}]
     if stage.plots:
-        entry["plots"] = [{p.file: {"cache": False, "x": p.x, "y": p.y, "title": p.title}} for p in stage.plots]
+        entry["plots"] = [
+            {p.file: {"cache": False, "x": p.x, "y": p.y, "title": p.title}} for p in stage.plots
+        ]
     if stage.foreach:
         return {"foreach": "${" + stage.foreach + "}", "do": entry}
     return entry

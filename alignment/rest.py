@@ -10,6 +10,7 @@ never trained against (the gold scorer on the IMDb task) is what we want to rise
 score drops while the proxy rises, the iterations stop and the best iteration by the held-out judge
 is kept.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -51,9 +52,11 @@ def guard(history: Sequence[dict], cfg: GuardConfig) -> str | None:
     proxy_up = last[cfg.proxy] > before[cfg.proxy]
     held_out_down = last[cfg.held_out] < before[cfg.held_out] - cfg.tolerance
     if proxy_up and held_out_down:
-        return (f"reward hacking suspected at iteration {last['iteration']}: the proxy {cfg.proxy} rose "
-                f"{before[cfg.proxy]:.3f} -> {last[cfg.proxy]:.3f} while the held-out {cfg.held_out} fell "
-                f"{before[cfg.held_out]:.3f} -> {last[cfg.held_out]:.3f}")
+        return (
+            f"reward hacking suspected at iteration {last['iteration']}: the proxy {cfg.proxy} rose "
+            f"{before[cfg.proxy]:.3f} -> {last[cfg.proxy]:.3f} while the held-out {cfg.held_out} fell "
+            f"{before[cfg.held_out]:.3f} -> {last[cfg.held_out]:.3f}"
+        )
     return None
 
 
@@ -64,16 +67,26 @@ def best_iteration(history: Sequence[dict], held_out: str) -> dict:
     return max(history, key=lambda record: (record[held_out], -record["iteration"]))
 
 
-def beats_champion(history: Sequence[dict], held_out: str, min_improvement: float, champion: str | None) -> tuple[bool, str]:
+def beats_champion(
+    history: Sequence[dict], held_out: str, min_improvement: float, champion: str | None
+) -> tuple[bool, str]:
     """Whether the best iteration of a run that started from `champion` (iteration 0 of `history`,
     scored on the same held-out prompts and seeds) should replace it, and why. Without a champion the
     best policy becomes the first one."""
     best, start = best_iteration(history, held_out), history[0]
     if champion is None:
-        return True, f"no champion yet: iteration {best['iteration']} ({held_out} {best[held_out]:.3f}) becomes the first"
+        return (
+            True,
+            f"no champion yet: iteration {best['iteration']} ({held_out} {best[held_out]:.3f}) "
+            "becomes the first",
+        )
     gain = best[held_out] - start[held_out]
     if best["iteration"] > 0 and gain > min_improvement:
-        return True, (f"iteration {best['iteration']} beats champion {champion} on {held_out}: "
-                      f"{best[held_out]:.3f} vs {start[held_out]:.3f} (+{gain:.3f} > {min_improvement})")
-    return False, (f"champion {champion} stays: the best new iteration does not beat its {held_out} "
-                   f"{start[held_out]:.3f} by more than {min_improvement}")
+        return True, (
+            f"iteration {best['iteration']} beats champion {champion} on {held_out}: "
+            f"{best[held_out]:.3f} vs {start[held_out]:.3f} (+{gain:.3f} > {min_improvement})"
+        )
+    return False, (
+        f"champion {champion} stays: the best new iteration does not beat its {held_out} "
+        f"{start[held_out]:.3f} by more than {min_improvement}"
+    )

@@ -1,4 +1,5 @@
 """A reward model: a scalar head on a transformer, read at each sequence's true last token."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +7,26 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from alignment.batching import collate, encode
 from alignment.losses import gather_last
 from alignment.models import load_tokenizer
-from alignment.batching import collate, encode
 
 
 def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """A sequence-classification model with one output; a causal-LM checkpoint gets a fresh head."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code
+    )
     if not hasattr(model, "score"):
-        raise ValueError(f"{name_or_path}: {type(model).__name__} has no `score` head; use a decoder-only model")
+        raise ValueError(
+            f"{name_or_path}: {type(model).__name__} has no `score` head; use a decoder-only model"
+        )
     return model
 
 
-def sequence_rewards(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_rewards(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """(B,) rewards at each row's last real token, by the attention mask.
 
     HF's own pooling finds the last token from `pad_token_id`, which goes wrong when pad == EOS or

@@ -1,4 +1,5 @@
 """MLflow pyfunc wrappers of saved HF folders, so registered models serve from the registry."""
+
 from __future__ import annotations
 
 import mlflow.pyfunc

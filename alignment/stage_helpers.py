@@ -1,6 +1,7 @@
 """What the stages repeat, written once: the policy with its frozen reference and tokenizer, the reward
 model a params key names, the held-out judges, the comparison with SFT on held-out prompts, and the
 end of a stage (metrics file, DVC plot files, MLflow figures and tables, registration)."""
+
 from __future__ import annotations
 
 import logging
@@ -41,32 +42,63 @@ def held_out_judges(paths: Paths, reward) -> dict:
     from alignment.gold import GoldScorer
 
     gold = GoldScorer.load(paths.gold)
-    return {"gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]), "rm": lambda p, r: reward(p, r).numpy()}
+    return {
+        "gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
+        "rm": lambda p, r: reward(p, r).numpy(),
+    }
 
 
-def compare_on_held_out(policy, reference, tokenizer, paths: Paths, cfg, reward, seed: int, split: str = "test",
-                        out: Path | None = None) -> tuple[dict[str, float], list[dict]]:
+def compare_on_held_out(
+    policy,
+    reference,
+    tokenizer,
+    paths: Paths,
+    cfg,
+    reward,
+    seed: int,
+    split: str = "test",
+    out: Path | None = None,
+) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on `cfg.eval_prompts` prompts of `split` (`cfg.source`), judged by gold and the RM;
     the per-prompt rows go to `out/held_out_generations.jsonl` when `out` is given."""
     from alignment.heldout import compare_to_sft
     from alignment.prompts import load_prompts
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts)
-    metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward))
+    metrics, rows = compare_to_sft(
+        policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward)
+    )
     if out is not None:
         write_jsonl(out / "held_out_generations.jsonl", rows)
     return metrics, rows
 
 
 def log_held_out(name: str, metrics: dict[str, float]) -> None:
-    logger.info("held-out: gold reward %s %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats", name,
-                metrics["gold/reward"], metrics["gold/sft_reward"], metrics["gold/win_rate_vs_sft"],
-                metrics["rm/win_rate_vs_sft"], metrics["objective/kl"])
+    logger.info(
+        "held-out: gold reward %s %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
+        name,
+        metrics["gold/reward"],
+        metrics["gold/sft_reward"],
+        metrics["gold/win_rate_vs_sft"],
+        metrics["rm/win_rate_vs_sft"],
+        metrics["objective/kl"],
+    )
 
 
-def finish(stage: str, paths: Paths, log, metrics: dict, *, csvs: dict[str, tuple[list[dict], list[str]]] | None = None,
-           figures: dict | None = None, tables: dict[str, list[dict]] | None = None, curves: tuple[dict, int] | None = None,
-           model: Path | None = None, register_as: str | None = None, kind: str = "causal_lm") -> dict:
+def finish(
+    stage: str,
+    paths: Paths,
+    log,
+    metrics: dict,
+    *,
+    csvs: dict[str, tuple[list[dict], list[str]]] | None = None,
+    figures: dict | None = None,
+    tables: dict[str, list[dict]] | None = None,
+    curves: tuple[dict, int] | None = None,
+    model: Path | None = None,
+    register_as: str | None = None,
+    kind: str = "causal_lm",
+) -> dict:
     """The end of a stage: `metrics/<stage>.json` (NaN-safe), `plots/<stage>/<file>` for each of `csvs`
     ({file: (rows, columns)}), and with a tracker: `curves` (metrics, step) as a last point of the curves,
     `figures` ({artifact name: figure}) and `tables` ({name: rows}) in MLflow, and the model registered

@@ -6,6 +6,7 @@ stage it causes is a nested run under it. The Prefect flow opens the pipeline ru
 the DVC-launched stage processes through `ALIGNMENT_PARENT_RUN_ID`; a stage run on its own (a test,
 the CLI, a bare `dvc repro`) is a top-level run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ def _experiment_id(mlflow, name: str, root: Path | None) -> str:
 
 def git_commit(root: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -114,7 +117,9 @@ class Tracker:
         """A run nested under this one (the evaluation opens one per model, so that the MLflow UI
         compares the models side by side with its run comparison)."""
         experiment_id = self._mlflow.get_run(self.run_id).info.experiment_id
-        with self._mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.run_id) as run:
+        with self._mlflow.start_run(
+            experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.run_id
+        ) as run:
             child = Tracker(self._mlflow, run.info.run_id)
             if tags:
                 child.tags(tags)
@@ -143,8 +148,9 @@ class Tracker:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str = "alignment", root: Path | None = None,
-              resume_run_id: str | None = None) -> Iterator[Tracker]:
+def stage_run(
+    stage: str, experiment: str = "alignment", root: Path | None = None, resume_run_id: str | None = None
+) -> Iterator[Tracker]:
     """An MLflow run for one stage: nested under the pipeline run when one handed us its id. With
     `resume_run_id` (a run whose process was killed after a checkpoint) that run is continued instead:
     its curves go on from the step the stage resumes at. The run's id is in STAGE_RUN_ENV while open."""
@@ -157,14 +163,21 @@ def stage_run(stage: str, experiment: str = "alignment", root: Path | None = Non
             experiment_id = mlflow.get_run(parent).info.experiment_id
         else:
             experiment_id = _experiment_id(mlflow, experiment, root)
-        context = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=bool(parent), parent_run_id=parent or None)
+        context = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, nested=bool(parent), parent_run_id=parent or None
+        )
     with context as run:
         mlflow.set_tags({"stage": stage, "git_commit": git_commit(root)})
         if resume_run_id:
             resumes = int(run.data.tags.get("resumes", "0")) + 1
             mlflow.set_tags({"resumes": str(resumes)})
-        logger.info("MLflow run %s (%s%s) in %s", run.info.run_id, stage, ", resumed" if resume_run_id else "",
-                    mlflow.get_tracking_uri())
+        logger.info(
+            "MLflow run %s (%s%s) in %s",
+            run.info.run_id,
+            stage,
+            ", resumed" if resume_run_id else "",
+            mlflow.get_tracking_uri(),
+        )
         os.environ[STAGE_RUN_ENV] = run.info.run_id
         try:
             yield Tracker(mlflow, run.info.run_id)
@@ -189,8 +202,9 @@ def mark_killed(run_id: str, root: Path | None = None) -> None:
 
 
 @contextmanager
-def pipeline_run(experiment: str, name: str, params: dict[str, Any], root: Path | None = None,
-                 kind: str = "pipeline") -> Iterator[str]:
+def pipeline_run(
+    experiment: str, name: str, params: dict[str, Any], root: Path | None = None, kind: str = "pipeline"
+) -> Iterator[str]:
     """The parent run of one pipeline execution; yields its id (for ALIGNMENT_PARENT_RUN_ID)."""
     mlflow = _mlflow(root)
     with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, root), run_name=name) as run:
@@ -228,7 +242,9 @@ def alias_version(name: str, alias: str, root: Path | None = None) -> dict[str, 
     return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
 
 
-def promote(run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str], root: Path | None = None) -> str:
+def promote(
+    run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str], root: Path | None = None
+) -> str:
     """Register `model_dir` as a new version of `name` (logged to the active run `run_id`), tag it and
     point `alias` at it. If tagging or the alias fails, the new version is deleted again: the registry
     ends as it was, or with the alias on the new version, never half-way."""

@@ -11,6 +11,7 @@ holds the model, optimizer, scheduler and every RNG (through accelerate's save_s
 stage's `extra_state` (BRAIn's samples); a run that is killed and resumed from its last checkpoint ends
 with the same weights as one that never stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,7 +48,9 @@ class TrainResult:
     tokens_per_second: float = 0.0
 
 
-def window_indices(num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int) -> list[list[int]]:
+def window_indices(
+    num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Example indices of each optimizer step of an epoch, in order; an incomplete last window is dropped."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
@@ -79,7 +82,9 @@ def train(
     with weights_only=True), the same on every process (the main process writes it)."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
-    windows_per_epoch = len(window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0))
+    windows_per_epoch = len(
+        window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0)
+    )
     if windows_per_epoch == 0:
         raise ValueError(
             f"{len(examples)} examples are fewer than one optimizer step "
@@ -90,7 +95,9 @@ def train(
         total_steps = min(total_steps, cfg.max_steps)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     torch.manual_seed(cfg.seed)  # dropout and anything else drawn from the global RNG
 
@@ -100,15 +107,22 @@ def train(
         result.resumed_from, result.history, result.eval_history = loaded
     if on_start is not None:
         on_start(result.resumed_from)
-    progress = tqdm(total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0)
+    progress = tqdm(
+        total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0
+    )
 
     model.train()
     started, tokens_seen, pending = time.perf_counter(), 0, []
     for step_index in range(result.resumed_from, total_steps):
         epoch, position = divmod(step_index, windows_per_epoch)
-        window = window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, epoch)[position]
-        mine = window[rank :: world]  # this process's share of the window
-        batches = [collate([examples[i] for i in mine[j : j + cfg.batch_size]]) for j in range(0, len(mine), cfg.batch_size)]
+        window = window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, epoch)[
+            position
+        ]
+        mine = window[rank::world]  # this process's share of the window
+        batches = [
+            collate([examples[i] for i in mine[j : j + cfg.batch_size]])
+            for j in range(0, len(mine), cfg.batch_size)
+        ]
         batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
 
         # The window's unit count over all processes: every micro-batch is divided by it, and DDP's
@@ -169,9 +183,16 @@ def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: Trai
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, step: int,
-                     result: TrainResult, extra_state: ExtraState | None) -> None:
+def _save_checkpoint(
+    accelerator: Accelerator,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    step: int,
+    result: TrainResult,
+    extra_state: ExtraState | None,
+) -> None:
     """The logged curves go along in the meta, so a resumed run reports them whole."""
+
     def write(folder: Path) -> None:
         accelerator.save_state(str(folder))  # every process writes its share (its RNG state)
         if extra_state is not None and accelerator.is_main_process:
@@ -181,8 +202,9 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint
     checkpoint.save(checkpoint_dir, step, fingerprint, write, meta, accelerator)
 
 
-def _load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str,
-                     extra_state: ExtraState | None) -> tuple[int, list, list]:
+def _load_checkpoint(
+    accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, extra_state: ExtraState | None
+) -> tuple[int, list, list]:
     found = checkpoint.load(checkpoint_dir, fingerprint)
     if found is None:
         return 0, [], []

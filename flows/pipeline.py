@@ -5,6 +5,7 @@ Run it on Prefect's local engine (no server to start): `python -m flows.pipeline
 written into params.yaml (comments kept), as `dvc exp run -S` does, so that DVC sees the change,
 re-runs exactly the stages that read it and records it in dvc.lock; commit or revert it afterwards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,8 @@ from tasks.dvc import run_stage
 
 
 def set_dotted(params: dict, key: str, value: Any) -> None:
-    """`set_dotted(p, "sft.train.learning_rate", 3e-4)`; a number indexes a list (`prepare.sources.0.limit`)."""
+    """`set_dotted(p, "sft.train.learning_rate", 3e-4)`; a number indexes a list
+    (`prepare.sources.0.limit`)."""
     *parents, last = key.split(".")
     node = params
     try:
@@ -52,7 +54,9 @@ def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     yaml = YAML()  # round-trip mode
     yaml.indent(mapping=2, sequence=4, offset=2)  # the file's own layout: list items indented under their key
     yaml.width = 4096  # never re-wrap a long flow-style list
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     params = yaml.load(params_path)
     for key, value in overrides.items():
         set_dotted(params, key, value)
@@ -121,8 +125,11 @@ def pipeline(
         for stage in chosen:
             results[stage] = stage_task(stage, str(project), parent)
             if results[stage]["metrics"].get("guard/stopped"):
-                get_run_logger().warning("%s: the ReST guard stopped the iterations; the later ones do not train "
-                                         "and `rest` keeps the best by the held-out judge", stage)
+                get_run_logger().warning(
+                    "%s: the ReST guard stopped the iterations; the later ones do not train "
+                    "and `rest` keeps the best by the held-out judge",
+                    stage,
+                )
         return results
 
 
@@ -132,10 +139,13 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
         numbers = {k: v for k, v in flatten(result["metrics"]).items() if isinstance(v, (int, float))}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
         lines.append(f"  {stage:<12} {'ran' if result['ran'] else 'up to date':<11} {shown}")
-    return "\n".join([
-        "pipeline finished:", *lines,
-        "look at: mlflow ui --backend-store-uri sqlite:///mlflow.db | dvc dag | dvc metrics show",
-    ])
+    return "\n".join(
+        [
+            "pipeline finished:",
+            *lines,
+            "look at: mlflow ui --backend-store-uri sqlite:///mlflow.db | dvc dag | dvc metrics show",
+        ]
+    )
 
 
 def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
@@ -152,8 +162,13 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", help="comma-separated stages (default: params pipeline.stages)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param (value parsed as YAML); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param (value parsed as YAML); repeatable",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     overrides = parse_overrides(parser, args.set)

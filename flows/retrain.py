@@ -22,6 +22,7 @@ Each run, in numbered steps:
      new iterations): only when the best iteration beats it is `outputs/rest_best` registered as a
      new version and the alias moved. A failure anywhere before leaves the registry untouched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,17 +90,24 @@ def fetch_champion(cfg: RetrainConfig, root: str) -> dict[str, Any] | None:
 
 
 @task(task_run_name="dvc exp run {name}", cache_policy=NO_CACHE)
-def run_experiment(name: str, targets: list[str], settings: dict[str, Any], root: str, parent_run_id: str) -> None:
+def run_experiment(
+    name: str, targets: list[str], settings: dict[str, Any], root: str, parent_run_id: str
+) -> None:
     """Step 4: one DVC experiment; its output in the run log, its tail in the error when it fails."""
     logger = get_run_logger()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PARENT_RUN_ENV: parent_run_id}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        PARENT_RUN_ENV: parent_run_id,
+    }
     command = ["dvc", "exp", "run", "-n", name]
     for key, value in settings.items():
         command += ["-S", f"++{key}={json.dumps(value)}"]  # ++: set, whether or not params has the key
     logger.info("%s", " ".join([*command, *targets]))
     tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen([*command, *targets], cwd=root, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+    with subprocess.Popen(
+        [*command, *targets], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
         for line in process.stdout:
             if line := line.rstrip():
                 logger.info(line)
@@ -138,7 +146,9 @@ def retrain(
     with project_lock(project):
         name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.name or 'local'}"
         record = {"experiment": name, "overrides": json.dumps(overrides), "retrain_rm": retrain_rm}
-        with tracking.pipeline_run(config["pipeline"].experiment, name, record, project, kind="retrain") as parent:
+        with tracking.pipeline_run(
+            config["pipeline"].experiment, name, record, project, kind="retrain"
+        ) as parent:
             # step 3. start from the champion
             champion = fetch_champion(cfg, str(project))
             # the flow's own sections are read here; the stages' go to the experiment
@@ -164,27 +174,52 @@ def retrain(
             best = next(r for r in selection["history"] if r["iteration"] == selection["best_iteration"])
             version = None
             if promoted:
-                tags = {"dvc_experiment": name, "best_iteration": best["iteration"], held_out: best[held_out],
-                        "gold/reward": best["gold/reward"], "rm/reward": best["rm/reward"], "why": why}
+                tags = {
+                    "dvc_experiment": name,
+                    "best_iteration": best["iteration"],
+                    held_out: best[held_out],
+                    "gold/reward": best["gold/reward"],
+                    "rm/reward": best["rm/reward"],
+                    "why": why,
+                }
                 version = tracking.promote(parent, paths.rest_best, cfg.model_name, cfg.alias, tags, project)
                 logger.info("promoted %s version %s to @%s: %s", cfg.model_name, version, cfg.alias, why)
             else:
                 logger.info("not promoted: %s", why)
-            tracking.set_run_tags(parent, {"promoted": str(promoted), "promotion": why[:5000],
-                                           "champion_version": version or (champion or {}).get("version", "none")})
+            tracking.set_run_tags(
+                parent,
+                {
+                    "promoted": str(promoted),
+                    "promotion": why[:5000],
+                    "champion_version": version or (champion or {}).get("version", "none"),
+                },
+            )
     if selection["stopped"]:
         logger.warning("ReST stopped early: %s", selection["stopped"])
-    return {"experiment": name, "promoted": promoted, "why": why, "version": version,
-            "previous_champion": None if champion is None else champion["version"],
-            "best_iteration": selection["best_iteration"], "stopped": selection["stopped"],
-            "history": selection["history"]}
+    return {
+        "experiment": name,
+        "promoted": promoted,
+        "why": why,
+        "version": version,
+        "previous_champion": None if champion is None else champion["version"],
+        "best_iteration": selection["best_iteration"],
+        "stopped": selection["stopped"],
+        "history": selection["history"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param for this run's experiment (value parsed as YAML); repeatable")
-    parser.add_argument("--retrain-rm", action="store_true", default=None, help="re-run the reward model stage first")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this run's experiment (value parsed as YAML); repeatable",
+    )
+    parser.add_argument(
+        "--retrain-rm", action="store_true", default=None, help="re-run the reward model stage first"
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     overrides = parse_overrides(parser, args.set)
@@ -194,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for r in result["history"]:
-        print(f"  iteration {r['iteration']}: held-out gold reward {r['gold/reward']:.3f}, "
-              f"gold win rate vs SFT {r['gold/win_rate_vs_sft']:.3f}, RM reward {r['rm/reward']:.3f}")
-    print(f"{result['experiment']}: best iteration {result['best_iteration']}; "
-          f"{'promoted to version ' + result['version'] if result['promoted'] else 'not promoted'}: {result['why']}")
+        print(
+            f"  iteration {r['iteration']}: held-out gold reward {r['gold/reward']:.3f}, "
+            f"gold win rate vs SFT {r['gold/win_rate_vs_sft']:.3f}, RM reward {r['rm/reward']:.3f}"
+        )
+    print(
+        f"{result['experiment']}: best iteration {result['best_iteration']}; "
+        + ("promoted to version " + result["version"] if result["promoted"] else "not promoted")
+        + f": {result['why']}"
+    )
     return 0
 
 

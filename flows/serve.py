@@ -10,6 +10,7 @@ Two deployments, named and scheduled from params (read once, at start: restart t
 The process runs each flow run in this folder until it is stopped, one at a time: every run works in
 the same DVC workspace.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             schedules=schedules(cfg.schedule),
             parameters={"stages": list(cfg.stages), "overrides": {}, "params_file": args.params},
             description="DVC stages of the alignment pipeline, recorded in MLflow; `overrides` takes dotted "
-            "params keys, e.g. {\"sft.train.learning_rate\": 0.0003}, and writes them into the params file.",
+            'params keys, e.g. {"sft.train.learning_rate": 0.0003}, and writes them into the params file.',
             tags=["alignment", "dvc"],
         ),
         retrain.to_deployment(

@@ -4,6 +4,7 @@ Deterministic: the same source files and seed give byte-identical outputs (gzip 
 Run from the project root:  python scripts/build_embedded_data.py [--source ../shared/data]
 Provenance and licences: data/embedded/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def has_shared_prompt(pair: dict) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument(
+        "--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "embedded")
     args = parser.parse_args()
     rng = random.Random(SEED)
@@ -61,7 +64,9 @@ def main() -> None:
     used = {r["id"] for r in sft_reviews}
     gold_train = balanced_sample([r for r in short if r["id"] not in used], GOLD_TRAIN_REVIEWS, rng)
     imdb_test = read_jsonl_gz(args.source / "imdb" / "imdb_test.jsonl.gz")
-    gold_test = balanced_sample([r for r in imdb_test if len(r["text"]) <= MAX_REVIEW_CHARS], GOLD_TEST_REVIEWS, rng)
+    gold_test = balanced_sample(
+        [r for r in imdb_test if len(r["text"]) <= MAX_REVIEW_CHARS], GOLD_TEST_REVIEWS, rng
+    )
     write_jsonl_gz(args.out / "imdb_reviews.jsonl.gz", sft_reviews)
     write_jsonl_gz(args.out / "imdb_gold_train.jsonl.gz", gold_train)
     write_jsonl_gz(args.out / "imdb_gold_test.jsonl.gz", gold_test)

@@ -3,6 +3,7 @@
 The task does not cache or re-implement anything: DVC's lock file decides whether the stage runs, and
 the stage's own process logs to MLflow (nested under the pipeline run through ALIGNMENT_PARENT_RUN_ID).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[s
         env[PARENT_RUN_ENV] = parent_run_id
     tail: deque[str] = deque(maxlen=40)
     ran = False
-    with subprocess.Popen(["dvc", "repro", stage], cwd=root, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+    with subprocess.Popen(
+        ["dvc", "repro", stage],
+        cwd=root,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as process:
         for line in process.stdout:
             line = line.rstrip()
             if line:
@@ -49,4 +56,8 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[s
     if process.returncode:
         raise StageFailed(f"dvc repro {stage} exited with {process.returncode}:\n" + "\n".join(tail))
     metrics = Paths(Path(root)).metrics(stage)
-    return {"stage": stage, "ran": ran, "metrics": json.loads(metrics.read_text()) if metrics.exists() else {}}
+    return {
+        "stage": stage,
+        "ran": ran,
+        "metrics": json.loads(metrics.read_text()) if metrics.exists() else {},
+    }

@@ -8,6 +8,7 @@ judge backend is tested over real HTTP (timeouts, status codes, concurrency) rat
 same messages (0 on the first), so a script can fail a given chat k times and then answer. The server
 records every request body and its headers, and the most requests it ever had in flight at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,10 +79,23 @@ def _handler(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 else:
                     reply = server.respond(request, call_number)
                 time.sleep(reply.delay_s)
-                body = reply.body if reply.body is not None else json.dumps(
-                    {"object": "chat.completion", "model": request.get("model"),
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content},
-                                  "finish_reason": "stop"}]})
+                body = (
+                    reply.body
+                    if reply.body is not None
+                    else json.dumps(
+                        {
+                            "object": "chat.completion",
+                            "model": request.get("model"),
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": reply.content},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                        }
+                    )
+                )
                 self.send_response(reply.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body.encode())))
@@ -100,8 +114,9 @@ def _handler(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 
 # ---------------------------------------------------------------- scripted judges
 
-SECTION = re.compile(r"\[The Start of Assistant ([AB])'s \w+\]\n(.*?)\n\[The End of Assistant \1's \w+\]",
-                     re.DOTALL)
+SECTION = re.compile(
+    r"\[The Start of Assistant ([AB])'s \w+\]\n(.*?)\n\[The End of Assistant \1's \w+\]", re.DOTALL
+)
 
 
 def shown_answers(request: dict) -> dict[str, str]:
@@ -111,10 +126,12 @@ def shown_answers(request: dict) -> dict[str, str]:
 
 def sensible(keyword: str = "great") -> Respond:
     """Prefers the answer containing `keyword`; a tie when both or neither do."""
+
     def respond(request: dict, call_number: int) -> Reply:
         has = {name: keyword in text for name, text in shown_answers(request).items()}
         verdict = "C" if has["A"] == has["B"] else ("A" if has["A"] else "B")
         return Reply(f"Comparing the two, my verdict: [[{verdict}]]")
+
     return respond
 
 
@@ -133,21 +150,25 @@ def garbage_then_valid(judge: Respond) -> Respond:
 
 def flaky(judge: Respond, failures: int, statuses: tuple[int, ...] = (500, 503, 429)) -> Respond:
     """The first `failures` calls of each chat fail with `statuses` in turn, then `judge` answers."""
+
     def respond(request: dict, call_number: int) -> Reply:
         if call_number < failures:
             status = statuses[call_number % len(statuses)]
             return Reply(status=status, body=json.dumps({"error": {"message": f"scripted {status}"}}))
         return judge(request, call_number)
+
     return respond
 
 
 def slow(judge: Respond, delay_s: float, calls: int = 1) -> Respond:
     """`judge`, delayed by `delay_s` on the first `calls` calls of each chat (`calls=-1`: on every call)."""
+
     def respond(request: dict, call_number: int) -> Reply:
         reply = judge(request, call_number)
         if calls < 0 or call_number < calls:
             reply.delay_s = delay_s
         return reply
+
     return respond
 
 

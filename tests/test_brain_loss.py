@@ -1,4 +1,5 @@
 """BRAIn's loss against hand-worked values, its gradient's closed forms, and its reduction to DPO."""
+
 import math
 
 import pytest
@@ -9,11 +10,16 @@ from alignment.losses import dpo_loss
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 MODES = [  # (self_normalize, baseline)
-    (True, "self_normalized"), (True, "none"), (False, "self_normalized"), (False, "none"),
+    (True, "self_normalized"),
+    (True, "none"),
+    (False, "self_normalized"),
+    (False, "none"),
 ]
 
 
-def random_logps(batch: int = 3, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_logps(
+    batch: int = 3, n: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(policy, proposal, target) log-densities, float64, on the scale of short sequences."""
     g = torch.Generator().manual_seed(seed)
     return tuple(-5.0 * torch.rand(batch, n, generator=g, dtype=torch.float64) for _ in range(3))
@@ -52,7 +58,9 @@ def test_no_self_normalization_hand_worked():
     # The per-prompt estimate log Z = logsumexp(ln 3, 0) - ln 2 = ln 4 - ln 2 = ln 2: the same weights.
     policy, proposal, target = torch.tensor([[0.0, LN2]]), torch.zeros(1, 2), torch.tensor([[LN3, 0.0]])
     for log_partition in (LN2, torch.tensor([LN2]), None):
-        grad, diag = policy_gradient(policy, proposal, target, self_normalize=False, log_partition=log_partition)
+        grad, diag = policy_gradient(
+            policy, proposal, target, self_normalize=False, log_partition=log_partition
+        )
         assert torch.allclose(diag["alpha"], torch.tensor([[0.75, 0.25]]))
         assert torch.allclose(diag["beta"], torch.tensor([[0.5, 1.0]]))
         assert torch.allclose(grad, torch.tensor([[-0.25, 0.75]]))
@@ -74,7 +82,9 @@ def test_reduces_to_dpo(beta, seed):
     expected, _, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type="sigmoid")
     expected_grads = torch.autograd.grad(expected.sum(), (pi_c, pi_r))
     target = torch.tensor([0.0, -math.inf], dtype=torch.float64).expand(6, 2)
-    losses, diag = brain_loss(beta * torch.stack([pi_c, pi_r], -1), beta * torch.stack([ref_c, ref_r], -1), target)
+    losses, diag = brain_loss(
+        beta * torch.stack([pi_c, pi_r], -1), beta * torch.stack([ref_c, ref_r], -1), target
+    )
     grads = torch.autograd.grad(losses.sum(), (pi_c, pi_r))
 
     assert torch.equal(diag["alpha"], torch.tensor([[1.0, 0.0]], dtype=torch.float64).expand(6, 2))
@@ -112,11 +122,20 @@ def test_gradient_closed_forms(self_normalize, baseline, log_partition):
         pytest.skip("log_partition is rejected with self_normalize=True (tested below)")
     policy, proposal, target = random_logps(seed=3)
     grad, diag = policy_gradient(
-        policy, proposal, target, self_normalize=self_normalize, baseline=baseline, log_partition=log_partition
+        policy,
+        proposal,
+        target,
+        self_normalize=self_normalize,
+        baseline=baseline,
+        log_partition=log_partition,
     )
     if self_normalize:
         weights = torch.softmax(target - proposal, -1)
-        base = torch.softmax(policy - proposal, -1) if baseline == "self_normalized" else torch.zeros_like(policy)
+        base = (
+            torch.softmax(policy - proposal, -1)
+            if baseline == "self_normalized"
+            else torch.zeros_like(policy)
+        )
     else:
         n = policy.shape[-1]
         log_z = log_partition
@@ -169,7 +188,9 @@ def test_common_per_sample_shift_cancels(self_normalize):
     policy, proposal, target = random_logps()
     d = torch.randn(3, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     grad, diag = policy_gradient(policy, proposal, target, self_normalize=self_normalize)
-    shifted_grad, shifted = policy_gradient(policy + d, proposal + d, target + d, self_normalize=self_normalize)
+    shifted_grad, shifted = policy_gradient(
+        policy + d, proposal + d, target + d, self_normalize=self_normalize
+    )
     assert torch.allclose(diag["alpha"], shifted["alpha"])
     assert torch.allclose(diag["beta"], shifted["beta"])
     assert torch.allclose(grad, shifted_grad)
@@ -217,9 +238,15 @@ def test_minimum_is_alpha_entropy():
 # --- argument checks ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shapes", [
-    [(2, 3), (2, 3), (2, 4)], [(2, 3), (3, 3), (2, 3)], [(3,), (3,), (3,)], [(1, 2, 3)] * 3,
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(2, 3), (2, 3), (2, 4)],
+        [(2, 3), (3, 3), (2, 3)],
+        [(3,), (3,), (3,)],
+        [(1, 2, 3)] * 3,
+    ],
+)
 def test_shape_errors(shapes):
     with pytest.raises(ValueError, match="shape"):
         brain_loss(*(torch.zeros(s) for s in shapes))
@@ -251,12 +278,15 @@ def test_log_likelihood_bradley_terry():
     assert torch.allclose(log_likelihood(rewards, 0.7, "bradley_terry", baseline), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"reward_beta": 0.0}, "reward_beta"),
-    ({"reward_beta": -1.0}, "reward_beta"),
-    ({"reward_beta": 1.0, "form": "linear"}, "form"),
-    ({"reward_beta": 1.0, "form": "bradley_terry"}, "baseline_rewards"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"reward_beta": 0.0}, "reward_beta"),
+        ({"reward_beta": -1.0}, "reward_beta"),
+        ({"reward_beta": 1.0, "form": "linear"}, "form"),
+        ({"reward_beta": 1.0, "form": "bradley_terry"}, "baseline_rewards"),
+    ],
+)
 def test_log_likelihood_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         log_likelihood(torch.zeros(2, 3), **kwargs)
@@ -267,7 +297,9 @@ def test_invalid_ablation_arguments_are_rejected():
     with pytest.raises(ValueError, match="log_partition only applies"):
         brain_loss(policy, proposal, target, log_partition=0.0)
     with pytest.raises(ValueError, match="log_partition must be"):
-        brain_loss(policy, proposal, target, self_normalize=False, log_partition=torch.zeros(policy.shape[0] + 1))
+        brain_loss(
+            policy, proposal, target, self_normalize=False, log_partition=torch.zeros(policy.shape[0] + 1)
+        )
     with pytest.raises(ValueError, match="n >= 2"):
         brain_loss(policy[:, :1], proposal[:, :1], target[:, :1])
     with pytest.raises(ValueError, match="-inf on all"):

@@ -1,4 +1,5 @@
 """The BRAIn stage on the micro pipeline, in-process: samples, refreshes, metrics, exact resume."""
+
 import json
 
 import pytest
@@ -24,6 +25,7 @@ def run_brain(root, monkeypatch, kill_after: int | None = None, **overrides) -> 
                 on_step(done)
                 if done == kill_after:
                     raise Killed
+
             return real_train(*args, on_step=hook, **kwargs)
 
         monkeypatch.setattr(brain, "train", train_then_die)
@@ -44,7 +46,14 @@ def test_brain_trains_refreshes_and_resumes_exactly(upstream, monkeypatch):
     root = upstream
     metrics = run_brain(root, monkeypatch)
     assert metrics["steps"] == 4
-    assert {"gold/reward", "gold/sft_reward", "rm/win_rate_vs_sft", "objective/kl", "val/brain/ess", "val/loss"} <= set(metrics)
+    assert {
+        "gold/reward",
+        "gold/sft_reward",
+        "rm/win_rate_vs_sft",
+        "objective/kl",
+        "val/brain/ess",
+        "val/loss",
+    } <= set(metrics)
     assert 1.0 <= metrics["val/brain/ess"] <= 3.0
     history = json.loads((root / "metrics/brain.json").read_text())
     assert history["steps"] == 4
@@ -75,6 +84,12 @@ def test_brain_trains_refreshes_and_resumes_exactly(upstream, monkeypatch):
 
 
 def test_ablations_run(upstream, monkeypatch):
-    for overrides in ({"baseline": "none"}, {"self_normalize": False}, {"likelihood": "bradley_terry", "reward_beta": 1.0}):
-        metrics = run_brain(upstream, monkeypatch, **overrides, train={**MICRO_PARAMS["brain"]["train"], "max_steps": 2})
+    for overrides in (
+        {"baseline": "none"},
+        {"self_normalize": False},
+        {"likelihood": "bradley_terry", "reward_beta": 1.0},
+    ):
+        metrics = run_brain(
+            upstream, monkeypatch, **overrides, train={**MICRO_PARAMS["brain"]["train"], "max_steps": 2}
+        )
         assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -9,6 +9,7 @@ What the numbers show (default config: theta = 1, n = 8, mu = 0 .. 1, 10k estima
 So "BRAIn stays flat while the ablations grow" holds between the ends of the range, but the
 no-self-normalisation ablation first falls, and BRAIn's variance is the lowest only away from mu = 0.
 """
+
 import csv
 import json
 import math
@@ -39,7 +40,9 @@ def default_table() -> dict[str, list[dict]]:
     """The experiment at the default config, rows per method in order of mu."""
     torch.set_num_threads(1)  # module fixtures run before the function-scoped one
     rows = variance_table(BrainVarianceConfig())
-    return {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["proposal_mean"]) for m in METHODS}
+    return {
+        m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["proposal_mean"]) for m in METHODS
+    }
 
 
 def estimates(method: str, mu: float, theta: float = THETA, n: int = N, seed: int = 0) -> torch.Tensor:
@@ -74,8 +77,9 @@ def test_no_baseline_on_target_is_plain_monte_carlo():
 
 
 def test_brain_with_proposal_on_policy_is_no_baseline_plus_control_variate():
-    """mu = theta: q = pi, so beta = 1/n and BRAIn's gradient is -sum alpha_i (y_i - theta) + (mean(y) - theta):
-    the no-baseline estimate plus a zero-mean control variate, the same draws giving both."""
+    """mu = theta: q = pi, so beta = 1/n and BRAIn's gradient is
+    -sum alpha_i (y_i - theta) + (mean(y) - theta): the no-baseline estimate plus a zero-mean control
+    variate, the same draws giving both."""
     y = THETA + torch.randn(ESTIMATES, N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(estimates("brain", THETA), estimates("no_baseline", THETA) + y.mean(-1) - THETA)
 

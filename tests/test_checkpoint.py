@@ -1,5 +1,6 @@
 """The checkpoint module: atomic pointer, resumes that survive a damaged pointer, fingerprints, several
 processes, weights_only-safe PPO state, and the trainer's `extra_state`."""
+
 import json
 import random
 import threading
@@ -113,8 +114,14 @@ def test_every_process_writes_its_share_and_only_the_main_one_points(tmp_path):
         processes = SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=barrier.wait)
         try:
             for step in (2, 4):
-                checkpoint.save(tmp_path, step, "a", lambda f: (f / f"rank_{rank}.txt").write_text(str(step)),
-                                {"rank": rank}, processes)
+                checkpoint.save(
+                    tmp_path,
+                    step,
+                    "a",
+                    lambda f: (f / f"rank_{rank}.txt").write_text(str(step)),
+                    {"rank": rank},
+                    processes,
+                )
         except Exception as error:  # noqa: BLE001 - reported below, from the test's own thread
             errors.append(error)
 
@@ -158,8 +165,10 @@ def test_ppo_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path):
 
     fresh = tiny_policy()
     fresh_critic = ppo.PolicyValueHead(fresh)
-    fresh_optimizers = [torch.optim.AdamW(fresh.parameters()),
-                        torch.optim.AdamW(fresh_critic.own_parameters())]
+    fresh_optimizers = [
+        torch.optim.AdamW(fresh.parameters()),
+        torch.optim.AdamW(fresh_critic.own_parameters()),
+    ]
     fresh_kl = AdaptiveKLController(0.1, 6.0, 10_000)
     done, restored = ppo.load_checkpoint(tmp_path, "a", fresh, fresh_critic, fresh_optimizers, fresh_kl)
     assert (done, restored) == (1, history)
@@ -188,8 +197,10 @@ def test_trainer_extra_state_is_saved_after_on_step_and_restored_before_on_start
     def on_start(step: int) -> None:
         stage["started_with"] = (step, list(stage["refreshed_at"]))
 
-    extra = (lambda: {"refreshed_at": torch.tensor(stage["refreshed_at"])},
-             lambda saved: stage.update(refreshed_at=saved["refreshed_at"].tolist()))
+    extra = (
+        lambda: {"refreshed_at": torch.tensor(stage["refreshed_at"])},
+        lambda saved: stage.update(refreshed_at=saved["refreshed_at"].tolist()),
+    )
     kwargs = dict(checkpoint_dir=tmp_path, fingerprint="a", on_start=on_start, extra_state=extra)
     with pytest.raises(Killed):
         run(tokenizer, cfg, on_step=on_step, **kwargs)

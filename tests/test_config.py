@@ -1,4 +1,5 @@
 """params.yaml validation: errors name the file and the dotted key, before any compute."""
+
 from pathlib import Path
 
 import pytest
@@ -26,23 +27,51 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
     [
         ("sft", {"train": {"learning_rat": 0.1}}, "sft.train.learning_rat: Extra inputs are not permitted"),
         ("sft", {"train": {"batch_size": "many"}}, "sft.train.batch_size: Input should be a valid integer"),
-        ("sft", {"train": {"batch_size": 0}}, "sft.train.batch_size: Input should be greater than or equal to 1"),
-        ("sft", {"train": {"lr_schedule": "exp"}}, "sft.train.lr_schedule: Input should be 'constant', 'linear' or 'cosine'"),
+        (
+            "sft",
+            {"train": {"batch_size": 0}},
+            "sft.train.batch_size: Input should be greater than or equal to 1",
+        ),
+        (
+            "sft",
+            {"train": {"lr_schedule": "exp"}},
+            "sft.train.lr_schedule: Input should be 'constant', 'linear' or 'cosine'",
+        ),
         ("sft", {"model": {"n_embd": 30, "n_head": 4}}, "n_embd (30) must be divisible by n_head (4)"),
         ("sft", {"max_length": 4096}, "exceeds model.max_position_embeddings"),
         ("tokenizer", {"source": "pretrained"}, "source: pretrained needs name_or_path"),
-        ("prepare", {"eval_fraction": 0.6, "test_fraction": 0.5}, "eval_fraction + test_fraction must be below 1"),
-        ("rlaif", {"judge": {"backend": "openai"}},
-         "rlaif.judge: Value error, backend openai needs openai.base_url and openai.model"),
+        (
+            "prepare",
+            {"eval_fraction": 0.6, "test_fraction": 0.5},
+            "eval_fraction + test_fraction must be below 1",
+        ),
+        (
+            "rlaif",
+            {"judge": {"backend": "openai"}},
+            "rlaif.judge: Value error, backend openai needs openai.base_url and openai.model",
+        ),
         ("rlaif", {"judge": {"transformers": {}}}, "backend transformers needs transformers.name_or_path"),
-        ("rlaif", {"judge": {"openai": {"base_url": "localhost:8000"}}},
-         "rlaif.judge.openai.base_url: String should match pattern '^https?://' (got 'localhost:8000')"),
-        ("rlaif", {"judge": {"transformers": {"name_or_path": "m", "batch_size": 0}}},
-         "rlaif.judge.transformers.batch_size: Input should be greater than or equal to 1"),
+        (
+            "rlaif",
+            {"judge": {"openai": {"base_url": "localhost:8000"}}},
+            "rlaif.judge.openai.base_url: String should match pattern '^https?://' (got 'localhost:8000')",
+        ),
+        (
+            "rlaif",
+            {"judge": {"transformers": {"name_or_path": "m", "batch_size": 0}}},
+            "rlaif.judge.transformers.batch_size: Input should be greater than or equal to 1",
+        ),
         ("rlaif", {"judge": {"name_or_path": "m"}}, "rlaif.judge.name_or_path: Extra inputs"),  # flat: gone
-        ("dpo", {"loss_type": "ipo", "ipo_length_normalize": "sometimes"},
-         "dpo.ipo_length_normalize: Input should be a valid boolean"),
-        ("dpo", {"ipo_length_normalize": False}, "ipo_length_normalize applies to loss_type ipo only, not sigmoid"),
+        (
+            "dpo",
+            {"loss_type": "ipo", "ipo_length_normalize": "sometimes"},
+            "dpo.ipo_length_normalize: Input should be a valid boolean",
+        ),
+        (
+            "dpo",
+            {"ipo_length_normalize": False},
+            "ipo_length_normalize applies to loss_type ipo only, not sigmoid",
+        ),
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):

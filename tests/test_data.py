@@ -1,4 +1,5 @@
 """Data parsing on the real HH-RLHF and IMDb quirks, drop accounting, splits and file errors."""
+
 import gzip
 import json
 
@@ -7,12 +8,12 @@ import pytest
 from alignment.config import PrepareConfig, Source
 from alignment.data import (
     DataError,
+    clean_review,
     normalise,
     prepare,
     read_rows,
     split_hh_transcript,
     split_words,
-    clean_review,
 )
 from tests.conftest import ROOT
 
@@ -79,7 +80,10 @@ def test_prepare_is_deterministic_and_splits_share_no_prompt():
         eval_fraction=0.1,
         test_fraction=0.2,
         max_chars=1500,
-        sources=(Source(name="imdb", kind="text", path=str(IMDB), limit=400), HH_SOURCE.model_copy(update={"limit": 400})),
+        sources=(
+            Source(name="imdb", kind="text", path=str(IMDB), limit=400),
+            HH_SOURCE.model_copy(update={"limit": 400}),
+        ),
     )
     first, report = prepare(cfg)
     second, _ = prepare(cfg)
@@ -91,7 +95,12 @@ def test_prepare_is_deterministic_and_splits_share_no_prompt():
         assert all(rows for rows in splits.values()), schema
     hh = report["sources"]["hh"]
     assert hh["read"] == 400 and hh["kept"] + sum(hh["dropped"].values()) == 400
-    assert report["rows"]["preference"]["train"] + report["rows"]["preference"]["eval"] + report["rows"]["preference"]["test"] == hh["kept"]
+    assert (
+        report["rows"]["preference"]["train"]
+        + report["rows"]["preference"]["eval"]
+        + report["rows"]["preference"]["test"]
+        == hh["kept"]
+    )
     # another seed reshuffles the splits
     other, _ = prepare(cfg.model_copy(update={"seed": 4}))
     assert other["sft"]["test"] != first["sft"]["test"]

@@ -1,4 +1,5 @@
 """The real `dvc repro` of prepare -> tokenizer -> sft on micro params in a throw-away copy."""
+
 import json
 import re
 import subprocess
@@ -26,17 +27,29 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     paths = Paths()
     declared = {
-        name: {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in stage.get(key, [])}
+        name: {
+            next(iter(o)) if isinstance(o, dict) else o
+            for key in ("outs", "metrics", "plots")
+            for o in stage.get(key, [])
+        }
         for name, stage in stages.items()
     }
     assert str(paths.data) in declared["prepare"] and str(paths.metrics("prepare")) in declared["prepare"]
     assert str(paths.tokenizer) in declared["tokenizer"]
-    assert {str(paths.sft), str(paths.metrics("sft")), str(paths.checkpoints("sft")),
-            str(paths.plots("sft") / "train.csv"), str(paths.plots("sft") / "eval.csv")} <= declared["sft"]
+    assert {
+        str(paths.sft),
+        str(paths.metrics("sft")),
+        str(paths.checkpoints("sft")),
+        str(paths.plots("sft") / "train.csv"),
+        str(paths.plots("sft") / "eval.csv"),
+    } <= declared["sft"]
     iteration = stages["rest_iter"]["do"]
     assert iteration["cmd"] == "python -m alignment rest_iter --iteration ${key}"
     assert iteration["outs"] == ["outputs/rest/${key}"] and "${item}" in iteration["deps"]
-    assert str(paths.rest(2)) == "outputs/rest/2" and str(paths.metrics("rest_iter@2")) == "metrics/rest_iter_2.json"
+    assert (
+        str(paths.rest(2)) == "outputs/rest/2"
+        and str(paths.metrics("rest_iter@2")) == "metrics/rest_iter_2.json"
+    )
     assert str(paths.rest_best) in declared["rest"] and "outputs/rest_best" in stages["evaluate"]["deps"]
     for name, stage in stages.items():
         if name == "rest_iter":
@@ -49,7 +62,9 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
 def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     monkeypatch.chdir(project)
     first = dvc(project, "repro")
-    assert sorted(ran(first)) == sorted([s for s in registry.STAGES if s != "rest_iter"] + ["rest_iter@1", "rest_iter@2"])
+    assert sorted(ran(first)) == sorted(
+        [s for s in registry.STAGES if s != "rest_iter"] + ["rest_iter@1", "rest_iter@2"]
+    )
     assert ran(dvc(project, "repro")) == []  # a second repro does nothing
     assert "up to date" in dvc(project, "status")
 
@@ -63,8 +78,19 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
-    assert sorted(ran(exp)) == ["brain", "dpo", "evaluate", "pairs", "ppo", "rest", "rest_iter@1", "rest_iter@2", "rlaif", "rm",
-                                "sft"]
+    assert sorted(ran(exp)) == [
+        "brain",
+        "dpo",
+        "evaluate",
+        "pairs",
+        "ppo",
+        "rest",
+        "rest_iter@1",
+        "rest_iter@2",
+        "rlaif",
+        "rm",
+        "sft",
+    ]
     assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
 
     # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
@@ -72,9 +98,34 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
-    stages = ["brain", "brain", "brain_variance", "dpo", "dpo", "evaluate", "evaluate", "gold", "pairs", "pairs", "ppo", "ppo",
-              "prepare", "rest", "rest", "rest_iter@1", "rest_iter@1", "rest_iter@2", "rest_iter@2", "rlaif", "rlaif", "rm", "rm",
-              "sft", "sft", "tokenizer"]
+    stages = [
+        "brain",
+        "brain",
+        "brain_variance",
+        "dpo",
+        "dpo",
+        "evaluate",
+        "evaluate",
+        "gold",
+        "pairs",
+        "pairs",
+        "ppo",
+        "ppo",
+        "prepare",
+        "rest",
+        "rest",
+        "rest_iter@1",
+        "rest_iter@1",
+        "rest_iter@2",
+        "rest_iter@2",
+        "rlaif",
+        "rlaif",
+        "rm",
+        "rm",
+        "sft",
+        "sft",
+        "tokenizer",
+    ]
     assert sorted(runs["tags.stage"].dropna()) == stages
     evaluated = runs[runs["tags.kind"] == "evaluation"]
     assert sorted(evaluated["tags.model"]) == sorted(["sft", "dpo", "brain", "ppo", "rest", "best_of_2"] * 2)
@@ -102,13 +153,23 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     import pandas as pd
 
     rm_pyfunc = mlflow.pyfunc.load_model("models:/alignment-rm/2")
-    scores = rm_pyfunc.predict(pd.DataFrame({"prompt": ["The film was"] * 2, "response": [" great.", " awful."]}))
+    scores = rm_pyfunc.predict(
+        pd.DataFrame({"prompt": ["The film was"] * 2, "response": [" great.", " awful."]})
+    )
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     dpo_metrics = json.loads((project / "metrics/dpo.json").read_text())
-    assert {"gold/reward", "gold/sft_reward", "objective/kl", "rewards/margins"} <= {k.removeprefix("val/") for k in dpo_metrics}
+    assert {"gold/reward", "gold/sft_reward", "objective/kl", "rewards/margins"} <= {
+        k.removeprefix("val/") for k in dpo_metrics
+    }
     brain_metrics = json.loads((project / "metrics/brain.json").read_text())
     assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "val/brain/ess"} <= set(brain_metrics)
     assert (tracking.load_registered_model("alignment-brain", version="2") / "model.safetensors").exists()
     assert {"brain_variance", "ppo_training"} <= set(json.loads(plots)["data"])  # top-level plots of dvc.yaml
     ppo_metrics = json.loads((project / "metrics/ppo.json").read_text())
-    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "generation_seconds", "training_seconds"} <= set(ppo_metrics)
+    assert {
+        "gold/reward",
+        "rm/win_rate_vs_sft",
+        "objective/kl",
+        "generation_seconds",
+        "training_seconds",
+    } <= set(ppo_metrics)

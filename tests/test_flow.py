@@ -1,4 +1,5 @@
 """The Prefect flow under the test harness, on a real `dvc repro` of the micro pipeline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,13 @@ from tasks.dvc import StageFailed
 from tests.conftest import MICRO_PARAMS
 
 # the micro pipeline's stages in DAG order, the foreach stage expanded to its items
-STAGES = [member for s in MICRO_PARAMS["pipeline"]["stages"]
-          for member in ([f"rest_iter@{k}" for k in MICRO_PARAMS["rest"]["iterations"]] if s == "rest_iter" else [s])]
+STAGES = [
+    member
+    for s in MICRO_PARAMS["pipeline"]["stages"]
+    for member in (
+        [f"rest_iter@{k}" for k in MICRO_PARAMS["rest"]["iterations"]] if s == "rest_iter" else [s]
+    )
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +30,10 @@ def harness():
 
     Its telemetry is off: offline it only logs errors (DO_NOT_TRACK covers the client alone)."""
     # a generous start-up timeout: on 2 busy cores the temporary server can take more than the default 30 s
-    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness(server_startup_timeout=180):
+    with (
+        temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
         yield
 
 

@@ -1,4 +1,5 @@
 """RLOO and GRPO functions against hand-worked values, their reductions to REINFORCE, and a bandit."""
+
 import math
 
 import pytest
@@ -9,9 +10,9 @@ from torch.testing import assert_close
 from alignment.group_rl_loss import (
     aggregate,
     clipped_surrogate,
+    group_zero_std,
     grpo_advantages,
     grpo_loss,
-    group_zero_std,
     k3_kl,
     kl_folded_rewards,
     rloo_advantages,
@@ -150,8 +151,9 @@ def test_asymmetric_clip_hand_worked():
     e1, e2, e3 = math.exp(0.1), math.exp(0.2), math.exp(0.3)
     assert_close(per_token, f64([[-1.28, -e2], [0.8, e1], [e3, 0]]))
     assert_close(logps.grad, f64([[0, -e2], [0, e1], [e3, 0]]))
-    assert stats == pytest.approx({"clip_ratio/low_mean": 0.2, "clip_ratio/high_mean": 0.2,
-                                   "clip_ratio/region_mean": 0.4})
+    assert stats == pytest.approx(
+        {"clip_ratio/low_mean": 0.2, "clip_ratio/high_mean": 0.2, "clip_ratio/region_mean": 0.4}
+    )
     # symmetric eps 0.2: row 0's ratio e^0.2 > 1.2 is clipped as well
     per_token, stats = clipped_surrogate(logps, old_logps, advantages, mask, epsilon_low=0.2)
     assert per_token[0, 1].item() == pytest.approx(-1.2)
@@ -181,8 +183,10 @@ def test_dapo_micro_batches_sum_to_the_whole_batch():
     per_token = torch.rand(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mask = right_padded_mask([5, 1, 3, 2], 5)
     whole = aggregate(per_token, mask, "dapo")
-    halves = [aggregate(per_token[rows], mask[rows], "dapo", num_items_in_batch=mask.sum())
-              for rows in (slice(0, 2), slice(2, 4))]
+    halves = [
+        aggregate(per_token[rows], mask[rows], "dapo", num_items_in_batch=mask.sum())
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
     assert_close(halves[0] + halves[1], whole)
 
 
@@ -198,8 +202,9 @@ def test_grpo_loss_with_kl_hand_worked():
     logps = f64([[math.log(0.5), math.log(0.5), 500.0]]).requires_grad_(True)
     reference_logps = f64([[math.log(0.25), math.log(0.25), -math.inf]])
     mask = f64([[1, 1, 0]])
-    loss, stats = grpo_loss(logps, logps.detach(), reference_logps, f64([2.0]), mask, beta=0.1,
-                            loss_type="grpo")
+    loss, stats = grpo_loss(
+        logps, logps.detach(), reference_logps, f64([2.0]), mask, beta=0.1, loss_type="grpo"
+    )
     loss.backward()
     assert loss.item() == pytest.approx(-2 + 0.1 * K3_LN2)
     assert loss.item() == pytest.approx(-1.980685, abs=1e-6)
@@ -239,8 +244,9 @@ def test_grpo_one_iteration_is_reinforce_with_group_baseline(loss_type):
     logits, tokens, mask, rewards = random_rollout()
     advantages = grpo_advantages(rewards)[0].flatten()
     logps = token_logps(logits, tokens)
-    loss, stats = grpo_loss(logps, logps.detach(), None, advantages, mask, loss_type=loss_type,
-                            max_completion_length=6)
+    loss, stats = grpo_loss(
+        logps, logps.detach(), None, advantages, mask, loss_type=loss_type, max_completion_length=6
+    )
     (grad,) = torch.autograd.grad(loss, logits)
 
     batch, lengths = mask.shape[0], mask.sum(-1)
@@ -288,8 +294,15 @@ def test_rloo_loss_kl_in_reward_or_as_a_loss_term_hand_worked():
     expected = {True: (-2.0, LN2, -2.0), False: (-2 + 0.2 * K3_LN2, K3_LN2, -1.95)}
     for kl_in_reward, (value, kl, gradient) in expected.items():
         logps = f64([[math.log(0.5), math.log(0.5), 500.0]]).requires_grad_(True)
-        loss, stats = rloo_loss(logps, logps.detach(), f64([2.0]), mask, reference_logps=reference_logps,
-                                beta=0.1, kl_in_reward=kl_in_reward)
+        loss, stats = rloo_loss(
+            logps,
+            logps.detach(),
+            f64([2.0]),
+            mask,
+            reference_logps=reference_logps,
+            beta=0.1,
+            kl_in_reward=kl_in_reward,
+        )
         loss.backward()
         assert loss.item() == pytest.approx(value)
         assert stats["kl"] == pytest.approx(kl)
@@ -317,8 +330,15 @@ def train_bandit(method: str, steps: int = 50, prompts: int = 8, k: int = 4, bet
         # step 2. advantages and the loss, one iteration per batch
         if method == "grpo":
             advantages, _ = grpo_advantages(scores)
-            loss, _ = grpo_loss(logps, logps.detach(), reference_logps, advantages.flatten(), mask, beta=beta,
-                                loss_type="grpo")
+            loss, _ = grpo_loss(
+                logps,
+                logps.detach(),
+                reference_logps,
+                advantages.flatten(),
+                mask,
+                beta=beta,
+                loss_type="grpo",
+            )
         else:
             kl = sequence_kl(logps, reference_logps, mask).view(prompts, k)
             advantages = rloo_advantages(kl_folded_rewards(scores, kl, beta))

@@ -1,6 +1,7 @@
 """KL to the reference on held-out samples: the sampled ids scored exactly (EOS included), checked
 against the exact KL of a one-step example and, by Monte Carlo, of a tiny GPT-2 enumerated in full;
 the evaluation cache keeps the ids."""
+
 from __future__ import annotations
 
 import json
@@ -38,16 +39,26 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<|endoftext|>": EOS, "a": A, "b": 2, "<|pad|>": 3, "<unk>": 4}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>"
+    )
 
 
 def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
     """Random weights, scaled up (initializer_range 0.5) so that next-token distributions are far from
     uniform and two seeds give policies some KL apart; EOS gets real mass in a 5-token vocabulary."""
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=5, n_positions=16, n_embd=16, n_layer=1, n_head=2, initializer_range=0.5,
-                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=3)
+    config = GPT2Config(
+        vocab_size=5,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        initializer_range=0.5,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=3,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -58,8 +69,10 @@ def exact_kl(policy, reference, prompt_ids: list[int], steps: int) -> float:
     if steps == 0:
         return 0.0
     ids = torch.tensor([prompt_ids])
-    p, q = (m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].log_softmax(-1)
-            for m in (policy, reference))
+    p, q = (
+        m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].log_softmax(-1)
+        for m in (policy, reference)
+    )
     kl = float((p.exp() * (p - q)).sum())
     for token in range(len(p)):
         if token != EOS:

@@ -1,4 +1,5 @@
 """Loss functions against hand-worked values."""
+
 import math
 
 import pytest
@@ -53,6 +54,7 @@ def test_sequence_logps_sums_response_tokens():
 
 
 # --- dpo_loss ------------------------------------------------------------------------------------
+
 
 def _pair(pi_c, ref_c, pi_r, ref_r, dtype=torch.float32):
     """The four (B,) log-prob tensors dpo_loss takes, in its argument order."""
@@ -191,6 +193,7 @@ def test_dpo_loss_rejects_invalid_arguments(kwargs, message):
 
 # --- bradley_terry_loss --------------------------------------------------------------------------
 
+
 def test_bradley_terry_hand_worked():
     chosen = torch.tensor([0.7, math.log(3.0), 1.0])
     rejected = torch.tensor([0.7, 0.0, 1.0 + math.log(3.0)])
@@ -251,6 +254,7 @@ def test_bradley_terry_rejects_negative_center_coefficient():
 
 # --- unlikelihood_loss ---------------------------------------------------------------------------
 
+
 def test_unlikelihood_hand_worked():
     chosen = torch.tensor([-2.0, -1.0])
     # row 0: p = 1/2, 1/4, then a masked position holding 0 as token_logps leaves it; row 1: nothing rejected
@@ -274,6 +278,7 @@ def test_unlikelihood_is_finite_for_near_certain_tokens():
 
 
 # --- last_token_index / gather_last --------------------------------------------------------------
+
 
 def test_last_token_index_any_padding_side():
     mask = torch.tensor(

@@ -1,10 +1,18 @@
 """Models and tokenizers: trained BPE, models built from a config, and a real GGUF checkpoint."""
+
 import pytest
 import torch
 
 from alignment.config import ModelConfig
 from alignment.generation import generate
-from alignment.models import build_model, load_causal_lm, load_tokenizer, save_pretrained, smollm2_gguf, train_tokenizer
+from alignment.models import (
+    build_model,
+    load_causal_lm,
+    load_tokenizer,
+    save_pretrained,
+    smollm2_gguf,
+    train_tokenizer,
+)
 
 TEXTS = ["The film was wonderful.", "A dull, lifeless plot.", "\n\nHuman: hi\n\nAssistant: hello"] * 20
 
@@ -20,7 +28,9 @@ def test_trained_bpe_round_trips_any_text_and_has_special_tokens():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_models_built_from_a_config_save_as_safetensors_and_load_back(arch, tmp_path):
     tokenizer = train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
-    model = build_model(ModelConfig(arch=arch, n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32), tokenizer)
+    model = build_model(
+        ModelConfig(arch=arch, n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32), tokenizer
+    )
     assert model.config.vocab_size == len(tokenizer)
     save_pretrained(model, tokenizer, tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
@@ -38,6 +48,10 @@ def test_smollm2_gguf_loads_offline_and_answers(tmp_path):
     tokenizer = load_tokenizer(folder, name)
     model = load_causal_lm(folder, name)
     assert model.config.model_type == "llama" and 130e6 < model.num_parameters() < 140e6
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     answer = generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0.0)[0]
     assert "Paris" in answer

@@ -1,5 +1,6 @@
 """The OpenAI-compatible judge backend against a real HTTP server on loopback (tests/fake_openai.py),
 through `PairwiseJudge`, so parsing, both orders, re-asks, retries and the cache are tested together."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,9 @@ RESPONSES = ["a great film", "great acting", "simply great", "rather bad", "it w
 REFERENCES = ["a bad film", "dull acting", "simply awful", "truly great", "it was okay"]
 
 
-def judge(server: FakeOpenAI, template=SENTIMENT, model: str = "judge", parse_retries: int = 2,
-          **backend) -> PairwiseJudge:
+def judge(
+    server: FakeOpenAI, template=SENTIMENT, model: str = "judge", parse_retries: int = 2, **backend
+) -> PairwiseJudge:
     backend = OpenAIChatBackend(server.base_url, model, **{**FAST, **backend})
     return PairwiseJudge("llm", backend, template, parse_retries=parse_retries)
 
@@ -40,7 +42,12 @@ def test_sensible_judge_outcomes_and_win_rates():
     assert [d["model_second"] for d in judgement.details] == ["B", "B", "B", "A", "C"]
     summary = win_rate_summary(judgement.outcomes, resamples=200)
     assert {k: summary[k] for k in ("n", "wins", "losses", "ties", "invalid")} == {
-        "n": 5, "wins": 3, "losses": 1, "ties": 1, "invalid": 0}
+        "n": 5,
+        "wins": 3,
+        "losses": 1,
+        "ties": 1,
+        "invalid": 0,
+    }
     assert summary["win_rate"] == pytest.approx(0.6) and summary["win_rate_adjusted"] == pytest.approx(0.7)
     assert summary["win_rate_ci_low"] <= 0.6 <= summary["win_rate_ci_high"]
     assert len(server.requests) == 2 * 6  # both orders, each verdict parsed on the first ask
@@ -52,8 +59,11 @@ def test_position_biased_judge_is_all_ties():
     summary = rates(judgement.outcomes)
     assert judgement.outcomes.tolist() == [0] * 5
     assert summary["win_rate"] == 0 and summary["win_rate_adjusted"] == 0.5
-    assert position_stats(judgement.details) == {"consistency": 0.0, "first_position_rate": 1.0,
-                                                  "invalid_single_verdicts": 0.0}
+    assert position_stats(judgement.details) == {
+        "consistency": 0.0,
+        "first_position_rate": 1.0,
+        "invalid_single_verdicts": 0.0,
+    }
 
 
 def test_garbage_judge_rows_are_invalid_after_every_reask():
@@ -104,8 +114,10 @@ def test_a_timeout_is_retried():
 
 def test_unauthorized_raises_at_once_without_the_key(monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-secret-123")
-    with (FakeOpenAI(fake.failing(401, "Incorrect API key provided: sk-secret-123")) as server,
-          pytest.raises(JudgeBackendError) as raised):
+    with (
+        FakeOpenAI(fake.failing(401, "Incorrect API key provided: sk-secret-123")) as server,
+        pytest.raises(JudgeBackendError) as raised,
+    ):
         judge(server, api_key_env="JUDGE_TEST_KEY").compare(PROMPTS[:1], RESPONSES[:1], REFERENCES[:1])
     assert len(server.requests) == 1
     message = str(raised.value)
@@ -146,7 +158,8 @@ def test_cached_answers_make_no_http_calls(tmp_path):
         assert len(server.requests) == calls and again.backend.stats["cache_hits"] == 2 * 5
         assert second.outcomes.tolist() == first.outcomes.tolist()
         judge(server, template=load_template(TEMPLATES, "pair-v2"), cache_dir=tmp_path).compare(
-            PROMPTS, RESPONSES, REFERENCES)
+            PROMPTS, RESPONSES, REFERENCES
+        )
         assert len(server.requests) == 2 * calls
         judge(server, model="another-judge", cache_dir=tmp_path).compare(PROMPTS, RESPONSES, REFERENCES)
         assert len(server.requests) == 3 * calls
@@ -169,8 +182,9 @@ def test_results_keep_the_input_order():
     assert [answer[-5:] for answer in answers] == ["[[A]]", "[[B]]", "[[C]]"] * 4
 
 
-@pytest.mark.parametrize("bad", [{"base_url": "localhost:8000"}, {"concurrency": 0}, {"timeout_s": 0},
-                                 {"max_retries": -1}])
+@pytest.mark.parametrize(
+    "bad", [{"base_url": "localhost:8000"}, {"concurrency": 0}, {"timeout_s": 0}, {"max_retries": -1}]
+)
 def test_bad_arguments_fail_before_any_request(bad):
     with FakeOpenAI(fake.sensible()) as server, pytest.raises(ValueError):
         OpenAIChatBackend(**{"base_url": server.base_url, "model": "judge", **FAST, **bad})

@@ -1,4 +1,5 @@
 """PPO-RLHF functions against hand-worked values, masking invariants and special cases."""
+
 import math
 
 import pytest
@@ -152,12 +153,14 @@ def test_kl_penalized_rewards_score_on_last_real_token():
     assert_close(non_score_rewards, -0.1 * kl)
     assert_close(
         rewards,
-        f64([
-            [-0.05, 9.95, 0, 0],
-            [-0.05, -0.05, -0.05, 19.95],
-            [0, 0, -0.05, 29.95],
-            [0, -0.05, 39.95, 0],
-        ]),
+        f64(
+            [
+                [-0.05, 9.95, 0, 0],
+                [-0.05, -0.05, -0.05, 19.95],
+                [0, 0, -0.05, 29.95],
+                [0, -0.05, 39.95, 0],
+            ]
+        ),
     )
 
 

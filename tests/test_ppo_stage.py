@@ -1,4 +1,5 @@
 """PPO end to end on tiny models: a bandit whose reward counts a target word, and the stage's exact resume."""
+
 import shutil
 
 import pytest
@@ -41,10 +42,19 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
     def reward(prompts, texts):
         return torch.tensor([float(t.split().count("great")) for t in texts])
 
-    cfg = parse_section("ppo", {"max_new_tokens": 8, "max_length": 32, "rollouts": 16, "rollout_batch_size": 32,
-                                "minibatch_size": 8, "ppo_epochs": 4,
-                                "train": {"learning_rate": 3e-3, "critic_learning_rate": 3e-3, "checkpoint_every": None},
-                                "kl_coef": 0.05})
+    cfg = parse_section(
+        "ppo",
+        {
+            "max_new_tokens": 8,
+            "max_length": 32,
+            "rollouts": 16,
+            "rollout_batch_size": 32,
+            "minibatch_size": 8,
+            "ppo_epochs": 4,
+            "train": {"learning_rate": 3e-3, "critic_learning_rate": 3e-3, "checkpoint_every": None},
+            "kl_coef": 0.05,
+        },
+    )
     prompts = [f"{w} {v}" for w in WORDS for v in WORDS]
     history, timing = ppo.train_ppo(policy, reference, critic, reward, tokenizer, prompts, cfg, None, "")
     first, last = history[0], history[-4:]
@@ -53,9 +63,20 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
     assert late_score > first["objective/scores"] + 1.0, (first["objective/scores"], late_score)
     assert 0 < late_kl < 30, late_kl  # moved away from the reference, but not without bound
     assert timing["generation_seconds"] > 0 and timing["training_seconds"] > 0
-    for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-                "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
-                "val/num_eos_tokens", "response_length", "kl_coef"):
+    for key in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/num_eos_tokens",
+        "response_length",
+        "kl_coef",
+    ):
         assert key in first
 
 
@@ -65,7 +86,9 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     policy = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
-    reference = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
+    reference = build_model(
+        ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer
+    )
     reference.load_state_dict(policy.state_dict())
     critic = ppo.PolicyValueHead(policy)
     assert critic.base_model is policy.base_model
@@ -73,11 +96,24 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
     def reward(prompts, texts):
         return torch.tensor([float(len(t)) / 10 for t in texts])
 
-    cfg = parse_section("ppo", {"max_new_tokens": 4, "max_length": 32, "rollouts": 2, "rollout_batch_size": 8,
-                                "minibatch_size": 4, "ppo_epochs": 1, "critic_init": "policy_head", "train": {"checkpoint_every": None}})
+    cfg = parse_section(
+        "ppo",
+        {
+            "max_new_tokens": 4,
+            "max_length": 32,
+            "rollouts": 2,
+            "rollout_batch_size": 8,
+            "minibatch_size": 4,
+            "ppo_epochs": 1,
+            "critic_init": "policy_head",
+            "train": {"checkpoint_every": None},
+        },
+    )
     history, _ = ppo.train_ppo(policy, reference.eval(), critic, reward, tokenizer, WORDS, cfg, None, "")
     assert len(history) == 2 and critic.score.weight.abs().sum() > 0
-    assert not torch.equal(policy.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight)
+    assert not torch.equal(
+        policy.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight
+    )
 
 
 def run_ppo(root, monkeypatch, kill_after: int | None = None) -> dict:
@@ -103,7 +139,13 @@ def test_ppo_stage_resumes_exactly(upstream, monkeypatch):
 
     metrics = run_ppo(upstream, monkeypatch)
     assert metrics["rollouts"] == 4
-    assert {"gold/reward", "gold/sft_reward", "rm/win_rate_vs_sft", "objective/kl", "generation_seconds"} <= set(metrics)
+    assert {
+        "gold/reward",
+        "gold/sft_reward",
+        "rm/win_rate_vs_sft",
+        "objective/kl",
+        "generation_seconds",
+    } <= set(metrics)
     uninterrupted = load_file(upstream / "outputs/ppo/model.safetensors")
     shutil.rmtree(upstream / "checkpoints/ppo")
     with pytest.raises(Killed):

@@ -1,5 +1,6 @@
 """The stage registry is the one declaration: dvc.yaml, the CLI, the paths and the config sections follow
 from it, and no stage runs code that DVC does not list as its dependency."""
+
 import importlib
 import modulefinder
 import subprocess
@@ -16,8 +17,13 @@ from tests.conftest import MICRO_PARAMS, ROOT
 
 def test_committed_dvc_yaml_is_generated_from_the_registry():
     assert (ROOT / "dvc.yaml").read_text() == registry.dvc_yaml(), "run `python -m alignment dvc-yaml`"
-    done = subprocess.run([sys.executable, "-m", "alignment", "dvc-yaml", "--check"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "alignment", "dvc-yaml", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -25,7 +31,11 @@ def imported_package_files(module: str) -> set[str]:
     """What `module` imports from the package, found by the standard library's bytecode scanner (an
     implementation independent of the registry's AST reader), transitively."""
     # the package only (other imports stay unresolved); MLflow plumbing is not followed (NOT_OUTPUT_CODE)
-    excluded = [f.removesuffix(".py").replace("/", ".") for f in registry.NOT_OUTPUT_CODE if not f.endswith("__init__.py")]
+    excluded = [
+        f.removesuffix(".py").replace("/", ".")
+        for f in registry.NOT_OUTPUT_CODE
+        if not f.endswith("__init__.py")
+    ]
     finder = modulefinder.ModuleFinder(path=[str(ROOT)], excludes=excluded)
     finder.run_script(str(ROOT / (module.replace(".", "/") + ".py")))
     files = set()
@@ -50,7 +60,11 @@ def test_every_module_a_stage_runs_is_a_dvc_dependency(name):
 
 def test_stages_never_import_other_stages():
     for name, stage in registry.STAGES.items():
-        others = [d for d in registry.code_deps(stage.module) if d.startswith("alignment/stages/") and d != f"alignment/stages/{name}.py"]
+        others = [
+            d
+            for d in registry.code_deps(stage.module)
+            if d.startswith("alignment/stages/") and d != f"alignment/stages/{name}.py"
+        ]
         assert not others, f"{name} imports {others}: move what they share down a floor"
 
 
@@ -59,7 +73,10 @@ def test_registry_agrees_with_config_paths_and_cli():
         assert stage.params_section in SECTIONS and stage.params_section in MICRO_PARAMS
         assert callable(importlib.import_module(stage.module).run)
         assert Paths().out(name).as_posix() == stage.output.replace("${key}", "None")
-    assert Paths().rest(2).as_posix() == "outputs/rest/2" and Paths().metrics("rest_iter@2").as_posix() == "metrics/rest_iter_2.json"
+    assert (
+        Paths().rest(2).as_posix() == "outputs/rest/2"
+        and Paths().metrics("rest_iter@2").as_posix() == "metrics/rest_iter_2.json"
+    )
     assert Paths().sft.as_posix() == "outputs/sft" and Paths().rest_best.as_posix() == "outputs/rest_best"
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(registry.STAGES)
@@ -74,8 +91,12 @@ def test_fingerprint_follows_settings_inputs_and_world_size(tmp_path):
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("1\n")
     first = registry.fingerprint("sft", cfg, tmp_path)
     assert registry.fingerprint("sft", cfg, tmp_path) == first
-    resumed_off = parse_section("sft", MICRO_PARAMS["sft"] | {"train": MICRO_PARAMS["sft"]["train"] | {"resume": False}})
-    assert registry.fingerprint("sft", resumed_off, tmp_path) == first  # `resume` is not a setting of the result
+    resumed_off = parse_section(
+        "sft", MICRO_PARAMS["sft"] | {"train": MICRO_PARAMS["sft"]["train"] | {"resume": False}}
+    )
+    assert (
+        registry.fingerprint("sft", resumed_off, tmp_path) == first
+    )  # `resume` is not a setting of the result
     assert registry.fingerprint("sft", cfg, tmp_path, world_size=2) != first
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("2\n")
     assert registry.fingerprint("sft", cfg, tmp_path) != first

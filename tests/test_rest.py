@@ -1,4 +1,5 @@
 """ReST: threshold arithmetic, filtering, the guard, the champion rule, and the stages on micro models."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,9 @@ def test_guard_lets_other_moves_pass():
     cfg = GuardConfig()
     assert guard([record(1, 1.0, 0.7), record(2, 0.8, 0.6)], cfg) is None  # both fell: not hacking
     assert guard([record(1, 1.0, 0.7), record(2, 1.2, 0.8)], cfg) is None  # both rose
-    assert guard([record(1, 1.0, 0.70), record(2, 1.2, 0.69)], GuardConfig(tolerance=0.02)) is None  # within tolerance
+    assert (
+        guard([record(1, 1.0, 0.70), record(2, 1.2, 0.69)], GuardConfig(tolerance=0.02)) is None
+    )  # within tolerance
     assert guard([record(1, 1.0, 0.70)], cfg) is None
 
 
@@ -86,7 +89,9 @@ def test_champion_moves_only_on_improvement():
     assert "iteration 1 beats champion version 3" in beats_champion(better, key, 0.0, "version 3")[1]
     assert not beats_champion(better, key, 0.1, "version 3")[0]  # +0.06 is not more than 0.1
     assert not beats_champion(worse, key, 0.0, "version 3")[0]
-    assert not beats_champion([record(0, 0.0, 0.6), record(1, 0.5, 0.6)], key, 0.0, "version 3")[0]  # a tie keeps it
+    assert not beats_champion([record(0, 0.0, 0.6), record(1, 0.5, 0.6)], key, 0.0, "version 3")[
+        0
+    ]  # a tie keeps it
     assert beats_champion(worse, key, 0.0, None)[0]  # no champion yet: the best becomes the first
 
 
@@ -120,7 +125,9 @@ def test_guard_scores_must_be_ones_the_iterations_record():
 
 
 def test_incoming_prompts_are_read_and_bad_rows_counted(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"prompt": "This movie"}\n{"text": "no prompt"}\n\n{"prompt": "This movie"}\n')
+    (tmp_path / "a.jsonl").write_text(
+        '{"prompt": "This movie"}\n{"text": "no prompt"}\n\n{"prompt": "This movie"}\n'
+    )
     (tmp_path / "b.txt").write_text("I watched it\n\n")
     (tmp_path / "README.md").write_text("ignored")
     prompts, skipped = load_incoming(tmp_path)
@@ -140,7 +147,9 @@ def rest_run(upstream, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rest")
     for name in ("data", "outputs"):
-        (root / name).symlink_to(upstream / name) if name == "data" else shutil.copytree(upstream / name, root / name)
+        (root / name).symlink_to(upstream / name) if name == "data" else shutil.copytree(
+            upstream / name, root / name
+        )
     incoming = root / "incoming"
     incoming.mkdir()
     (incoming / "new.txt").write_text("My favourite film of\nThe acting in this\n")
@@ -161,8 +170,14 @@ def test_iterations_grow_keep_above_tau_and_chain(rest_run):
             tau = m[f"improve/tau_{i}"]
             step = [r for r in kept if r["improve_step"] == i]
             assert all(r["reward"] > tau and r["tau"] == tau for r in step)
-            assert len(step) == sum(r["reward"] > tau for r in grown) == round(m[f"improve/kept_fraction_{i}"] * len(grown))
-        assert m["learning_rate"] == pytest.approx(cfg.improve.train.learning_rate * cfg.improve.lr_decay ** (k - 1))
+            assert (
+                len(step)
+                == sum(r["reward"] > tau for r in grown)
+                == round(m[f"improve/kept_fraction_{i}"] * len(grown))
+            )
+        assert m["learning_rate"] == pytest.approx(
+            cfg.improve.train.learning_rate * cfg.improve.lr_decay ** (k - 1)
+        )
 
 
 def test_iteration_two_starts_from_iteration_one_weights(rest_run):
@@ -176,12 +191,20 @@ def test_iteration_two_starts_from_iteration_one_weights(rest_run):
 
     def draw(folder):
         model = load_causal_lm(folder)
-        return [r for _, r in generate_ids(model, tokenizer, prompts, cfg.grow.max_new_tokens, cfg.grow.temperature, seeds=seeds)]
+        return [
+            r
+            for _, r in generate_ids(
+                model, tokenizer, prompts, cfg.grow.max_new_tokens, cfg.grow.temperature, seeds=seeds
+            )
+        ]
 
     assert draw(paths.rest(1) / "policy") == [r["response_ids"] for r in grown]
     assert draw(paths.sft) != [r["response_ids"] for r in grown]
     # and iteration 1 changed the weights it started from
-    before, after = load_causal_lm(paths.sft).state_dict(), load_causal_lm(paths.rest(1) / "policy").state_dict()
+    before, after = (
+        load_causal_lm(paths.sft).state_dict(),
+        load_causal_lm(paths.rest(1) / "policy").state_dict(),
+    )
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -195,7 +218,11 @@ def test_rest_keeps_the_best_iteration_and_says_why(rest_run):
     assert f"iteration {best['iteration']} has the highest held-out gold/reward" in selection["why"]
     source = paths.sft if best["iteration"] == 0 else paths.rest(best["iteration"]) / "policy"
     assert (paths.rest_best / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
-    assert (paths.plots("rest") / "iterations.csv").read_text().startswith("iteration,grow/rm_reward,rm/reward,gold/reward")
+    assert (
+        (paths.plots("rest") / "iterations.csv")
+        .read_text()
+        .startswith("iteration,grow/rm_reward,rm/reward,gold/reward")
+    )
 
 
 def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
@@ -211,16 +238,19 @@ def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
     shutil.copytree(paths.rest(1), root / "outputs" / "rest" / "1")
     report_path = root / "outputs" / "rest" / "1" / "report.json"
     report = json.loads(report_path.read_text())
-    report["history"][1] |= {"rm/reward": report["history"][0]["rm/reward"] + 1.0,
-                             "gold/reward": report["history"][0]["gold/reward"] - 0.2}
+    report["history"][1] |= {
+        "rm/reward": report["history"][0]["rm/reward"] + 1.0,
+        "gold/reward": report["history"][0]["gold/reward"] - 0.2,
+    }
     report["stopped"] = guard(report["history"], cfg.guard)
     assert report["stopped"]
     report_path.write_text(json.dumps(report))
     stopped_paths = Paths(root)
     assert rest_iter.run(cfg, stopped_paths, None, iteration=2) == {"iteration": 2, "skipped": 1}
     assert not (stopped_paths.rest(2) / "grown.jsonl").exists()
-    assert ((stopped_paths.rest(2) / "policy" / "model.safetensors").read_bytes()
-            == (stopped_paths.rest(1) / "policy" / "model.safetensors").read_bytes())
+    assert (stopped_paths.rest(2) / "policy" / "model.safetensors").read_bytes() == (
+        stopped_paths.rest(1) / "policy" / "model.safetensors"
+    ).read_bytes()
     summary = rest.run(cfg, stopped_paths, None)
     selection = json.loads((stopped_paths.rest_best / "selection.json").read_text())
     assert summary["guard/stopped"] == 1 and summary["best_iteration"] == 0

@@ -1,6 +1,7 @@
 """The scheduled-retraining flow under the Prefect test harness, on real `dvc exp run`s and a real MLflow
 registry: the first run crowns a champion, a run that does not beat it leaves the alias alone, a failed
 run leaves the registry untouched, and a second run cannot start while one holds the project."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def harness():
-    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness(server_startup_timeout=180):
+    with (
+        temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
         yield
 
 
@@ -42,16 +46,24 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
     first = retrain(root=str(project))
     assert first["promoted"] and first["previous_champion"] is None and "no champion yet" in first["why"]
     assert registry(project) == (["1"], "1")
-    assert first["history"][0]["policy"] == "outputs/sft" and [r["iteration"] for r in first["history"]] == [0, 1, 2]
+    assert first["history"][0]["policy"] == "outputs/sft" and [r["iteration"] for r in first["history"]] == [
+        0,
+        1,
+        2,
+    ]
     grown = (project / "outputs/rest/1/grown.jsonl").read_text()
     assert "My favourite film of" in grown  # the incoming prompt was grown on
-    exps = subprocess.run(["dvc", "exp", "show", "--no-pager", "--csv"], cwd=project, capture_output=True, text=True).stdout
+    exps = subprocess.run(
+        ["dvc", "exp", "show", "--no-pager", "--csv"], cwd=project, capture_output=True, text=True
+    ).stdout
     assert first["experiment"] in exps  # each run is a recorded DVC experiment
 
     # MLflow: one retrain run with the stages nested under it, tagged with the decision
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     [parent] = [r for r in runs if r.data.tags.get("kind") == "retrain"]
-    nested = sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    nested = sorted(
+        r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
     assert nested == ["rest", "rest_iter@1", "rest_iter@2"]
     assert parent.data.tags["promoted"] == "True" and parent.data.tags["champion_version"] == "1"
 
@@ -74,15 +86,23 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
 
     def kept() -> tuple[str, bytes]:  # (where the kept run started, its best policy's weights)
         best = project / "outputs" / "rest_best"
-        return (json.loads((best / "selection.json").read_text())["history"][0]["policy"],
-                (best / "model.safetensors").read_bytes())
+        return (
+            json.loads((best / "selection.json").read_text())["history"][0]["policy"],
+            (best / "model.safetensors").read_bytes(),
+        )
 
-    champion = (tracking.load_registered_model("alignment-rest", version="1") / "model.safetensors").read_bytes()
+    champion = (
+        tracking.load_registered_model("alignment-rest", version="1") / "model.safetensors"
+    ).read_bytes()
     assert kept()[0] == "outputs/champion"
-    applied = subprocess.run(["dvc", "exp", "apply", first["experiment"]], cwd=project, capture_output=True, text=True)
+    applied = subprocess.run(
+        ["dvc", "exp", "apply", first["experiment"]], cwd=project, capture_output=True, text=True
+    )
     # this copy never ran dpo, ppo, ...: DVC reports those as missing and checks out everything else
     missing = applied.stderr.partition("Checkout failed for following targets:")[2]
-    assert applied.returncode == 0 or ("outputs/rest" not in missing and "outputs/ppo" in missing), applied.stderr
+    assert applied.returncode == 0 or ("outputs/rest" not in missing and "outputs/ppo" in missing), (
+        applied.stderr
+    )
     assert kept() == ("outputs/sft", champion)
 
 
@@ -98,5 +118,7 @@ def test_bad_overrides_fail_before_anything(upstream_project):
     with pytest.raises(ConfigError, match="rest.improve.steps"):
         retrain(root=str(upstream_project), overrides={"rest.improve.steps": 0})
     assert not (upstream_project / "outputs" / "rest").exists()
-    listed = subprocess.run(["dvc", "exp", "ls", "-A", "--name-only"], cwd=upstream_project, capture_output=True, text=True)
+    listed = subprocess.run(
+        ["dvc", "exp", "ls", "-A", "--name-only"], cwd=upstream_project, capture_output=True, text=True
+    )
     assert listed.returncode == 0 and listed.stdout.strip() == ""  # no DVC experiment was started

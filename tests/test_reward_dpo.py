@@ -1,4 +1,5 @@
 """Reward model and DPO on tiny models: the reward index, a separable pair set, DPO's step 0."""
+
 import math
 from types import SimpleNamespace
 
@@ -21,7 +22,9 @@ PROMPTS = ["Review:", "My verdict:", "In short,", "Overall"]
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A tiny GPT-2 whose pad token is EOS, the setting that breaks pad-id-based reward pooling."""
-    tokenizer = train_tokenizer([p + " " + t for p in PROMPTS for t in GOOD + BAD] * 3, vocab_size=300, min_frequency=1)
+    tokenizer = train_tokenizer(
+        [p + " " + t for p in PROMPTS for t in GOOD + BAD] * 3, vocab_size=300, min_frequency=1
+    )
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_position_embeddings=32), tokenizer)
@@ -36,7 +39,14 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_lm):
     model = load_reward_model(path).eval()
     texts = [(p, " " + t) for p, t in zip(PROMPTS, GOOD)]
     encoded = [encode(tokenizer, p, r, 32) for p, r in texts]  # ends in EOS == pad
-    alone = torch.stack([sequence_rewards(model, torch.tensor([e["input_ids"]]), torch.ones(1, len(e["input_ids"]), dtype=torch.long)) for e in encoded]).squeeze(-1)
+    alone = torch.stack(
+        [
+            sequence_rewards(
+                model, torch.tensor([e["input_ids"]]), torch.ones(1, len(e["input_ids"]), dtype=torch.long)
+            )
+            for e in encoded
+        ]
+    ).squeeze(-1)
     right = collate(tokenizer.pad_token_id)(encoded)
     torch.testing.assert_close(sequence_rewards(model, right["input_ids"], right["attention_mask"]), alone)
     # left padding: same rewards (GPT-2 positions follow the mask only through position_ids)
@@ -47,7 +57,9 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_lm):
         n = len(e["input_ids"])
         left_ids[row, width - n :], left_mask[row, width - n :] = torch.tensor(e["input_ids"]), 1
     position_ids = (left_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=left_ids, attention_mask=left_mask, position_ids=position_ids).last_hidden_state
+    hidden = model.base_model(
+        input_ids=left_ids, attention_mask=left_mask, position_ids=position_ids
+    ).last_hidden_state
     left_rewards = model.score(hidden).squeeze(-1)[:, -1]
     torch.testing.assert_close(left_rewards, alone, rtol=1e-4, atol=1e-5)
     # HF's own pooling, which finds the last token from pad_token_id == EOS, reads the wrong one
@@ -59,10 +71,16 @@ def test_reward_model_separates_a_separable_pair_set(tiny_lm):
     path, tokenizer = tiny_lm
     torch.manual_seed(0)
     model = load_reward_model(path)
-    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    pairs = [
+        {"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"}
+        for p in PROMPTS
+        for g, b in zip(GOOD, BAD)
+    ]
     examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
     pad = collate_pairs(tokenizer.pad_token_id)
-    cfg = TrainConfig(batch_size=8, epochs=30, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant", log_every=5)
+    cfg = TrainConfig(
+        batch_size=8, epochs=30, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant", log_every=5
+    )
     evaluate = rm.evaluation(pairs, examples, pad, 16, rm.RewardModelConfig())
     assert evaluate(model)["loss"] == pytest.approx(math.log(2), abs=0.05)  # a fresh head knows nothing
     result = train(model, examples, pad, rm.make_step(None, 0.0), count_pairs, cfg, evaluate=evaluate)
@@ -75,7 +93,11 @@ def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
     from alignment.models import load_causal_lm
 
     policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
-    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    pairs = [
+        {"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"}
+        for p in PROMPTS
+        for g, b in zip(GOOD, BAD)
+    ]
     examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
     pad = dpo.collate_with_reference(tokenizer.pad_token_id)
     dpo.precompute_reference(reference, examples, collate_pairs(tokenizer.pad_token_id), 8)
@@ -88,8 +110,14 @@ def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
     # on-the-fly reference log-probs give the same numbers as the precomputed ones
     fresh = [encode_pair(tokenizer, pair, 32) for pair in pairs]
     assert dpo.evaluation(fresh, pad, step, 16)(policy)["loss"] == pytest.approx(at_start["loss"], abs=1e-6)
-    train(policy, examples, pad, step, count_pairs,
-          TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
+    train(
+        policy,
+        examples,
+        pad,
+        step,
+        count_pairs,
+        TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"),
+    )
     after = evaluate(policy)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] == 1.0 and after["loss"] < 0.4
 
@@ -114,9 +142,11 @@ def test_ipo_step_averages_log_ratios_per_token(normalize, expected, precomputed
     e = math.exp
     policy = ConstantLM([1 - e(-1) - e(-4), e(-1), e(-4)])
     reference = ConstantLM([1 - 2 * e(-2), e(-2), e(-2)])
-    batch = {"input_ids": torch.tensor([[0, 1, 1, 1, 1], [0, 2, 2, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-             "labels": torch.tensor([[-100, 1, 1, 1, 1], [-100, 2, 2, -100, -100]])}
+    batch = {
+        "input_ids": torch.tensor([[0, 1, 1, 1, 1], [0, 2, 2, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([[-100, 1, 1, 1, 1], [-100, 2, 2, -100, -100]]),
+    }
     if precomputed:  # summed, as precompute_reference stores them
         batch["reference_logps"], reference = torch.tensor([-8.0, -4.0]), None
     cfg = DPOConfig(beta=0.5, loss_type="ipo", ipo_length_normalize=normalize)
@@ -131,16 +161,25 @@ def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
     from alignment.models import load_causal_lm
 
     policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
-    pairs = [{"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"} for p in PROMPTS for g, b in zip(GOOD, BAD)]
+    pairs = [
+        {"prompt": p, "chosen": " " + g, "rejected": " " + b, "source": "toy"}
+        for p in PROMPTS
+        for g, b in zip(GOOD, BAD)
+    ]
     examples = [encode_pair(tokenizer, pair, 32) for pair in pairs]
     pad = dpo.collate_with_reference(tokenizer.pad_token_id)
     step = dpo.make_step(reference, DPOConfig(beta=0.5, loss_type=loss_type))
-    train(policy, examples, pad, step, count_pairs,
-          TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"))
+    train(
+        policy,
+        examples,
+        pad,
+        step,
+        count_pairs,
+        TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"),
+    )
     after = dpo.evaluation(examples, pad, step, 16)(policy)
     assert after["rewards/accuracies"] >= 0.75
     if loss_type == "ipo":  # IPO regresses beta * delta onto beta / (2 beta) = 0.5, not beyond
         assert after["rewards/margins"] == pytest.approx(0.5, abs=0.25)
     else:
         assert after["logps/chosen"] > after["logps/rejected"]
-

@@ -1,5 +1,6 @@
 """A stage process killed with SIGKILL leaves no MLflow run RUNNING forever: the re-run continues the run
 when it resumes from that run's checkpoint, and marks it KILLED otherwise."""
+
 from __future__ import annotations
 
 import copy
@@ -20,14 +21,22 @@ from tests.conftest import MICRO_PARAMS, write_params
 
 def start(project: Path, stage: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    return subprocess.Popen([sys.executable, "-m", "alignment", stage], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignment", stage],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
-        assert process.poll() is None, f"the stage ended before it could be killed: {process.stderr.read()[-2000:]}"
+        assert process.poll() is None, (
+            f"the stage ended before it could be killed: {process.stderr.read()[-2000:]}"
+        )
         assert time.monotonic() < deadline, "the stage never got there"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -42,7 +51,11 @@ def finish(project: Path, stage: str) -> None:
 
 def runs(project: Path, stage: str) -> list:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.data.tags.get("stage") == stage]
+    return [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("stage") == stage
+    ]
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """The shared training loop: prompt masking, the accumulation invariant and exact resume."""
+
 import pytest
 import torch
 
+from alignment.batching import collate, encode
 from alignment.config import ModelConfig, TrainConfig
 from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, train_tokenizer
-from alignment.batching import collate, encode
-from alignment.trainer import count_response_tokens, nll_step as step
-from alignment.trainer import train, window_indices
+from alignment.trainer import count_response_tokens, train, window_indices
+from alignment.trainer import nll_step as step
 
 TEXTS = [
     ("The film was", " a joy from start to finish, and the cast shines."),
@@ -34,7 +35,15 @@ def examples(tokenizer):
 
 def run(tokenizer, cfg: TrainConfig, model=None, **kwargs):
     model = model or tiny_model(tokenizer)
-    result = train(model, examples(tokenizer), collate(tokenizer.pad_token_id), step, count_response_tokens, cfg, **kwargs)
+    result = train(
+        model,
+        examples(tokenizer),
+        collate(tokenizer.pad_token_id),
+        step,
+        count_response_tokens,
+        cfg,
+        **kwargs,
+    )
     return model, result
 
 
@@ -65,12 +74,21 @@ def test_windows_are_a_pure_function_of_seed_and_epoch():
 def test_batch_8_x_accumulation_1_equals_batch_1_x_accumulation_8(tokenizer):
     """Token-normalised accumulation: the same examples make the same update however they are split
     (examples differ in length, so a per-micro-batch mean would fail this)."""
-    base = dict(max_steps=3, learning_rate=1e-2, warmup_steps=0, lr_schedule="constant", max_grad_norm=None, log_every=1)
+    base = dict(
+        max_steps=3,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_schedule="constant",
+        max_grad_norm=None,
+        log_every=1,
+    )
     big, big_result = run(tokenizer, TrainConfig(batch_size=8, grad_accum=1, **base))
     small, small_result = run(tokenizer, TrainConfig(batch_size=1, grad_accum=8, **base))
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert [r["loss"] for r in big_result.history] == pytest.approx([r["loss"] for r in small_result.history], rel=1e-5)
+    assert [r["loss"] for r in big_result.history] == pytest.approx(
+        [r["loss"] for r in small_result.history], rel=1e-5
+    )
     # and the training really moved the weights
     assert not torch.allclose(next(big.parameters()), next(tiny_model(tokenizer).parameters()))
 
@@ -82,7 +100,16 @@ class Killed(Exception):
 def test_stopped_and_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path):
     """Killed after step 5 with the last checkpoint at step 4: resuming redoes step 5 and goes on.
     Dropout is on, so the RNG state must come back too; two epochs cross an epoch boundary."""
-    cfg = TrainConfig(batch_size=2, grad_accum=2, epochs=2, max_steps=7, checkpoint_every=2, learning_rate=5e-3, warmup_steps=2, log_every=1)
+    cfg = TrainConfig(
+        batch_size=2,
+        grad_accum=2,
+        epochs=2,
+        max_steps=7,
+        checkpoint_every=2,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        log_every=1,
+    )
     straight, straight_result = run(tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2))
 
     def kill_after_5(done: int) -> None:
@@ -90,9 +117,18 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path)
             raise Killed
 
     with pytest.raises(Killed):
-        run(tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2), checkpoint_dir=tmp_path, fingerprint="a", on_step=kill_after_5)
+        run(
+            tokenizer,
+            cfg,
+            model=tiny_model(tokenizer, dropout=0.2),
+            checkpoint_dir=tmp_path,
+            fingerprint="a",
+            on_step=kill_after_5,
+        )
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_0000004"]
-    resumed, result = run(tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2), checkpoint_dir=tmp_path, fingerprint="a")
+    resumed, result = run(
+        tokenizer, cfg, model=tiny_model(tokenizer, dropout=0.2), checkpoint_dir=tmp_path, fingerprint="a"
+    )
     assert result.resumed_from == 4
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -12,6 +12,7 @@ The outer loop, in numbered steps:
      `extra_state`): a resume reloads them, and a refresh is the only generation cost after step 1.
   4. Policy vs SFT on held-out prompts, judged by the gold scorer and the reward model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,11 +27,17 @@ from alignment.generation import generate_ids
 from alignment.losses import sequence_logps
 from alignment.models import check_max_length, save_pretrained
 from alignment.paths import Paths
-from alignment.prompts import load_prompts
 from alignment.plots import loss_curve
+from alignment.prompts import load_prompts
 from alignment.registry import fingerprint as registry_fingerprint
 from alignment.reward import RewardScorer
-from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_scorer
+from alignment.stage_helpers import (
+    compare_on_held_out,
+    finish,
+    load_policy_and_reference,
+    log_held_out,
+    reward_scorer,
+)
 from alignment.tracking import Tracker
 from alignment.trainer import train, window_indices
 
@@ -38,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def score_logps(model, examples: list[dict], pad, temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+def score_logps(
+    model, examples: list[dict], pad, temperature: float = 1.0, batch_size: int = 64
+) -> torch.Tensor:
     """(N,) summed response log-probs of token-level examples under `model` at `temperature`."""
     device, out = next(model.parameters()).device, []
     was_training = model.training
@@ -87,7 +96,11 @@ class Sampler:
             drawn = generate_ids(model, self.tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
         examples = [as_example(prompt, response) for prompt, response in drawn]
         proposal = score_logps(model, examples, self.pad, cfg.temperature).view(-1, k)
-        sft = proposal if model is self.sft and cfg.temperature == 1.0 else score_logps(self.sft, examples, self.pad).view(-1, k)
+        sft = (
+            proposal
+            if model is self.sft and cfg.temperature == 1.0
+            else score_logps(self.sft, examples, self.pad).view(-1, k)
+        )
         texts = self.tokenizer.batch_decode([response for _, response in drawn], skip_special_tokens=True)
         rewards = self.reward(expanded, texts).view(-1, k)
         for i in range(len(self.prompts)):
@@ -106,7 +119,9 @@ class Sampler:
         if self.cfg.likelihood == "bradley_terry":
             with torch.random.fork_rng():
                 torch.manual_seed(seed + 1)
-                baseline = generate_ids(self.sft, self.tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.temperature)
+                baseline = generate_ids(
+                    self.sft, self.tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.temperature
+                )
             texts = self.tokenizer.batch_decode([r for _, r in baseline], skip_special_tokens=True)
             store.baseline_rewards = self.reward(self.prompts, texts)
         return store
@@ -120,7 +135,9 @@ def make_collate(store_ref: dict, cfg: BRAInConfig, pad_token_id: int):
         store: SampleStore = store_ref["store"]
         rows = [e["index"] for e in examples]
         batch = pad([as_example(store.prompt_ids[i], r) for i in rows for r in store.response_ids[i]])
-        log_l = log_likelihood(store.rewards[rows], cfg.reward_beta, cfg.likelihood, store.baseline_rewards[rows])
+        log_l = log_likelihood(
+            store.rewards[rows], cfg.reward_beta, cfg.likelihood, store.baseline_rewards[rows]
+        )
         return batch | {
             "proposal_logps": store.proposal_logps[rows],
             "target_logps": store.sft_logps[rows] + log_l,
@@ -190,7 +207,9 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
     store_ref: dict = {}
     state = {"step": 0}
-    windows = len(window_indices(len(train_prompts), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, 0))
+    windows = len(
+        window_indices(len(train_prompts), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, 0)
+    )
     total_steps = min(cfg.train.epochs * windows, cfg.train.max_steps or 10**12)
     refresh, n = cfg.proposal.refresh_every, cfg.samples_per_prompt
     policy_slots = range(n - max(1, round(cfg.proposal.policy_fraction * n)), n)
@@ -210,13 +229,24 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         """Step 3: redraw the policy's share of the samples."""
         state["step"] = done
         if refresh and done % refresh == 0 and done < total_steps:
-            logger.info("step %d: redrawing %d of %d samples per prompt from the policy", done, len(policy_slots), n)
-            sampler.draw(policy, store_ref["store"], policy_slots, step=done, seed=cfg.train.seed * 1_000_003 + done)
+            logger.info(
+                "step %d: redrawing %d of %d samples per prompt from the policy", done, len(policy_slots), n
+            )
+            sampler.draw(
+                policy, store_ref["store"], policy_slots, step=done, seed=cfg.train.seed * 1_000_003 + done
+            )
 
     eval_store = Sampler(cfg, tokenizer, eval_prompts, sft, reward).fresh_store(cfg.train.seed + 7)
     step = make_step(cfg, state)
-    logger.info("BRAIn (%s baseline, self_normalize=%s, L=%s, beta_r %g): %d prompts x %d samples",
-                cfg.baseline, cfg.self_normalize, cfg.likelihood, cfg.reward_beta, len(train_prompts), n)
+    logger.info(
+        "BRAIn (%s baseline, self_normalize=%s, L=%s, beta_r %g): %d prompts x %d samples",
+        cfg.baseline,
+        cfg.self_normalize,
+        cfg.likelihood,
+        cfg.reward_beta,
+        len(train_prompts),
+        n,
+    )
     result = train(
         policy,
         [{"index": i} for i in range(len(train_prompts))],
@@ -240,10 +270,23 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     log_held_out("BRAIn", held_out)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
-    metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps, "train_seconds": result.seconds}
+    metrics |= {
+        "train/loss": result.history[-1]["loss"],
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+    }
     columns = ["step", "loss", "brain/ess_fraction", "objective/scores", "objective/kl", "proposal/age"]
     figure = loss_curve(result.history, result.eval_history, "BRAIn loss", ylabel="loss per prompt")
-    finish("brain", paths, log, metrics, csvs={"train.csv": (result.history, columns)}, curves=(held_out, result.steps),
-           figures={"plots/brain_loss.png": figure}, tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
-           model=out, register_as=cfg.register_as)
+    finish(
+        "brain",
+        paths,
+        log,
+        metrics,
+        csvs={"train.csv": (result.history, columns)},
+        curves=(held_out, result.steps),
+        figures={"plots/brain_loss.png": figure},
+        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+        model=out,
+        register_as=cfg.register_as,
+    )
     return metrics | {"mean_reward_final_samples": float(np.mean(store_ref["store"].rewards.numpy()))}

@@ -8,6 +8,7 @@ gradient of KL(p || pi_theta) (equivalently of the cross-entropy -E_p[log pi_the
 theta - E_p[y] = theta; each row reports the estimator's mean, variance and bias against it, and
 KL(q || p) = mu^2 / 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from torch.distributions import Normal
 from alignment.brain_loss import brain_loss
 from alignment.config import BrainVarianceConfig
 from alignment.paths import Paths
-from alignment.stage_helpers import finish
 from alignment.plots import plt
+from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,16 @@ def variance_table(cfg: BrainVarianceConfig) -> list[dict]:
             generator = torch.Generator().manual_seed(cfg.seed)
             grads = gradient_estimates(method, mu, cfg.policy_mean, n, cfg.estimates, generator)
             grad_mean = grads.mean().item()
-            rows.append({
-                "method": method,
-                "proposal_mean": mu,
-                "kl_proposal_target": mu**2 / 2,
-                "grad_mean": grad_mean,
-                "grad_variance": grads.var().item(),
-                "grad_bias": grad_mean - true_gradient,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "proposal_mean": mu,
+                    "kl_proposal_target": mu**2 / 2,
+                    "grad_mean": grad_mean,
+                    "grad_variance": grads.var().item(),
+                    "grad_bias": grad_mean - true_gradient,
+                }
+            )
     return rows
 
 
@@ -79,9 +82,15 @@ def variance_figure(rows: list[dict]):
     figure, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
-        ax.plot([r["kl_proposal_target"] for r in mine], [r["grad_variance"] for r in mine], "o-", label=method)
-    ax.set(xlabel="KL(proposal || target)", ylabel="variance of the gradient estimate", yscale="log",
-           title="BRAIn toy: target N(0,1), proposal N(mu,1)")
+        ax.plot(
+            [r["kl_proposal_target"] for r in mine], [r["grad_variance"] for r in mine], "o-", label=method
+        )
+    ax.set(
+        xlabel="KL(proposal || target)",
+        ylabel="variance of the gradient estimate",
+        yscale="log",
+        title="BRAIn toy: target N(0,1), proposal N(mu,1)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     figure.tight_layout()
@@ -107,8 +116,13 @@ def summary(rows: list[dict]) -> dict[str, float]:
 def run(cfg: BrainVarianceConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     rows = variance_table(cfg)
     for r in rows:
-        logger.info("%-22s mu=%.2f  mean %.4f  variance %.4f",
-                    r["method"], r["proposal_mean"], r["grad_mean"], r["grad_variance"])
+        logger.info(
+            "%-22s mu=%.2f  mean %.4f  variance %.4f",
+            r["method"],
+            r["proposal_mean"],
+            r["grad_mean"],
+            r["grad_variance"],
+        )
 
     out = paths.out("brain_variance")
     out.mkdir(parents=True, exist_ok=True)
@@ -117,10 +131,19 @@ def run(cfg: BrainVarianceConfig, paths: Paths, log: Tracker | None) -> dict[str
 
     # wide: one variance column per method, so DVC plots the three curves against KL
     wide = [
-        {"proposal_mean": mu, "kl_proposal_target": mu**2 / 2,
-         **{r["method"]: r["grad_variance"] for r in rows if r["proposal_mean"] == mu}}
+        {
+            "proposal_mean": mu,
+            "kl_proposal_target": mu**2 / 2,
+            **{r["method"]: r["grad_variance"] for r in rows if r["proposal_mean"] == mu},
+        }
         for mu in cfg.proposal_means
     ]
-    return finish("brain_variance", paths, log, summary(rows),
-                  csvs={"variance.csv": (wide, ["proposal_mean", "kl_proposal_target", *METHODS])},
-                  figures={"plots/brain_variance.png": variance_figure(rows)}, tables={"variance.json": rows})
+    return finish(
+        "brain_variance",
+        paths,
+        log,
+        summary(rows),
+        csvs={"variance.csv": (wide, ["proposal_mean", "kl_proposal_target", *METHODS])},
+        figures={"plots/brain_variance.png": variance_figure(rows)},
+        tables={"variance.json": rows},
+    )

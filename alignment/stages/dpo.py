@@ -3,6 +3,7 @@ the frozen reference; IPO (on per-token log-ratios unless `ipo_length_normalize`
 conservative DPO through `loss_type` and `label_smoothing`, and the DPO paper's two baselines on the
 same pairs: `preferred_ft` (fine-tune on the chosen responses) and `unlikelihood` (Welleck et al. 2019).
 After training, policy and SFT continue the same held-out IMDb prompts and the gold scorer judges both."""
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,13 @@ from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.registry import fingerprint as registry_fingerprint
-from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_scorer
+from alignment.stage_helpers import (
+    compare_on_held_out,
+    finish,
+    load_policy_and_reference,
+    log_held_out,
+    reward_scorer,
+)
 from alignment.tracking import Tracker
 from alignment.trainer import train
 
@@ -72,8 +79,12 @@ def make_step(reference, cfg: DPOConfig):
         half = logps.shape[0] // 2
         # the implicit rewards beta * log(pi / ref) are reported for every method, baselines included
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            logps[:half], logps[half:], reference_logps[:half], reference_logps[half:],
-            beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            logps[:half],
+            logps[half:],
+            reference_logps[:half],
+            reference_logps[half:],
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
             loss_type=cfg.loss_type if cfg.loss_type in ("sigmoid", "ipo", "hinge") else "sigmoid",
         )
         if cfg.loss_type == "preferred_ft":
@@ -116,9 +127,17 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
     pad = collate_with_reference(tokenizer.pad_token_id)
     if cfg.precompute_reference:
-        precompute_reference(reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64)
+        precompute_reference(
+            reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64
+        )
     step = make_step(reference, cfg)
-    logger.info("DPO (%s, beta %g): %d train / %d eval pairs", cfg.loss_type, cfg.beta, len(train_pairs), len(eval_pairs))
+    logger.info(
+        "DPO (%s, beta %g): %d train / %d eval pairs",
+        cfg.loss_type,
+        cfg.beta,
+        len(train_pairs),
+        len(eval_pairs),
+    )
 
     result = train(
         policy,
@@ -136,13 +155,25 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_pretrained(policy, tokenizer, out)
 
     reward = reward_scorer(paths, "rm", cfg.max_length)
-    held_out, rows = compare_on_held_out(policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
+    held_out, rows = compare_on_held_out(
+        policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out
+    )
     log_held_out("DPO", held_out)
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
-    figure = loss_curve(result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair")
-    return finish("dpo", paths, log, metrics,
-                  csvs={"train.csv": (result.history, ["step", "loss", "rewards/margins", "rewards/accuracies"])},
-                  curves=(held_out, result.steps), figures={"plots/dpo_loss.png": figure},
-                  tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]}, model=out, register_as=cfg.register_as)
+    figure = loss_curve(
+        result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"
+    )
+    return finish(
+        "dpo",
+        paths,
+        log,
+        metrics,
+        csvs={"train.csv": (result.history, ["step", "loss", "rewards/margins", "rewards/accuracies"])},
+        curves=(held_out, result.steps),
+        figures={"plots/dpo_loss.png": figure},
+        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+        model=out,
+        register_as=cfg.register_as,
+    )

@@ -12,6 +12,7 @@
 5. Leaderboard (markdown + JSON), `metrics/evaluate.json`, the reward-KL frontier and the win-rate
    chart (DVC plots and MLflow figures), one MLflow child run per model for side-by-side comparison.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ import numpy as np
 from alignment.config import EvaluateConfig
 from alignment.data import write_jsonl, write_metrics
 from alignment.evaluation import (
-    GenerationCache, Samples, best_of, best_of_n_kl, frontier_figure, held_out_references, judge_model, leaderboard_markdown,
-    length_stats, sample, win_rate_figure,
+    GenerationCache,
+    Samples,
+    best_of,
+    best_of_n_kl,
+    frontier_figure,
+    held_out_references,
+    judge_model,
+    leaderboard_markdown,
+    length_stats,
+    sample,
+    win_rate_figure,
 )
 from alignment.judging import ScalarJudge, build_llm_judge
 from alignment.paths import Paths, hash_paths
@@ -42,11 +52,22 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
     if cfg.reward_model:
         rm_path = reward_model_path(paths, cfg.reward_model)
         scorer = RewardScorer(rm_path, max_length=cfg.max_length)
-        judges.append(ScalarJudge("rm", lambda p, r: scorer(p, r).numpy(), {"model": str(rm_path), "hash": hash_paths([rm_path])}))
+        judges.append(
+            ScalarJudge(
+                "rm",
+                lambda p, r: scorer(p, r).numpy(),
+                {"model": str(rm_path), "hash": hash_paths([rm_path])},
+            )
+        )
     if cfg.gold and cfg.source == "imdb":
         gold = GoldScorer.load(paths.gold)
-        judges.append(ScalarJudge("gold", lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
-                                  {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])}))
+        judges.append(
+            ScalarJudge(
+                "gold",
+                lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
+                {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])},
+            )
+        )
     return judges
 
 
@@ -63,46 +84,85 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         raise ValueError(f"evaluate.models: none of {dict(cfg.models)} holds a saved model")
     reference_name = next(iter(present))
     if cfg.best_of_n.n and cfg.best_of_n.policy not in present:
-        raise ValueError(f"evaluate.best_of_n.policy {cfg.best_of_n.policy!r} is not among the models found: {sorted(present)}")
+        raise ValueError(
+            f"evaluate.best_of_n.policy {cfg.best_of_n.policy!r} is not among the models found: "
+            f"{sorted(present)}"
+        )
     tokenizer = load_tokenizer(present[reference_name])
-    prompts, references = held_out_references(paths, cfg.source, cfg.split, cfg.prompts, tokenizer, cfg.reference_max_tokens)
-    settings = {"max_new_tokens": cfg.samples.max_new_tokens, "temperature": cfg.samples.temperature,
-                "top_p": cfg.samples.top_p, "seed": cfg.seed}
+    prompts, references = held_out_references(
+        paths, cfg.source, cfg.split, cfg.prompts, tokenizer, cfg.reference_max_tokens
+    )
+    settings = {
+        "max_new_tokens": cfg.samples.max_new_tokens,
+        "temperature": cfg.samples.temperature,
+        "top_p": cfg.samples.top_p,
+        "seed": cfg.seed,
+    }
     cache = GenerationCache(paths.checkpoints("evaluate") / "generations")
     judges = scalar_judges(cfg, paths)
     limits = {}
     if cfg.llm_judge.backend != "none":
-        judges.append(build_llm_judge(cfg.llm_judge, cfg.source, paths.checkpoints("evaluate") / "judge_cache", root=paths.root))
+        judges.append(
+            build_llm_judge(
+                cfg.llm_judge, cfg.source, paths.checkpoints("evaluate") / "judge_cache", root=paths.root
+            )
+        )
         limits["llm"] = cfg.llm_judge.max_prompts or len(prompts)
     if not judges:
         raise ValueError("evaluate: no judge (set reward_model, gold or llm_judge.backend)")
     identities = {judge.name: judge.identity() for judge in judges}
-    logger.info("evaluating %s on %d %s/%s prompts with judges %s", sorted(present), len(prompts), cfg.source, cfg.split,
-                [j.name for j in judges])
+    logger.info(
+        "evaluating %s on %d %s/%s prompts with judges %s",
+        sorted(present),
+        len(prompts),
+        cfg.source,
+        cfg.split,
+        [j.name for j in judges],
+    )
 
     reference_model = load_causal_lm(present[reference_name]).eval()
     rows, per_prompt = [], {"prompt": prompts, "reference": references}
     drawn = {}
     for name, path in present.items():
-        model, model_hash = load_causal_lm(path).eval(), hash_paths([path])  # the model is needed for KL anyway
+        model, model_hash = (
+            load_causal_lm(path).eval(),
+            hash_paths([path]),
+        )  # the model is needed for KL anyway
         if model.config.vocab_size != reference_model.config.vocab_size:
-            raise ValueError(f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
-                             f"{reference_name} has {reference_model.config.vocab_size}; KL needs a shared tokenizer")
+            raise ValueError(
+                f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
+                f"{reference_name} has {reference_model.config.vocab_size}; KL needs a shared tokenizer"
+            )
         want = max(cfg.best_of_n.n) if name == cfg.best_of_n.policy and cfg.best_of_n.n else 1
         samples, new = sample(model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
         drawn[name] = samples
         first = samples[0]
         kl = kl_to_reference(model, reference_model, first.ids)
-        metrics, judgements = judge_model(judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed)
-        row = {"model": name, "kind": "policy", "path": str(path), "model_hash": model_hash, "samples_drawn": new,
-               **kl_summary(kl), **length_stats(first), **metrics}
+        metrics, judgements = judge_model(
+            judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed
+        )
+        row = {
+            "model": name,
+            "kind": "policy",
+            "path": str(path),
+            "model_hash": model_hash,
+            "samples_drawn": new,
+            **kl_summary(kl),
+            **length_stats(first),
+            **metrics,
+        }
         rows.append(row)
         per_prompt[name] = first.responses
         for judge_name, judgement in judgements.items():
             per_prompt[f"{name}/{judge_name}"] = judgement.outcomes.tolist()
-        logger.info("%s: %s; KL %.2f, %.1f tokens (%d samples drawn, the rest cached)", name,
-                    ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges), row["objective/kl"],
-                    row["length/mean_tokens"], new)
+        logger.info(
+            "%s: %s; KL %.2f, %.1f tokens (%d samples drawn, the rest cached)",
+            name,
+            ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges),
+            row["objective/kl"],
+            row["length/mean_tokens"],
+            new,
+        )
 
     if cfg.best_of_n.n:
         rows += best_of_n_rows(cfg, judges, drawn[cfg.best_of_n.policy], prompts, references, limits)
@@ -127,28 +187,61 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
         tokens = np.array([samples[j].tokens[i] for i, j in enumerate(pick)])
         ended = np.array([samples[j].ended[i] for i, j in enumerate(pick)])
         ids = [samples[j].ids[i] for i, j in enumerate(pick)]
-        metrics, _ = judge_model(judges, prompts, chosen, references, limits, cfg.bootstrap_resamples, cfg.seed)
-        rows.append({"model": f"best_of_{n}", "kind": "best_of_n", "policy": cfg.best_of_n.policy, "n": n,
-                     "objective/kl": best_of_n_kl(n), **length_stats(Samples(chosen, tokens, ended, ids)),
-                     **metrics})
-        logger.info("best-of-%d (%s): %s", n, cfg.best_of_n.policy,
-                    ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges))
+        metrics, _ = judge_model(
+            judges, prompts, chosen, references, limits, cfg.bootstrap_resamples, cfg.seed
+        )
+        rows.append(
+            {
+                "model": f"best_of_{n}",
+                "kind": "best_of_n",
+                "policy": cfg.best_of_n.policy,
+                "n": n,
+                "objective/kl": best_of_n_kl(n),
+                **length_stats(Samples(chosen, tokens, ended, ids)),
+                **metrics,
+            }
+        )
+        logger.info(
+            "best-of-%d (%s): %s",
+            n,
+            cfg.best_of_n.policy,
+            ", ".join(f"{j.name} win rate {metrics[f'{j.name}/win_rate']:.3f}" for j in judges),
+        )
     return rows
 
 
-def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[dict], per_prompt: dict, identities: dict,
-           skipped: list[str], judge_names: list[str]) -> dict:
+def report(
+    cfg: EvaluateConfig,
+    paths: Paths,
+    log: Tracker | None,
+    rows: list[dict],
+    per_prompt: dict,
+    identities: dict,
+    skipped: list[str],
+    judge_names: list[str],
+) -> dict:
     out = paths.out("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     decoding = cfg.samples.model_dump(exclude={"num_prompts"}) | {"seed": cfg.seed}
-    board = {"prompts": len(per_prompt["prompt"]), "source": cfg.source, "split": cfg.split, "decoding": decoding,
-             "reference_max_tokens": cfg.reference_max_tokens, "judges": identities, "skipped_models": skipped, "models": rows}
+    board = {
+        "prompts": len(per_prompt["prompt"]),
+        "source": cfg.source,
+        "split": cfg.split,
+        "decoding": decoding,
+        "reference_max_tokens": cfg.reference_max_tokens,
+        "judges": identities,
+        "skipped_models": skipped,
+        "models": rows,
+    }
     (out / "leaderboard.json").write_text(json.dumps(board, indent=2) + "\n")
-    markdown = (f"# Leaderboard: win rate against the reference response\n\n{len(per_prompt['prompt'])} held-out "
-                f"{cfg.source} prompts ({cfg.split}); decoding {json.dumps(decoding)}; reference cut to "
-                f"{cfg.reference_max_tokens} tokens. Judges: "
-                + "; ".join(f"{name} = {json.dumps(identity)}" for name, identity in identities.items()) + ".\n\n"
-                + leaderboard_markdown(rows, judge_names, identities))
+    markdown = (
+        f"# Leaderboard: win rate against the reference response\n\n{len(per_prompt['prompt'])} held-out "
+        f"{cfg.source} prompts ({cfg.split}); decoding {json.dumps(decoding)}; reference cut to "
+        f"{cfg.reference_max_tokens} tokens. Judges: "
+        + "; ".join(f"{name} = {json.dumps(identity)}" for name, identity in identities.items())
+        + ".\n\n"
+        + leaderboard_markdown(rows, judge_names, identities)
+    )
     (out / "leaderboard.md").write_text(markdown)
     responses = [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())]
     write_jsonl(out / "responses.jsonl", responses)
@@ -156,15 +249,36 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
     def headline_first(key: str) -> int:  # what `dvc metrics show` and the flow summary show first
         return 0 if key.endswith("/win_rate") else 1 if key in ("objective/kl", "length/mean_tokens") else 2
 
-    metrics = {row["model"]: {key: row[key] for key in sorted(row, key=headline_first)
-                              if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)} for row in rows}
+    metrics = {
+        row["model"]: {
+            key: row[key]
+            for key in sorted(row, key=headline_first)
+            if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)
+        }
+        for row in rows
+    }
     write_metrics(paths.metrics("evaluate"), metrics)
     plot_judge = "gold" if "gold" in judge_names else judge_names[0]
-    frontier_columns = ["model", "objective/kl", *[f"{j}/reward" for j in judge_names if f"{j}/reward" in rows[0]]]
+    frontier_columns = [
+        "model",
+        "objective/kl",
+        *[f"{j}/reward" for j in judge_names if f"{j}/reward" in rows[0]],
+    ]
     write_csv(paths.plots("evaluate") / "frontier.csv", rows, frontier_columns)
-    bars = [{"model_judge": f"{r['model']} · {j}", "win_rate": r[f"{j}/win_rate"], "ci_low": r[f"{j}/win_rate_ci_low"],
-             "ci_high": r[f"{j}/win_rate_ci_high"]} for r in rows for j in judge_names if f"{j}/win_rate" in r]
-    write_csv(paths.plots("evaluate") / "win_rates.csv", bars, ["model_judge", "win_rate", "ci_low", "ci_high"])
+    bars = [
+        {
+            "model_judge": f"{r['model']} · {j}",
+            "win_rate": r[f"{j}/win_rate"],
+            "ci_low": r[f"{j}/win_rate_ci_low"],
+            "ci_high": r[f"{j}/win_rate_ci_high"],
+        }
+        for r in rows
+        for j in judge_names
+        if f"{j}/win_rate" in r
+    ]
+    write_csv(
+        paths.plots("evaluate") / "win_rates.csv", bars, ["model_judge", "win_rate", "ci_low", "ci_high"]
+    )
 
     if log is not None:
         log.artifact(out / "leaderboard.md")
@@ -175,11 +289,28 @@ def report(cfg: EvaluateConfig, paths: Paths, log: Tracker | None, rows: list[di
         log.figure(win_rate_figure(rows, judge_names), "plots/win_rates.png")
         log.table(responses[: cfg.samples.num_prompts], "held_out_generations.json")
         for row in rows:
-            with log.child_run(f"evaluate/{row['model']}", {"kind": "evaluation", "model": row["model"], "policy_kind": row["kind"],
-                                                            "model_hash": row.get("model_hash", "")}) as child:
-                child.params({"model": row["model"], "path": row.get("path", ""), "policy": row.get("policy", row["model"]),
-                              **{f"decoding.{k}": v for k, v in decoding.items()}})
+            with log.child_run(
+                f"evaluate/{row['model']}",
+                {
+                    "kind": "evaluation",
+                    "model": row["model"],
+                    "policy_kind": row["kind"],
+                    "model_hash": row.get("model_hash", ""),
+                },
+            ) as child:
+                child.params(
+                    {
+                        "model": row["model"],
+                        "path": row.get("path", ""),
+                        "policy": row.get("policy", row["model"]),
+                        **{f"decoding.{k}": v for k, v in decoding.items()},
+                    }
+                )
                 child.metrics(metrics[row["model"]])
-    flat = {f"{model}/{key}": value for model, values in metrics.items() for key, value in values.items()
-            if key.endswith(("/win_rate", "/reward", "objective/kl"))}
+    flat = {
+        f"{model}/{key}": value
+        for model, values in metrics.items()
+        for key, value in values.items()
+        if key.endswith(("/win_rate", "/reward", "objective/kl"))
+    }
     return flat

@@ -1,4 +1,5 @@
 """gold: fit the IMDb gold scorer on held-out labelled reviews and report its test accuracy."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,9 @@ def run(cfg: GoldConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     for path, rows in ((cfg.train_path, train), (cfg.test_path, test)):
         bad = next((i for i, r in enumerate(rows) if r.get("label") not in (0, 1)), None)
         if bad is not None:
-            raise ValueError(f"{path}: line {bad + 1}: field 'label' must be 0 or 1 (fields needed: {fields})")
+            raise ValueError(
+                f"{path}: line {bad + 1}: field 'label' must be 0 or 1 (fields needed: {fields})"
+            )
     started = time.perf_counter()
     scorer = GoldScorer.fit([r["text"] for r in train], [r["label"] for r in train], c=cfg.c, seed=cfg.seed)
     seconds = time.perf_counter() - started
@@ -36,5 +39,9 @@ def run(cfg: GoldConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         "fit_seconds": seconds,
     }
     scorer.save(paths.gold)
-    logger.info("gold scorer: test accuracy %.3f (%.3f on 40-word openings)", metrics["test_accuracy"], metrics["test_accuracy_first_40_words"])
+    logger.info(
+        "gold scorer: test accuracy %.3f (%.3f on 40-word openings)",
+        metrics["test_accuracy"],
+        metrics["test_accuracy_first_40_words"],
+    )
     return finish("gold", paths, log, metrics)

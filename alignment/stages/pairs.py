@@ -1,6 +1,7 @@
 """pairs: preference pairs the DPO paper's way (controlled sentiment). For each prompt, sample k
 continuations from the SFT policy, score each with the gold scorer, and make all k(k-1)/2 pairs,
 the higher gold reward winning (or a Bradley-Terry draw, to simulate noisy annotators)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def label_pairs(
-    prompt: str, responses: list[str], rewards: list[float], temperature: float | None, rng: np.random.Generator
+    prompt: str,
+    responses: list[str],
+    rewards: list[float],
+    temperature: float | None,
+    rng: np.random.Generator,
 ) -> tuple[list[dict], Counter]:
     """All pairs of one prompt's samples, labelled by reward; ties and empty responses skipped, counted."""
     pairs, skipped = [], Counter()
@@ -38,9 +43,17 @@ def label_pairs(
             first_wins = rewards[i] > rewards[j]
         else:
             first_wins = rng.random() < 1.0 / (1.0 + np.exp(-(rewards[i] - rewards[j]) / temperature))
-        w, l = (i, j) if first_wins else (j, i)
-        pairs.append({"prompt": prompt, "chosen": responses[w], "rejected": responses[l], "source": "imdb_pairs",
-                      "chosen_gold": rewards[w], "rejected_gold": rewards[l]})
+        w, lose = (i, j) if first_wins else (j, i)
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": responses[w],
+                "rejected": responses[lose],
+                "source": "imdb_pairs",
+                "chosen_gold": rewards[w],
+                "rejected_gold": rewards[lose],
+            }
+        )
     return pairs, skipped
 
 
@@ -51,16 +64,28 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
-        prompts = [r["prompt"] for r in read_jsonl(paths.data / f"prompts_{split}.jsonl") if r["source"] == cfg.source][:n]
+        prompts = [
+            r["prompt"]
+            for r in read_jsonl(paths.data / f"prompts_{split}.jsonl")
+            if r["source"] == cfg.source
+        ][:n]
         if not prompts:
-            raise ValueError(f"{paths.data / f'prompts_{split}.jsonl'}: no prompts with source {cfg.source!r}")
+            raise ValueError(
+                f"{paths.data / f'prompts_{split}.jsonl'}: no prompts with source {cfg.source!r}"
+            )
         k = cfg.samples_per_prompt
         expanded = [p for p in prompts for _ in range(k)]  # sample j of prompt i sits at i*k + j
         responses = generate(model, tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
         rewards = gold.reward([p + r for p, r in zip(expanded, responses)]).tolist()
         pairs, skipped = [], Counter()
         for i, prompt in enumerate(prompts):
-            got, why = label_pairs(prompt, responses[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k], cfg.label_temperature, rng)
+            got, why = label_pairs(
+                prompt,
+                responses[i * k : (i + 1) * k],
+                rewards[i * k : (i + 1) * k],
+                cfg.label_temperature,
+                rng,
+            )
             pairs += got
             skipped += why
         write_jsonl(paths.pairs / f"{split}.jsonl", pairs)
@@ -74,5 +99,12 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             f"{split}/label_agreement_with_gold": float(agree),
             **{f"{split}/skipped_{reason}": n for reason, n in sorted(skipped.items())},
         }
-        logger.info("%s: %d prompts -> %d pairs (skipped %s), SFT gold reward %.3f", split, len(prompts), len(pairs), dict(skipped), np.mean(rewards))
+        logger.info(
+            "%s: %d prompts -> %d pairs (skipped %s), SFT gold reward %.3f",
+            split,
+            len(prompts),
+            len(pairs),
+            dict(skipped),
+            np.mean(rewards),
+        )
     return finish("pairs", paths, log, metrics)

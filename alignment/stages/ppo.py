@@ -3,6 +3,7 @@ model, with a separate critic. Each rollout is six numbered steps, each a call t
 alignment/ppo_loss.py or a model forward pass. Every tensor of a rollout lives on the shifted token
 grid of `token_logps`: column j is the token at position j + 1, and `mask` marks response tokens.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,15 +21,27 @@ from alignment.generation import generate_ids
 from alignment.losses import IGNORE_INDEX, token_logps
 from alignment.models import check_max_length, save_pretrained
 from alignment.paths import Paths
-from alignment.prompts import load_prompts
 from alignment.plots import plt
 from alignment.ppo_loss import (
-    AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_entropy, masked_whiten,
-    ppo_policy_loss, ppo_value_loss,
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalized_rewards,
+    masked_entropy,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
 )
+from alignment.prompts import load_prompts
 from alignment.registry import fingerprint as registry_fingerprint
 from alignment.reward import RewardScorer, load_reward_model
-from alignment.stage_helpers import compare_on_held_out, finish, load_policy_and_reference, log_held_out, reward_model_path
+from alignment.stage_helpers import (
+    compare_on_held_out,
+    finish,
+    load_policy_and_reference,
+    log_held_out,
+    reward_model_path,
+)
 from alignment.tracking import Tracker
 from alignment.trainer import window_indices
 
@@ -57,7 +70,9 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return critic.score(hidden).squeeze(-1).float()[:, :-1]
 
 
-def policy_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_logps(
+    policy, batch: dict[str, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs (B, T - 1) at the sampling temperature, the response mask, and the logits."""
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / temperature
     logps, mask = token_logps(logits, batch["labels"])
@@ -73,15 +88,29 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, reference, critic, reward: RewardScorer, tokenizer, prompts: list[str], cfg: PPOConfig,
-            kl_coef: float, seed: int) -> Rollout:
+def rollout(
+    policy,
+    reference,
+    critic,
+    reward: RewardScorer,
+    tokenizer,
+    prompts: list[str],
+    cfg: PPOConfig,
+    kl_coef: float,
+    seed: int,
+) -> Rollout:
     # step 1. sample one response per prompt from the policy (its own RNG stream: resumable)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         drawn = generate_ids(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature)
     pad = collate(tokenizer.pad_token_id)
     device = next(policy.parameters()).device
-    batch = {k: v.to(device) for k, v in pad([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in drawn]).items()}
+    batch = {
+        k: v.to(device)
+        for k, v in pad(
+            [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in drawn]
+        ).items()
+    }
     policy.eval()
     logps, mask, _ = policy_logps(policy, batch, cfg.temperature)
     policy.train()
@@ -98,7 +127,9 @@ def rollout(policy, reference, critic, reward: RewardScorer, tokenizer, prompts:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
 
     # step 3. per-token rewards: -kl_coef * KL estimate, plus the score on the last real response token
-    rewards, non_score_rewards, kl = kl_penalized_rewards(scores, logps, reference_logps, mask, kl_coef, cfg.kl_estimator)
+    rewards, non_score_rewards, kl = kl_penalized_rewards(
+        scores, logps, reference_logps, mask, kl_coef, cfg.kl_estimator
+    )
 
     # step 4. advantages by GAE, whitened over the batch's response tokens
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -131,9 +162,13 @@ def optimise(policy, critic, optimizers, data: Rollout, cfg: PPOConfig, seed: in
             batch = {k: v[rows] for k, v in data.batch.items()}
             mask = data.mask[rows]
             logps, _, logits = policy_logps(policy, batch, cfg.temperature)
-            pg_loss, pg_stats = ppo_policy_loss(logps, data.old_logps[rows], data.advantages[rows], mask, cfg.clip_range)
+            pg_loss, pg_stats = ppo_policy_loss(
+                logps, data.old_logps[rows], data.advantages[rows], mask, cfg.clip_range
+            )
             values = critic_values(critic, batch["input_ids"], batch["attention_mask"])
-            vf_loss, vf_stats = ppo_value_loss(values, data.old_values[rows], data.returns[rows], mask, cfg.clip_range_value)
+            vf_loss, vf_stats = ppo_value_loss(
+                values, data.old_values[rows], data.returns[rows], mask, cfg.clip_range_value
+            )
             (pg_loss + cfg.vf_coef * vf_loss).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.train.max_grad_norm or float("inf"))
             for optimizer in optimizers:
@@ -142,24 +177,33 @@ def optimise(policy, critic, optimizers, data: Rollout, cfg: PPOConfig, seed: in
             with torch.no_grad():
                 entropy = masked_entropy(logits, mask).mean().item()
             for key, value in {
-                "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-                "val/clipfrac_avg": vf_stats["clipfrac"], "objective/entropy": entropy, "grad_norm": float(grad_norm),
+                "policy/approxkl_avg": pg_stats["approxkl"],
+                "policy/clipfrac_avg": pg_stats["clipfrac"],
+                "loss/policy_avg": pg_loss.item(),
+                "loss/value_avg": vf_loss.item(),
+                "val/clipfrac_avg": vf_stats["clipfrac"],
+                "objective/entropy": entropy,
+                "grad_norm": float(grad_norm),
             }.items():
                 totals.setdefault(key, []).append(value)
     return {key: float(np.mean(values)) for key, values in totals.items()}
 
 
-def save_checkpoint(path: Path, fingerprint: str, done: int, policy, critic, optimizers, kl_control, history) -> None:
+def save_checkpoint(
+    path: Path, fingerprint: str, done: int, policy, critic, optimizers, kl_control, history
+) -> None:
     """policy, critic, optimizers, KL controller and RNG states in step_<done>/state.pt (weights_only-safe);
     the rollout count and the curves in its meta."""
     state = {
-        "policy": policy.state_dict(), "critic": critic.state_dict(),
-        "optimizers": [o.state_dict() for o in optimizers], "kl_control": kl_control.state_dict(),
+        "policy": policy.state_dict(),
+        "critic": critic.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+        "kl_control": kl_control.state_dict(),
         "rng": checkpoint.rng_state(),
     }
-    checkpoint.save(path, done, fingerprint, lambda folder: torch.save(state, folder / "state.pt"),
-                    {"history": history})
+    checkpoint.save(
+        path, done, fingerprint, lambda folder: torch.save(state, folder / "state.pt"), {"history": history}
+    )
 
 
 def load_checkpoint(path: Path, fingerprint: str, policy, critic, optimizers, kl_control) -> tuple[int, list]:
@@ -178,14 +222,32 @@ def load_checkpoint(path: Path, fingerprint: str, policy, critic, optimizers, kl
     return meta["step"], meta["history"]
 
 
-def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompts: list[str], cfg: PPOConfig,
-              checkpoint_dir: Path | None, fingerprint: str, log_metrics=None) -> tuple[list[dict], dict[str, float]]:
+def train_ppo(
+    policy,
+    reference,
+    critic,
+    reward: RewardScorer,
+    tokenizer,
+    prompts: list[str],
+    cfg: PPOConfig,
+    checkpoint_dir: Path | None,
+    fingerprint: str,
+    log_metrics=None,
+) -> tuple[list[dict], dict[str, float]]:
     """The outer loop: rollouts 1..cfg.rollouts, each steps 1-5, then step 6 (the KL controller)."""
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0),
-                  torch.optim.AdamW(critic.own_parameters() if isinstance(critic, PolicyValueHead) else critic.parameters(),
-                                    lr=cfg.train.critic_learning_rate, weight_decay=0.0)]
-    kl_control = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-                  else FixedKLController(cfg.kl_coef))
+    optimizers = [
+        torch.optim.AdamW(policy.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0),
+        torch.optim.AdamW(
+            critic.own_parameters() if isinstance(critic, PolicyValueHead) else critic.parameters(),
+            lr=cfg.train.critic_learning_rate,
+            weight_decay=0.0,
+        ),
+    ]
+    kl_control = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.kl_target
+        else FixedKLController(cfg.kl_coef)
+    )
     done, history = 0, []
     if checkpoint_dir is not None and cfg.train.resume:
         done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, critic, optimizers, kl_control)
@@ -195,12 +257,28 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
     timing = {"generation_seconds": 0.0, "training_seconds": 0.0}
     policy.train()
     critic.train()
-    for k in tqdm(range(done, cfg.rollouts), initial=done, total=cfg.rollouts, desc="ppo", unit="rollout", mininterval=2.0):
+    for k in tqdm(
+        range(done, cfg.rollouts),
+        initial=done,
+        total=cfg.rollouts,
+        desc="ppo",
+        unit="rollout",
+        mininterval=2.0,
+    ):
         epoch, position = divmod(k, windows)
         rows = window_indices(len(prompts), cfg.rollout_batch_size, 1, cfg.train.seed, epoch)[position]
         started = time.perf_counter()
-        data = rollout(policy, reference, critic, reward, tokenizer, [prompts[i] for i in rows], cfg, kl_control.value,
-                       seed=cfg.train.seed * 1_000_003 + k)
+        data = rollout(
+            policy,
+            reference,
+            critic,
+            reward,
+            tokenizer,
+            [prompts[i] for i in rows],
+            cfg,
+            kl_control.value,
+            seed=cfg.train.seed * 1_000_003 + k,
+        )
         middle = time.perf_counter()
         stats = optimise(policy, critic, optimizers, data, cfg, seed=cfg.train.seed * 1_000_003 + k)
         # step 6. adapt the KL coefficient to the rollout's KL
@@ -211,8 +289,14 @@ def train_ppo(policy, reference, critic, reward: RewardScorer, tokenizer, prompt
         history.append(row)
         if log_metrics:
             log_metrics({key: value for key, value in row.items() if key != "step"}, k + 1)
-        if checkpoint_dir is not None and cfg.train.checkpoint_every and (k + 1) % cfg.train.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, fingerprint, k + 1, policy, critic, optimizers, kl_control, history)
+        if (
+            checkpoint_dir is not None
+            and cfg.train.checkpoint_every
+            and (k + 1) % cfg.train.checkpoint_every == 0
+        ):
+            save_checkpoint(
+                checkpoint_dir, fingerprint, k + 1, policy, critic, optimizers, kl_control, history
+            )
     return history, timing
 
 
@@ -242,19 +326,60 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     policy, reference, critic = policy.to(device), reference.to(device), critic.to(device)
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
     fingerprint = registry_fingerprint("ppo", cfg, paths.root)
-    logger.info("PPO: %d rollouts of %d prompts, kl_coef %g (%s), critic from %s",
-                cfg.rollouts, cfg.rollout_batch_size, cfg.kl_coef, "adaptive" if cfg.kl_target else "fixed", critic_path)
-    history, timing = train_ppo(policy, reference, critic, reward, tokenizer, prompts, cfg, paths.checkpoints("ppo"),
-                                fingerprint, log.metrics if log else None)
+    logger.info(
+        "PPO: %d rollouts of %d prompts, kl_coef %g (%s), critic from %s",
+        cfg.rollouts,
+        cfg.rollout_batch_size,
+        cfg.kl_coef,
+        "adaptive" if cfg.kl_target else "fixed",
+        critic_path,
+    )
+    history, timing = train_ppo(
+        policy,
+        reference,
+        critic,
+        reward,
+        tokenizer,
+        prompts,
+        cfg,
+        paths.checkpoints("ppo"),
+        fingerprint,
+        log.metrics if log else None,
+    )
     out = paths.out("ppo")
     save_pretrained(policy, tokenizer, out)
 
-    held_out, rows = compare_on_held_out(policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
+    held_out, rows = compare_on_held_out(
+        policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out
+    )
     log_held_out("PPO", held_out)
-    logger.info("generation %.0f s, training %.0f s", timing["generation_seconds"], timing["training_seconds"])
+    logger.info(
+        "generation %.0f s, training %.0f s", timing["generation_seconds"], timing["training_seconds"]
+    )
     last = history[-1]
-    metrics = {f"train/{k}": v for k, v in last.items() if k != "step"} | held_out | timing | {"rollouts": len(history)}
-    columns = ["step", "objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "policy/clipfrac_avg"]
-    return finish("ppo", paths, log, metrics, csvs={"train.csv": (history, columns)}, curves=(held_out, len(history)),
-                  figures={"plots/ppo.png": curves(history)}, tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
-                  model=out, register_as=cfg.register_as)
+    metrics = (
+        {f"train/{k}": v for k, v in last.items() if k != "step"}
+        | held_out
+        | timing
+        | {"rollouts": len(history)}
+    )
+    columns = [
+        "step",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "objective/kl",
+        "objective/entropy",
+        "policy/clipfrac_avg",
+    ]
+    return finish(
+        "ppo",
+        paths,
+        log,
+        metrics,
+        csvs={"train.csv": (history, columns)},
+        curves=(held_out, len(history)),
+        figures={"plots/ppo.png": curves(history)},
+        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+        model=out,
+        register_as=cfg.register_as,
+    )

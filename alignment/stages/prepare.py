@@ -1,4 +1,5 @@
 """prepare: raw files -> SFT / preference / prompt splits and a drop report."""
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,17 @@ def run(cfg: PrepareConfig, paths: Paths, log: Tracker | None) -> dict[str, floa
     report_path = paths.metrics("prepare")
     write_metrics(report_path, report)
     for name, counts in report["sources"].items():
-        logger.info("%s: read %d, kept %d, dropped %s", name, counts["read"], counts["kept"], counts["dropped"] or "none")
+        logger.info(
+            "%s: read %d, kept %d, dropped %s",
+            name,
+            counts["read"],
+            counts["kept"],
+            counts["dropped"] or "none",
+        )
 
-    metrics = {f"rows/{schema}_{split}": n for schema, per in report["rows"].items() for split, n in per.items()}
+    metrics = {
+        f"rows/{schema}_{split}": n for schema, per in report["rows"].items() for split, n in per.items()
+    }
     for name, counts in report["sources"].items():
         metrics |= {f"{name}/read": counts["read"], f"{name}/kept": counts["kept"]}
         metrics |= {f"{name}/dropped_{reason}": n for reason, n in counts["dropped"].items()}

@@ -5,6 +5,7 @@ policy, and the guard's verdict), copies the best iteration's policy to `outputs
 the leaderboard evaluates and the registry gets), writes `selection.json`, the per-iteration table
 as a DVC plot (proxy reward vs held-out reward per iteration) and the same plot to MLflow.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["iteration", "grow/rm_reward", "rm/reward", "gold/reward", "gold/win_rate_vs_sft", "objective/kl",
-           "improve/tau_0", "improve/kept_fraction_0"]
+COLUMNS = [
+    "iteration",
+    "grow/rm_reward",
+    "rm/reward",
+    "gold/reward",
+    "gold/win_rate_vs_sft",
+    "objective/kl",
+    "improve/tau_0",
+    "improve/kept_fraction_0",
+]
 
 
 def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int, stopped: str | None):
@@ -35,16 +44,23 @@ def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int,
     grown = [(r["iteration"], r["grow/rm_reward"]) for r in history if "grow/rm_reward" in r]
     if grown:
         ax.plot(*zip(*grown), "s:", color="tab:orange", label="RM reward, grown samples")
-    for axis, key, style, color in [(ax, "rm/reward", "o-", "tab:red"), (ax, "gold/reward", "o-", "tab:blue"),
-                                    (right, "rm/win_rate_vs_sft", "d--", "tab:pink"),
-                                    (right, "gold/win_rate_vs_sft", "d--", "tab:green")]:
-        axis.plot(steps, [r[key] for r in history], style, color=color, label=f"{key}, held-out{role.get(key, '')}")
+    for axis, key, style, color in [
+        (ax, "rm/reward", "o-", "tab:red"),
+        (ax, "gold/reward", "o-", "tab:blue"),
+        (right, "rm/win_rate_vs_sft", "d--", "tab:pink"),
+        (right, "gold/win_rate_vs_sft", "d--", "tab:green"),
+    ]:
+        axis.plot(
+            steps, [r[key] for r in history], style, color=color, label=f"{key}, held-out{role.get(key, '')}"
+        )
     ax.set(xlabel="ReST iteration (0: start policy)", ylabel="mean reward", xticks=steps)
     right.set_ylabel("win rate vs SFT")
     ax.axvline(best, color="grey", alpha=0.4, linewidth=6, label=f"kept: iteration {best}")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
-    ax.set_title("ReST: proxy vs held-out reward" + (" (stopped by the guard)" if stopped else ""), fontsize=10)
+    ax.set_title(
+        "ReST: proxy vs held-out reward" + (" (stopped by the guard)" if stopped else ""), fontsize=10
+    )
     ax.grid(alpha=0.3)
     figure.tight_layout()
     return figure
@@ -56,35 +72,72 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     history, stopped = report["history"], report["stopped"]
     best = best_iteration(history, cfg.guard.held_out)
     start = history[0]
-    source = paths.resolve(cfg.iterations["1"]) if best["iteration"] == 0 else paths.rest(best["iteration"]) / "policy"
-    why = (f"iteration {best['iteration']} has the highest held-out {cfg.guard.held_out} "
-           f"({best[cfg.guard.held_out]:.3f}; the start policy {start[cfg.guard.held_out]:.3f})")
+    source = (
+        paths.resolve(cfg.iterations["1"])
+        if best["iteration"] == 0
+        else paths.rest(best["iteration"]) / "policy"
+    )
+    why = (
+        f"iteration {best['iteration']} has the highest held-out {cfg.guard.held_out} "
+        f"({best[cfg.guard.held_out]:.3f}; the start policy {start[cfg.guard.held_out]:.3f})"
+    )
     if stopped:
         why += f"; the run stopped early: {stopped}"
 
     if paths.rest_best.exists():
         shutil.rmtree(paths.rest_best)
     shutil.copytree(source, paths.rest_best)
-    selection = {"best_iteration": best["iteration"], "why": why, "stopped": stopped, "skipped": report.get("skipped", []),
-                 "held_out_judge": cfg.guard.held_out, "proxy": cfg.guard.proxy, "history": history}
+    selection = {
+        "best_iteration": best["iteration"],
+        "why": why,
+        "stopped": stopped,
+        "skipped": report.get("skipped", []),
+        "held_out_judge": cfg.guard.held_out,
+        "proxy": cfg.guard.proxy,
+        "history": history,
+    }
     (paths.rest_best / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-    metrics = {"best_iteration": best["iteration"], "iterations_trained": len(history) - 1,
-               "guard/stopped": int(bool(stopped)), "improved": int(best["iteration"] > 0)}
+    metrics = {
+        "best_iteration": best["iteration"],
+        "iterations_trained": len(history) - 1,
+        "guard/stopped": int(bool(stopped)),
+        "improved": int(best["iteration"] > 0),
+    }
     metrics |= {k: best[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "objective/kl")}
     metrics |= {f"start/{k}": start[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward")}
     logger.info("kept %s: %s", source, why)
     for r in history:
-        logger.info("  iteration %d: RM reward grown %s, held-out RM %.3f, gold %.3f, gold win rate vs SFT %.3f, kept %s at tau %s",
-                    r["iteration"], f"{r['grow/rm_reward']:.3f}" if "grow/rm_reward" in r else "-", r["rm/reward"],
-                    r["gold/reward"], r["gold/win_rate_vs_sft"],
-                    f"{r['improve/kept_fraction_0']:.2f}" if "improve/kept_fraction_0" in r else "-",
-                    f"{r['improve/tau_0']:.3f}" if "improve/tau_0" in r else "-")
+        logger.info(
+            "  iteration %d: RM reward grown %s, held-out RM %.3f, gold %.3f, gold win rate vs SFT %.3f, "
+            "kept %s at tau %s",
+            r["iteration"],
+            f"{r['grow/rm_reward']:.3f}" if "grow/rm_reward" in r else "-",
+            r["rm/reward"],
+            r["gold/reward"],
+            r["gold/win_rate_vs_sft"],
+            f"{r['improve/kept_fraction_0']:.2f}" if "improve/kept_fraction_0" in r else "-",
+            f"{r['improve/tau_0']:.3f}" if "improve/tau_0" in r else "-",
+        )
     if log is not None:
         for r in history:  # one point per iteration: the MLflow UI draws them as curves over `step`
-            log.metrics({f"iteration/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k != "iteration"},
-                        step=r["iteration"])
+            log.metrics(
+                {
+                    f"iteration/{k}": v
+                    for k, v in r.items()
+                    if isinstance(v, (int, float)) and k != "iteration"
+                },
+                step=r["iteration"],
+            )
         log.artifact(paths.rest_best / "selection.json")
         log.tags({"best_iteration": str(best["iteration"]), "selection": why[:5000]})
     figure = proxy_vs_held_out(history, cfg.guard.proxy, cfg.guard.held_out, best["iteration"], stopped)
-    return finish("rest", paths, log, metrics, csvs={"iterations.csv": (history, COLUMNS)},
-                  figures={"plots/rest_proxy_vs_held_out.png": figure}, model=paths.rest_best, register_as=cfg.register_as)
+    return finish(
+        "rest",
+        paths,
+        log,
+        metrics,
+        csvs={"iterations.csv": (history, COLUMNS)},
+        figures={"plots/rest_proxy_vs_held_out.png": figure},
+        model=paths.rest_best,
+        register_as=cfg.register_as,
+    )

@@ -16,6 +16,7 @@ its tau), `policy/`, and `report.json` (the held-out record of every iteration s
   5. Policy vs SFT on held-out prompts (the eval split: the leaderboard's test prompts stay unseen),
      judged by the gold scorer (the held-out judge) and the RM (the proxy); then the guard.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,12 +61,16 @@ def grow_prompts(cfg: RestConfig, paths: Paths) -> tuple[list[str], dict[str, fl
         stats["grow/prompts_incoming"] = len(new)
         stats |= {f"grow/incoming_skipped/{reason}": n for reason, n in skipped.items()}
         if incoming:
-            logger.info("incoming prompts: %d new from %s (skipped: %s)", len(new), cfg.incoming, skipped or "none")
+            logger.info(
+                "incoming prompts: %d new from %s (skipped: %s)", len(new), cfg.incoming, skipped or "none"
+            )
         prompts = prompts + new
     return prompts, stats
 
 
-def grow(policy, tokenizer, reward: RewardScorer, prompts: list[str], cfg: RestConfig, iteration: int) -> list[dict]:
+def grow(
+    policy, tokenizer, reward: RewardScorer, prompts: list[str], cfg: RestConfig, iteration: int
+) -> list[dict]:
     """N samples per prompt, each (prompt, sample index) with its own seed, scored by the RM."""
     g = cfg.grow
     repeated = [p for p in prompts for _ in range(g.samples_per_prompt)]
@@ -74,11 +79,22 @@ def grow(policy, tokenizer, reward: RewardScorer, prompts: list[str], cfg: RestC
     sampled = generate_ids(policy, tokenizer, repeated, g.max_new_tokens, g.temperature, g.top_p, seeds=seeds)
     responses = tokenizer.batch_decode([r for _, r in sampled], skip_special_tokens=True)
     rewards = reward(repeated, responses).tolist()
-    return [{"prompt": p, "index": j, "response": text, "reward": r, "prompt_ids": ids, "response_ids": response_ids}
-            for p, j, text, r, (ids, response_ids) in zip(repeated, indices, responses, rewards, sampled)]
+    return [
+        {
+            "prompt": p,
+            "index": j,
+            "response": text,
+            "reward": r,
+            "prompt_ids": ids,
+            "response_ids": response_ids,
+        }
+        for p, j, text, r, (ids, response_ids) in zip(repeated, indices, responses, rewards, sampled)
+    ]
 
 
-def improve_examples(kept: list[dict], sft_rows: list[dict], cfg: RestConfig, tokenizer, rng: random.Random) -> list[dict]:
+def improve_examples(
+    kept: list[dict], sft_rows: list[dict], cfg: RestConfig, tokenizer, rng: random.Random
+) -> list[dict]:
     """The kept samples as token examples (exactly as sampled, EOS only where the policy emitted it),
     plus `sft_mix` SFT rows per kept sample."""
     examples = []
@@ -86,7 +102,9 @@ def improve_examples(kept: list[dict], sft_rows: list[dict], cfg: RestConfig, to
         example = as_example(row["prompt_ids"], row["response_ids"])
         examples.append({k: v[: cfg.max_length] for k, v in example.items()})
     extra = min(round(cfg.improve.sft_mix * len(kept)), len(sft_rows))
-    examples += [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in rng.sample(sft_rows, extra)]
+    examples += [
+        encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in rng.sample(sft_rows, extra)
+    ]
     return examples
 
 
@@ -101,7 +119,9 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     if report["stopped"]:
         logger.warning("iteration %d skipped: %s", iteration, report["stopped"])
         shutil.copytree(start, out / "policy")
-        (out / "report.json").write_text(json.dumps(report | {"skipped": [*report.get("skipped", []), iteration]}, indent=2))
+        (out / "report.json").write_text(
+            json.dumps(report | {"skipped": [*report.get("skipped", []), iteration]}, indent=2)
+        )
         metrics = {"iteration": iteration, "skipped": 1}
         write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
         return metrics
@@ -116,19 +136,31 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
 
     def held_out(model) -> dict[str, float]:
         scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
-        keys = ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft", "objective/kl",
-                "objective/kl_se")
+        keys = (
+            "gold/reward",
+            "gold/win_rate_vs_sft",
+            "rm/reward",
+            "rm/win_rate_vs_sft",
+            "objective/kl",
+            "objective/kl_se",
+        )
         return {k: scores[k] for k in keys}
 
     # step 2. the start policy is iteration 0 of the record
     if not history:
         history = [{"iteration": 0, "policy": str(cfg.iterations["1"])} | held_out(policy)]
-        logger.info("iteration 0 (%s): held-out gold reward %.3f, RM reward %.3f", start,
-                    history[0]["gold/reward"], history[0]["rm/reward"])
+        logger.info(
+            "iteration 0 (%s): held-out gold reward %.3f, RM reward %.3f",
+            start,
+            history[0]["gold/reward"],
+            history[0]["rm/reward"],
+        )
 
     # step 3. Grow
     prompts, prompt_stats = grow_prompts(cfg, paths)
-    logger.info("grow: %d samples for each of %d prompts from %s", cfg.grow.samples_per_prompt, len(prompts), start)
+    logger.info(
+        "grow: %d samples for each of %d prompts from %s", cfg.grow.samples_per_prompt, len(prompts), start
+    )
     grown = grow(policy, tokenizer, reward, prompts, cfg, iteration)
     rewards = np.array([row["reward"] for row in grown])
     write_jsonl(out / "grown.jsonl", grown)
@@ -138,22 +170,47 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     taus = thresholds(rewards, cfg.improve.threshold, cfg.improve.steps)
     sft_rows = list(read_jsonl(paths.data / "sft_train.jsonl")) if cfg.improve.sft_mix else []
     rng, pad = random.Random(cfg.seed * 1_000 + iteration), collate(tokenizer.pad_token_id)
-    record: dict = {"iteration": iteration, "policy": str(out / "policy"), "learning_rate": lr,
-                    "grow/rm_reward": float(rewards.mean()), "grow/samples": len(grown), **prompt_stats}
+    record: dict = {
+        "iteration": iteration,
+        "policy": str(out / "policy"),
+        "learning_rate": lr,
+        "grow/rm_reward": float(rewards.mean()),
+        "grow/samples": len(grown),
+        **prompt_stats,
+    }
     kept_rows, offset = [], 0
     for i, tau in enumerate(taus):
         kept = [grown[j] for j in above(rewards, tau)]
-        record |= {f"improve/tau_{i}": tau, f"improve/kept_fraction_{i}": len(kept) / len(grown),
-                   f"improve/kept_rm_reward_{i}": float(np.mean([r["reward"] for r in kept])) if kept else float("nan")}
-        kept_rows += [{"improve_step": i, "tau": tau, **{k: r[k] for k in ("prompt", "index", "response", "reward")}} for r in kept]
-        logger.info("improve step %d: tau %.3f keeps %d of %d samples (lr %.2g)", i, tau, len(kept), len(grown), lr)
+        record |= {
+            f"improve/tau_{i}": tau,
+            f"improve/kept_fraction_{i}": len(kept) / len(grown),
+            f"improve/kept_rm_reward_{i}": float(np.mean([r["reward"] for r in kept]))
+            if kept
+            else float("nan"),
+        }
+        kept_rows += [
+            {"improve_step": i, "tau": tau, **{k: r[k] for k in ("prompt", "index", "response", "reward")}}
+            for r in kept
+        ]
+        logger.info(
+            "improve step %d: tau %.3f keeps %d of %d samples (lr %.2g)", i, tau, len(kept), len(grown), lr
+        )
         if not kept:
             logger.warning("improve step %d: no sample above tau %.3f; the step trains nothing", i, tau)
             continue
         examples = improve_examples(kept, sft_rows, cfg, tokenizer, rng)
-        train_cfg = cfg.improve.train.model_copy(update={"learning_rate": lr, "seed": cfg.improve.train.seed + 100 * iteration + i})
-        result = train(policy, examples, pad, nll_step, count_response_tokens, train_cfg,
-                       log_metrics=(lambda m, s, o=offset: log.metrics(m, step=o + s)) if log else None)
+        train_cfg = cfg.improve.train.model_copy(
+            update={"learning_rate": lr, "seed": cfg.improve.train.seed + 100 * iteration + i}
+        )
+        result = train(
+            policy,
+            examples,
+            pad,
+            nll_step,
+            count_response_tokens,
+            train_cfg,
+            log_metrics=(lambda m, s, o=offset: log.metrics(m, step=o + s)) if log else None,
+        )
         offset += result.steps
         record[f"improve/loss_{i}"] = result.history[-1]["loss"] if result.history else float("nan")
     record["improve/steps"] = offset
@@ -168,14 +225,29 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         logger.warning("ReST stops: %s", stopped)
     (out / "report.json").write_text(json.dumps({"history": history, "stopped": stopped}, indent=2))
 
-    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))} | {"guard/stopped": int(bool(stopped))}
+    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))} | {
+        "guard/stopped": int(bool(stopped))
+    }
     write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
     if log is not None:
         log.metrics({k: v for k, v in metrics.items() if not k.startswith("improve/loss")}, step=offset)
-        log.table([{k: r[k] for k in ("improve_step", "tau", "prompt", "response", "reward")} for r in kept_rows[:64]], "kept.json")
+        log.table(
+            [
+                {k: r[k] for k in ("improve_step", "tau", "prompt", "response", "reward")}
+                for r in kept_rows[:64]
+            ],
+            "kept.json",
+        )
         if stopped:
             log.tags({"guard": stopped})
-    logger.info("iteration %d: grown RM reward %.3f; held-out gold reward %.3f (win rate vs SFT %.2f), RM reward %.3f, KL %.2f",
-                iteration, record["grow/rm_reward"], record["gold/reward"], record["gold/win_rate_vs_sft"],
-                record["rm/reward"], record["objective/kl"])
+    logger.info(
+        "iteration %d: grown RM reward %.3f; held-out gold reward %.3f (win rate vs SFT %.2f), "
+        "RM reward %.3f, KL %.2f",
+        iteration,
+        record["grow/rm_reward"],
+        record["gold/reward"],
+        record["gold/win_rate_vs_sft"],
+        record["rm/reward"],
+        record["objective/kl"],
+    )
     return metrics

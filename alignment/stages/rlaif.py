@@ -10,6 +10,7 @@
    pairs, and for single-order verdicts. `rm.data.sources: [rlaif]` trains the reward model on the
    result.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,19 +45,33 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
             chosen, rejected = (a, b) if outcome == WIN else (b, a)
             agrees = chosen == pair["chosen"]
             agree.append(agrees)
-            kept.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "source": "rlaif",
-                         "origin": pair["source"], "agrees_with_label": agrees})
+            kept.append(
+                {
+                    "prompt": pair["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "source": "rlaif",
+                    "origin": pair["source"],
+                    "agrees_with_label": agrees,
+                }
+            )
     # single-order agreement: each order's verdict on its own, as a judge without swapping would be used
     singles = []
     for s, detail in zip(swap, judgement.details):
-        # in the first order `first` is shown as A, in the second `second` is; `chosen` is `first` unless swapped
+        # in the first order `first` is shown as A, in the second `second` is;
+        # `chosen` is `first` unless swapped
         for verdict, chosen_shown_as_a in ((detail["model_first"], not s), (detail["model_second"], s)):
             if verdict in ("A", "B"):
                 singles.append((verdict == "A") == chosen_shown_as_a)
-    metrics = {"pairs": len(pairs), "kept": len(kept), "kept_fraction": len(kept) / len(pairs),
-               "agreement": float(np.mean(agree)) if agree else float("nan"),
-               "single_order_agreement": float(np.mean(singles)) if singles else float("nan"),
-               **{k: float(v) for k, v in counts.items()}, **position_stats(judgement.details)}
+    metrics = {
+        "pairs": len(pairs),
+        "kept": len(kept),
+        "kept_fraction": len(kept) / len(pairs),
+        "agreement": float(np.mean(agree)) if agree else float("nan"),
+        "single_order_agreement": float(np.mean(singles)) if singles else float("nan"),
+        **{k: float(v) for k, v in counts.items()},
+        **position_stats(judgement.details),
+    }
     return kept, metrics
 
 
@@ -75,16 +90,32 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
                 continue
             task = "imdb" if all(p["source"].startswith("imdb") for p in pairs) else "dialogue"
             if task not in judges:  # the template follows the task, the backend is shared
-                judges[task] = PairwiseJudge("llm", backend, judge_template(cfg.judge, task, paths.root), cfg.judge.parse_retries)
+                judges[task] = PairwiseJudge(
+                    "llm", backend, judge_template(cfg.judge, task, paths.root), cfg.judge.parse_retries
+                )
             kept, source_metrics = label(judges[task], pairs, rng)
             out += kept
             if not kept:
-                logger.warning("%s %s: the judge kept no pair (consistency %.2f, first-position rate %.2f): its labels cannot "
-                               "train a reward model", split, source, source_metrics["consistency"], source_metrics["first_position_rate"])
+                logger.warning(
+                    "%s %s: the judge kept no pair (consistency %.2f, first-position rate %.2f): "
+                    "its labels cannot train a reward model",
+                    split,
+                    source,
+                    source_metrics["consistency"],
+                    source_metrics["first_position_rate"],
+                )
             metrics |= {f"{split}/{source}/{k}": v for k, v in source_metrics.items()}
-            logger.info("%s %s: kept %d of %d pairs; agreement with the labels %.3f (single order %.3f), first-position rate %.2f",
-                        split, source, len(kept), len(pairs), source_metrics["agreement"], source_metrics["single_order_agreement"],
-                        source_metrics["first_position_rate"])
+            logger.info(
+                "%s %s: kept %d of %d pairs; agreement with the labels %.3f (single order %.3f), "
+                "first-position rate %.2f",
+                split,
+                source,
+                len(kept),
+                len(pairs),
+                source_metrics["agreement"],
+                source_metrics["single_order_agreement"],
+                source_metrics["first_position_rate"],
+            )
         write_jsonl(paths.rlaif / f"{split}.jsonl", out)
     identity = {task: judge.identity() for task, judge in judges.items()}
     (paths.rlaif / "judge.json").write_text(json.dumps(identity, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """rm: a Bradley-Terry reward model, a scalar head on the SFT model (or any path), trained on
 gold-labelled IMDb pairs and human HH pairs; chosen and rejected are scored in one forward pass."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,8 @@ from alignment.models import check_max_length, load_tokenizer, save_pretrained
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
-from alignment.reward import load_reward_model, sequence_rewards
 from alignment.registry import fingerprint as registry_fingerprint
+from alignment.reward import load_reward_model, sequence_rewards
 from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 from alignment.trainer import train
@@ -98,9 +99,26 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
 
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}
-    metrics |= {"train/loss": result.history[-1]["loss"], "train/accuracy": result.history[-1]["accuracy"], "steps": result.steps}
-    logger.info("eval accuracy %.3f %s", final["accuracy"], {k: round(v, 3) for k, v in final.items() if k.endswith("/accuracy")})
+    metrics |= {
+        "train/loss": result.history[-1]["loss"],
+        "train/accuracy": result.history[-1]["accuracy"],
+        "steps": result.steps,
+    }
+    logger.info(
+        "eval accuracy %.3f %s",
+        final["accuracy"],
+        {k: round(v, 3) for k, v in final.items() if k.endswith("/accuracy")},
+    )
     columns = ["step", "loss", "accuracy", "margin"]
     figure = loss_curve(result.history, result.eval_history, "Reward model loss", ylabel="Bradley-Terry loss")
-    return finish("rm", paths, log, metrics, csvs={"train.csv": (result.history, columns), "eval.csv": (result.eval_history, columns)},
-                  figures={"plots/rm_loss.png": figure}, model=paths.rm, register_as=cfg.register_as, kind="reward")
+    return finish(
+        "rm",
+        paths,
+        log,
+        metrics,
+        csvs={"train.csv": (result.history, columns), "eval.csv": (result.eval_history, columns)},
+        figures={"plots/rm_loss.png": figure},
+        model=paths.rm,
+        register_as=cfg.register_as,
+        kind="reward",
+    )

@@ -1,4 +1,5 @@
 """sft: supervised fine-tuning on {prompt, response} with the loss on response tokens only."""
+
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,10 @@ from itertools import zip_longest
 
 import torch
 
+from alignment.batching import collate, encode
 from alignment.config import SFTConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.generation import generate
-from alignment.batching import collate, encode
 from alignment.losses import sft_loss
 from alignment.models import build_model, load_tokenizer, save_pretrained
 from alignment.paths import Paths
@@ -31,7 +32,10 @@ def evaluation(examples: list[dict], pad: callable, batch_size: int):
         nll, tokens = 0.0, 0.0
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
-            nll_sum, n = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            nll_sum, n = sft_loss(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                batch["labels"],
+            )
             nll, tokens = nll + nll_sum.item(), tokens + n.item()
         loss = nll / max(tokens, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -55,7 +59,12 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     eval_rows = list(read_jsonl(paths.data / "sft_eval.jsonl"))[: cfg.eval_max_examples]
     torch.manual_seed(cfg.train.seed)  # the initial weights of a model built from a config
     model = build_model(cfg.model, tokenizer)
-    logger.info("model: %.2fM parameters, %d train / %d eval examples", model.num_parameters() / 1e6, len(train_rows), len(eval_rows))
+    logger.info(
+        "model: %.2fM parameters, %d train / %d eval examples",
+        model.num_parameters() / 1e6,
+        len(train_rows),
+        len(eval_rows),
+    )
 
     train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
     eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in eval_rows]
@@ -77,7 +86,9 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_pretrained(model, tokenizer, paths.sft)
     prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
     s = cfg.samples
-    responses = generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
+    responses = (
+        generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
+    )
     generations = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     write_jsonl(paths.sft / "generations.jsonl", generations)
 
@@ -93,8 +104,17 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     }
     for row in generations[:4]:
         logger.info("sample: %r -> %r", row["prompt"][-60:], row["response"][:120])
-    return finish("sft", paths, log, metrics,
-                  csvs={"train.csv": (result.history, ["step", "loss", "learning_rate", "grad_norm"]),
-                        "eval.csv": (result.eval_history, ["step", "loss", "perplexity"])},
-                  figures={"plots/sft_loss.png": loss_curve(result.history, result.eval_history, "SFT loss")},
-                  tables={"generations.json": generations}, model=paths.sft, register_as=cfg.register_as)
+    return finish(
+        "sft",
+        paths,
+        log,
+        metrics,
+        csvs={
+            "train.csv": (result.history, ["step", "loss", "learning_rate", "grad_norm"]),
+            "eval.csv": (result.eval_history, ["step", "loss", "perplexity"]),
+        },
+        figures={"plots/sft_loss.png": loss_curve(result.history, result.eval_history, "SFT loss")},
+        tables={"generations.json": generations},
+        model=paths.sft,
+        register_as=cfg.register_as,
+    )

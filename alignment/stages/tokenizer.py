@@ -1,5 +1,6 @@
 """tokenizer: a pretrained tokenizer (path, hub id, GGUF), or a byte-level BPE trained on the SFT
 training text (the embedded default), saved in the HF format."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,13 @@ def run(cfg: TokenizerConfig, paths: Paths, log: Tracker | None) -> dict[str, fl
         texts = (row["prompt"] + row["response"] for row in read_jsonl(paths.data / "sft_train.jsonl"))
         tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
     tokenizer.save_pretrained(paths.tokenizer)
-    sample = [row["prompt"] + row["response"] for _, row in zip(range(200), read_jsonl(paths.data / "sft_eval.jsonl"))]
+    sample = [
+        row["prompt"] + row["response"]
+        for _, row in zip(range(200), read_jsonl(paths.data / "sft_eval.jsonl"))
+    ]
     chars = sum(len(t) for t in sample)
     tokens = sum(len(tokenizer(t).input_ids) for t in sample)
-    logger.info("vocabulary %d tokens, %.2f characters per token on eval text", len(tokenizer), chars / max(tokens, 1))
+    logger.info(
+        "vocabulary %d tokens, %.2f characters per token on eval text", len(tokenizer), chars / max(tokens, 1)
+    )
     return {"vocab_size": len(tokenizer), "chars_per_token": chars / max(tokens, 1)}
