@@ -39,13 +39,12 @@ def sample_next(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     cdf = probs.cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) if uniforms is None else uniforms.to(cdf)[:, None]
-    # right=True picks the first token whose cdf exceeds u, so its own mass is positive even at u = 0
-    # (the left side would return token 0, EOS, at u = 0 whatever its probability). u * total can
-    # round up to the total (a float64 uniform just below 1 becomes 1.0 in float32): the index would
-    # then run past the end, so it is capped at the row's last token with positive probability.
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    positions = torch.arange(probs.shape[-1], device=probs.device)
-    return torch.minimum(index, torch.where(probs > 0, positions, 0).amax(-1))
+    # the first token whose cdf reaches the target: cdf[i - 1] < target <= cdf[i], so its own mass is
+    # positive, for every target > 0. u can be exactly 0 (then the search returned token 0, EOS, whatever
+    # its probability, even outside the nucleus): the target is held above 0. u * total never exceeds the
+    # total, which the last token of positive mass reaches first.
+    target = (u * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, target).squeeze(-1)
 
 
 @torch.no_grad()
