@@ -44,6 +44,12 @@ class GoldScorer:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the vectoriser remembers id(stop_words), a memory address that differs in every process: without
+        # it the file is the same bytes for the same fit, so DVC does not see a new scorer on every run
+        # (scikit-learn only uses it to skip re-checking the stop words)
+        tfidf = self.pipeline.named_steps["tfidf"]
+        if hasattr(tfidf, "_stop_words_id"):
+            del tfidf._stop_words_id
         joblib.dump(self.pipeline, path)
 
     @classmethod
