@@ -368,14 +368,20 @@ HeldOutScore = Literal["gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/w
 
 class GuardConfig(Section):
     """Reward hacking: stop when the held-out judge's score drops by more than `tolerance` while the
-    proxy (the RM reward on the same held-out prompts) rises. `held_out` also picks the best iteration
-    and decides whether a retrained policy beats the champion."""
+    proxy (the RM reward on the same held-out prompts) rises, or (with `max_kl`) when the policy has
+    drifted too far from SFT. `held_out` also picks the best iteration and decides whether a retrained
+    policy beats the champion."""
 
     # the mean, not the win rate vs SFT: that one reaches 1.0 within a few iterations and then can
     # neither rank later iterations nor tell a new policy from a champion that already wins every prompt
     held_out: HeldOutScore = "gold/reward"
     proxy: HeldOutScore = "rm/reward"
     tolerance: float = Field(default=0.0, ge=0.0)
+    # The gold scorer is bag-of-words too, fooled by the same word salad as the RM, so neither judge
+    # sees that drift; a ceiling on the held-out KL to SFT (nats) stops it where no judge would.
+    max_kl: float | None = Field(default=None, gt=0.0)
+    """Stop once the last iteration's held-out `objective/kl` exceeds this, and never keep an
+    iteration above it; None: no ceiling."""
 
 
 class RestConfig(PolicyStageConfig):

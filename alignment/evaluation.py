@@ -21,6 +21,7 @@ import numpy as np
 from alignment.data import read_jsonl
 from alignment.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
 from alignment.judging import Judge, Judgement, position_stats, win_rate_summary
+from alignment.length_control import lc_win_rate_summary
 from alignment.paths import Paths
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,16 @@ def length_stats(samples: Samples, words: list[str] | None = None) -> dict[str, 
     }
 
 
+def token_lengths(tokenizer, texts: list[str]) -> np.ndarray:
+    """Tokens per text as the tokenizer encodes it without special tokens (as the references are cut)."""
+    return np.array([len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts])
+
+
+def content_tokens(samples: Samples) -> np.ndarray:
+    """Response length in tokens without the EOS: the reference has none and the judge never sees it."""
+    return samples.tokens - samples.ended
+
+
 def judge_model(
     judges: list[Judge],
     prompts: list[str],
@@ -158,10 +169,13 @@ def judge_model(
     limits: dict[str, int],
     resamples: int,
     seed: int,
+    lengths: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, Judgement]]:
     """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its
     95% bootstrap interval, `<judge>/win_rate_adjusted` (ties half), counts, the mean score of a scalar
     judge (`<judge>/reward`, `<judge>/reference_reward`) and a pairwise judge's position statistics.
+    With `lengths` (the responses' and the references' lengths in tokens, per prompt), also
+    `<judge>/lc_win_rate`, the length-controlled win rate, with its interval (`length_control`).
     `limits[judge]` judges only that many of the first prompts (an LLM judge's budget)."""
     metrics: dict[str, float] = {}
     judgements: dict[str, Judgement] = {}
@@ -170,6 +184,9 @@ def judge_model(
         judgement = judge.compare(prompts[:k], responses[:k], references[:k])
         judgements[judge.name] = judgement
         summary = win_rate_summary(judgement.outcomes, resamples, seed)
+        if lengths is not None:
+            ours, theirs = lengths
+            summary |= lc_win_rate_summary(judgement.outcomes, ours[:k], theirs[:k], resamples, seed)
         if judgement.scores is not None:
             summary |= {
                 "reward": float(np.mean(judgement.scores)),
@@ -196,8 +213,9 @@ def best_of_n_kl(n: int) -> float:
 
 
 def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[str, dict]) -> str:
-    """One row per model: each judge's win rate against the reference with its 95% interval, the
-    tie-adjusted rate for pairwise judges, mean scores, KL to the reference policy and length."""
+    """One row per model: each judge's win rate against the reference with its 95% interval and its
+    length-controlled rate (LC), the tie-adjusted rate for pairwise judges, mean scores, KL to the
+    reference policy and length."""
     head = [
         "model",
         *[f"{j} win rate [95% CI]" for j in judges],
@@ -215,6 +233,8 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
                 continue
             low, high = row[f"{j}/win_rate_ci_low"], row[f"{j}/win_rate_ci_high"]
             cell = f"{row[f'{j}/win_rate']:.3f} [{low:.3f}, {high:.3f}]"
+            if f"{j}/lc_win_rate" in row:
+                cell += f"; LC {row[f'{j}/lc_win_rate']:.3f}"
             if identities[j].get("kind") == "pairwise_llm":
                 cell += (
                     f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}; n {int(row[f'{j}/n'])}, "

@@ -184,7 +184,15 @@ PLOTS: list[dict] = [
     {
         "brain_variance": {
             "x": "kl_proposal_target",
-            "y": {"plots/brain_variance/variance.csv": ["brain", "no_self_normalization", "no_baseline"]},
+            "y": {
+                "plots/brain_variance/variance.csv": [
+                    "brain",
+                    "no_self_normalization",
+                    "no_baseline",
+                    "dpg",
+                    "gdcpp",
+                ]
+            },
             "title": "BRAIn toy: gradient variance against KL(proposal || target)",
             "x_label": "KL(proposal || target)",
             "y_label": "variance of the gradient estimate",

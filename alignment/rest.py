@@ -8,7 +8,7 @@ or percentiles of the iteration's grown rewards.
 The guard: the proxy (the RM) is what ReST optimises, so it keeps rising; a held-out judge the policy
 never trained against (the gold scorer on the IMDb task) is what we want to rise. When the held-out
 score drops while the proxy rises, the iterations stop and the best iteration by the held-out judge
-is kept.
+is kept. An optional ceiling on the held-out KL to SFT stops drift that both judges miss.
 """
 
 from __future__ import annotations
@@ -43,9 +43,16 @@ def learning_rate(base: float, decay: float, iteration: int) -> float:
 
 
 def guard(history: Sequence[dict], cfg: GuardConfig) -> str | None:
-    """Why to stop after the last iteration of `history` (records with `iteration`, the proxy and the
-    held-out score), or None to go on: the held-out score fell by more than `tolerance` while the
-    proxy rose, against the iteration before."""
+    """Why to stop after the last iteration of `history` (records with `iteration`, the proxy, the
+    held-out score and `objective/kl`), or None to go on: the held-out score fell by more than
+    `tolerance` while the proxy rose, against the iteration before; or the last iteration's held-out
+    KL to SFT exceeds `max_kl` (when set). Both reasons, when both hold, joined by "; "."""
+    reasons = [hacking(history, cfg), kl_ceiling(history[-1:], cfg.max_kl)]
+    return "; ".join(reason for reason in reasons if reason) or None
+
+
+def hacking(history: Sequence[dict], cfg: GuardConfig) -> str | None:
+    """The proxy rose while the held-out score fell by more than `tolerance`, last vs the one before."""
     if len(history) < 2:
         return None
     before, last = history[-2], history[-1]
@@ -60,20 +67,40 @@ def guard(history: Sequence[dict], cfg: GuardConfig) -> str | None:
     return None
 
 
-def best_iteration(history: Sequence[dict], held_out: str) -> dict:
-    """The record with the highest held-out score; the earliest wins a tie (fewer steps from the start)."""
+def kl_ceiling(history: Sequence[dict], max_kl: float | None) -> str | None:
+    """The last record's held-out KL to SFT is above `max_kl` (None: no ceiling)."""
+    if max_kl is None or not history or history[-1]["objective/kl"] <= max_kl:
+        return None
+    last = history[-1]
+    return (
+        f"KL ceiling reached at iteration {last['iteration']}: held-out objective/kl "
+        f"{last['objective/kl']:.2f} > rest.guard.max_kl {max_kl}"
+    )
+
+
+def best_iteration(history: Sequence[dict], held_out: str, max_kl: float | None = None) -> dict:
+    """The record with the highest held-out score; the earliest wins a tie (fewer steps from the start).
+    With `max_kl`, only records whose `objective/kl` is at most `max_kl` compete (the bag-of-words gold
+    scorer rewards the RM's word salad too, so a high score far from SFT is not to be trusted); when
+    none is within it, the record nearest SFT (lowest KL) is kept: the least drifted, never a crash."""
     if not history:
         raise ValueError("no iterations to choose from")
-    return max(history, key=lambda record: (record[held_out], -record["iteration"]))
+    within = [r for r in history if max_kl is None or r["objective/kl"] <= max_kl]
+    candidates = within or [min(history, key=lambda record: (record["objective/kl"], record["iteration"]))]
+    return max(candidates, key=lambda record: (record[held_out], -record["iteration"]))
 
 
 def beats_champion(
-    history: Sequence[dict], held_out: str, min_improvement: float, champion: str | None
+    history: Sequence[dict],
+    held_out: str,
+    min_improvement: float,
+    champion: str | None,
+    max_kl: float | None = None,
 ) -> tuple[bool, str]:
     """Whether the best iteration of a run that started from `champion` (iteration 0 of `history`,
     scored on the same held-out prompts and seeds) should replace it, and why. Without a champion the
-    best policy becomes the first one."""
-    best, start = best_iteration(history, held_out), history[0]
+    best policy becomes the first one. `max_kl`: the guard's KL ceiling, as `best_iteration` applies it."""
+    best, start = best_iteration(history, held_out, max_kl), history[0]
     if champion is None:
         return (
             True,

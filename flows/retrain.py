@@ -170,7 +170,9 @@ def retrain(
             selection = json.loads((paths.rest_best / "selection.json").read_text())
             held_out = rest.guard.held_out
             label = None if champion is None else f"version {champion['version']}"
-            promoted, why = beats_champion(selection["history"], held_out, cfg.min_improvement, label)
+            promoted, why = beats_champion(
+                selection["history"], held_out, cfg.min_improvement, label, rest.guard.max_kl
+            )
             best = next(r for r in selection["history"] if r["iteration"] == selection["best_iteration"])
             version = None
             if promoted:

@@ -6,6 +6,8 @@ What the numbers show (default config: theta = 1, n = 8, mu = 0 .. 1, 10k estima
   no_self_normalization  unbiased; variance U-shaped: 0.59 at mu = 0, 0.35 near mu = 0.35, 1.65 at mu = 1.
   no_baseline            variance grows steadily 0.128 -> 0.311; unbiased only at mu = 0, where it is
                          the lowest of the three (plain Monte Carlo, variance 1/n).
+  dpg (true log Z)        unbiased; variance grows fastest, 0.128 (1/n) -> 2.08 (closed form 1.57).
+  gdcpp (true log Z)      the same estimator as no_self_normalization: the same numbers, bit for bit.
 So "BRAIn stays flat while the ablations grow" holds between the ends of the range, but the
 no-self-normalisation ablation first falls, and BRAIn's variance is the lowest only away from mu = 0.
 """
@@ -17,11 +19,12 @@ from itertools import pairwise
 
 import pytest
 import torch
+from torch.distributions import Normal
 
 from alignment.config import BrainVarianceConfig
 from alignment.paths import Paths
 from alignment.stages import brain_variance
-from alignment.stages.brain_variance import METHODS, gradient_estimates, variance_table
+from alignment.stages.brain_variance import ALL_METHODS, METHODS, gradient_estimates, variance_table
 
 THETA, N, ESTIMATES = 1.0, 8, 10_000
 
@@ -41,7 +44,8 @@ def default_table() -> dict[str, list[dict]]:
     torch.set_num_threads(1)  # module fixtures run before the function-scoped one
     rows = variance_table(BrainVarianceConfig())
     return {
-        m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["proposal_mean"]) for m in METHODS
+        m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["proposal_mean"])
+        for m in ALL_METHODS
     }
 
 
@@ -61,7 +65,7 @@ def test_deterministic_under_seed():
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
-        gradient_estimates("dpg", 0.0, 1.0, 8, 10, torch.Generator())
+        gradient_estimates("reinforce", 0.0, 1.0, 8, 10, torch.Generator())
 
 
 # --- hand-worked special cases --------------------------------------------------------------------
@@ -84,31 +88,70 @@ def test_brain_with_proposal_on_policy_is_no_baseline_plus_control_variate():
     assert torch.allclose(estimates("brain", THETA), estimates("no_baseline", THETA) + y.mean(-1) - THETA)
 
 
-def test_variance_without_self_normalization_matches_closed_form():
-    """The estimate is -(1/n) sum h_i, h = (p/q - pi/q)(y - theta), y ~ q, with E h = -theta. Since
+def second_moment(a: float, b: float, mu: float) -> float:
+    """K(a, b) = E_q[(N(a)/q)(N(b)/q)(y - theta)^2], y ~ q = N(mu, 1). Since
     N(a) N(b) / N(mu) = exp((m^2 - a^2 - b^2 + mu^2) / 2) N(m) with m = a + b - mu,
-    E_q[(N(a)/q)(N(b)/q)(y - theta)^2] = exp((m^2 - a^2 - b^2 + mu^2) / 2) (1 + (m - theta)^2) =: K(a, b),
-    and Var = (K(0, 0) - 2 K(0, theta) + K(theta, theta) - theta^2) / n. At mu = 1/2, theta = 1:
+    K(a, b) = exp((m^2 - a^2 - b^2 + mu^2) / 2) (1 + (m - theta)^2)."""
+    m = a + b - mu
+    return math.exp((m**2 - a**2 - b**2 + mu**2) / 2) * (1 + (m - THETA) ** 2)
+
+
+def test_second_moment_matches_quadrature():
+    """The closed form against the integral of N(a) N(b) / N(mu) (y - theta)^2 on a fine grid."""
+    y = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
+
+    def density(mean: float) -> torch.Tensor:
+        return Normal(mean, 1.0).log_prob(y).exp()
+
+    for a, b, mu in [(0, 0, 0.5), (0, THETA, 1.0), (THETA, THETA, 0.0)]:
+        integral = torch.trapezoid(density(a) * density(b) / density(mu) * (y - THETA) ** 2, y).item()
+        assert integral == pytest.approx(second_moment(a, b, mu), rel=1e-9)
+
+
+def test_variance_without_self_normalization_matches_closed_form():
+    """The estimate is -(1/n) sum h_i, h = (p/q - pi/q)(y - theta), y ~ q, with E h = -theta, so
+    Var = (K(0, 0) - 2 K(0, theta) + K(theta, theta) - theta^2) / n. At mu = 1/2, theta = 1:
     (e^(1/4) 13/4 - 2 e^(-1/4) 5/4 + e^(1/4) 5/4 - 1) / 8 ~ 0.354. (mu = 1/2 because there the
     importance weights' tails are lightest, so the sample variance settles fastest.)"""
     mu = 0.5
-
-    def k(a: float, b: float) -> float:
-        m = a + b - mu
-        return math.exp((m**2 - a**2 - b**2 + mu**2) / 2) * (1 + (m - THETA) ** 2)
-
-    exact = (k(0, 0) - 2 * k(0, THETA) + k(THETA, THETA) - THETA**2) / N
+    exact = (
+        second_moment(0, 0, mu) - 2 * second_moment(0, THETA, mu) + second_moment(THETA, THETA, mu) - THETA**2
+    ) / N
     assert exact == pytest.approx(0.354, abs=1e-3)
     assert estimates("no_self_normalization", mu).var().item() == pytest.approx(exact, rel=0.15)
+
+
+def test_dpg_variance_matches_closed_form():
+    """DPG with the true normaliser: -(1/n) sum (p/q)(y_i - theta), so Var = (K(0, 0) - theta^2) / n.
+    At mu = 1/2, theta = 1: m = -1/2, K(0, 0) = e^(1/4) (1 + 9/4) = 4.173, Var = 3.173 / 8 ~ 0.397
+    (at mu = 0, (2 - 1) / 8 = 1/n; at mu = 1, (5e - 1) / 8 = 1.574). Over ten seeds the 10k-estimate
+    variance lands within 0.97 .. 1.09 of it."""
+    mu = 0.5
+    exact = (second_moment(0, 0, mu) - THETA**2) / N
+    assert exact == pytest.approx(0.397, abs=1e-3)
+    assert estimates("dpg", mu).var().item() == pytest.approx(exact, rel=0.15)
+
+
+def test_dpg_on_target_is_plain_monte_carlo():
+    """mu = 0: p/q = 1, so dpg's estimate is theta - mean(y), the same numbers as no_baseline's there."""
+    assert torch.allclose(estimates("dpg", 0.0), estimates("no_baseline", 0.0))
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 1.0])
+def test_gdcpp_closed_form_is_brain_loss_without_self_normalization(mu):
+    """gdcpp's weights (p - pi)/q with log Z = 0 are what `brain_loss(self_normalize=False,
+    log_partition=0)` differentiates to: the closed form and autograd agree on the same draws."""
+    assert torch.allclose(estimates("gdcpp", mu), estimates("no_self_normalization", mu), atol=1e-12)
 
 
 # --- bias -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["no_self_normalization", "dpg", "gdcpp"])
 @pytest.mark.parametrize("mu", [0.0, 0.5, 1.0])
-def test_no_self_normalization_is_unbiased(mu):
+def test_true_normaliser_estimators_are_unbiased(method, mu):
     # E_q[(p/q)(y - theta)] = E_p[y - theta] = -theta and E_q[(pi/q)(y - theta)] = E_pi[y - theta] = 0
-    grads = estimates("no_self_normalization", mu)
+    grads = estimates(method, mu)
     assert abs(grads.mean().item() - THETA) < 4 * standard_error(grads)
 
 
@@ -162,6 +205,17 @@ def test_no_self_normalization_variance_grows_but_not_monotonically(default_tabl
     assert min(variance) < 0.75 * variance[0]  # measured 0.58
 
 
+def test_dpg_variance_grows_fastest(default_table):
+    """Nothing tempers DPG's weights p/q: no baseline, no self-normalisation. Closed form
+    (K(0, 0) - 1) / n rises 0.125 -> 1.574 over mu = 0 .. 1; seed 0 measures 0.128 -> 2.08 (p/q's
+    heavy tail at mu = 1), above the other methods' 1.65 at most."""
+    dpg = variances(default_table["dpg"])
+    assert all(a < b for a, b in pairwise(dpg))
+    assert dpg[0] == pytest.approx(1 / N, rel=0.1)
+    assert dpg[-1] > max(variances(default_table[m])[-1] for m in METHODS)
+    assert variances(default_table["gdcpp"]) == variances(default_table["no_self_normalization"])
+
+
 # --- the stage ------------------------------------------------------------------------------------
 
 
@@ -173,10 +227,10 @@ def test_run_writes_table_csv_and_metrics(tmp_path):
     table = json.loads((tmp_path / "outputs" / "brain_variance" / "variance.json").read_text())
     assert table["config"]["estimates"] == 200 and table["true_gradient"] == 1.0
     cells = {(r["method"], r["proposal_mean"]) for r in table["rows"]}
-    assert cells == {(m, mu) for m in METHODS for mu in cfg.proposal_means}
+    assert cells == {(m, mu) for m in ALL_METHODS for mu in cfg.proposal_means}
     with open(paths.plots("brain_variance") / "variance.csv") as f:
         wide = list(csv.DictReader(f))
-    assert list(wide[0]) == ["proposal_mean", "kl_proposal_target", *METHODS]
+    assert list(wide[0]) == ["proposal_mean", "kl_proposal_target", *ALL_METHODS]
     assert [float(r["kl_proposal_target"]) for r in wide] == [0.0, 0.125, 0.5]
     assert json.loads(paths.metrics("brain_variance").read_text()) == metrics
     ratio = metrics["brain/variance_farthest"] / metrics["brain/variance_nearest"]
@@ -187,5 +241,5 @@ def test_figure_has_one_line_per_method():
     rows = variance_table(BrainVarianceConfig(proposal_means=(0.0, 1.0), estimates=50))
     figure = brain_variance.variance_figure(rows)
     ax = figure.axes[0]
-    assert [line.get_label() for line in ax.lines] == list(METHODS)
+    assert [line.get_label() for line in ax.lines] == list(ALL_METHODS)
     assert ax.get_yscale() == "log"

@@ -71,6 +71,8 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
                 <= row[f"{judge}/win_rate_ci_high"]
             )
             assert row[f"{judge}/wins"] + row[f"{judge}/ties"] + row[f"{judge}/losses"] == 6
+            assert 0 <= row[f"{judge}/lc_win_rate_ci_low"] <= row[f"{judge}/lc_win_rate"]
+            assert row[f"{judge}/lc_win_rate"] <= row[f"{judge}/lc_win_rate_ci_high"] <= 1
         assert 1 <= row["length/mean_tokens"] <= 8
     assert rows["sft"]["objective/kl"] == 0 and rows["tilted"]["objective/kl"] != 0
     assert rows["sft"]["objective/kl_se"] == 0 and rows["tilted"]["objective/kl_se"] > 0
@@ -83,13 +85,15 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
 
     markdown = (root / "outputs/evaluate/leaderboard.md").read_text()
     assert all(f"| {name} |" in markdown for name in rows) and "gold win rate [95% CI]" in markdown
+    assert f"; LC {rows['tilted']['gold/lc_win_rate']:.3f}" in markdown
     assert f"{rows['tilted']['objective/kl']:.2f} ± {rows['tilted']['objective/kl_se']:.2f}" in markdown
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["tilted"]["gold/win_rate"] == rows["tilted"]["gold/win_rate"]
     assert (root / "plots/evaluate/frontier.csv").read_text().splitlines()[
         0
     ] == "model,objective/kl,rm/reward,gold/reward"
-    assert len((root / "plots/evaluate/win_rates.csv").read_text().splitlines()) == 1 + 4 * 2
+    bars = (root / "plots/evaluate/win_rates.csv").read_text().splitlines()
+    assert bars[0] == "model_judge,win_rate,ci_low,ci_high,lc_win_rate" and len(bars) == 1 + 4 * 2
     responses = [
         json.loads(line) for line in (root / "outputs/evaluate/responses.jsonl").read_text().splitlines()
     ]
@@ -157,6 +161,7 @@ def test_llm_judge_over_http_joins_the_leaderboard(root, monkeypatch):
     assert row["llm/n"] == 4 and row["llm/wins"] == sum(e == 1 for e in expected)
     assert row["llm/losses"] == sum(e == -1 for e in expected) and asked == 8  # both orders of 4 prompts
     assert row["llm/consistency"] == 1.0  # a length judge has no position bias
+    assert 0 <= row["llm/lc_win_rate"] <= 1  # on the same 4 prompts, with their token lengths
     identity = board["judges"]["llm"]
     assert (
         identity["model"] == "judge-7b"

@@ -81,6 +81,49 @@ def test_best_iteration_prefers_the_earliest_of_a_tie():
         best_iteration([], "gold/reward")
 
 
+def drifting(kl_3: float = 31.0) -> list[dict]:
+    """Word salad: the RM and the bag-of-words gold scorer both keep rising (the README's run, then a
+    third iteration) while the held-out KL to SFT climbs 0 -> 2.1 -> 4.1 -> `kl_3` nats."""
+    rows = [(0, -0.975, 0.034, 0.0), (1, 0.387, 0.545, 2.1), (2, 1.266, 0.955, 4.1), (3, 2.0, 0.99, kl_3)]
+    return [record(k, proxy, gold) | {"objective/kl": kl} for k, proxy, gold, kl in rows]
+
+
+def test_kl_ceiling_stops_drift_that_no_judge_catches():
+    history = drifting()
+    # without a ceiling nothing looks wrong: both judges rise, so iteration 3 is kept
+    assert guard(history, GuardConfig()) is None
+    assert best_iteration(history, "gold/reward")["iteration"] == 3
+    cfg = GuardConfig(max_kl=5.0)
+    assert guard(history[:3], cfg) is None  # 4.1 <= 5
+    assert guard(history, cfg) == (
+        "KL ceiling reached at iteration 3: held-out objective/kl 31.00 > rest.guard.max_kl 5.0"
+    )
+    # gold 0.99 at 31 nats is above the ceiling: iteration 2 (gold 0.955, 4.1 nats) is kept
+    assert best_iteration(history, "gold/reward", cfg.max_kl)["iteration"] == 2
+    # the ceiling itself is allowed: 4.1 <= 4.1 keeps iteration 2 going and choosable
+    assert guard(history[:3], GuardConfig(max_kl=4.1)) is None
+    assert best_iteration(history[:3], "gold/reward", 4.1)["iteration"] == 2
+
+
+def test_kl_ceiling_and_hacking_are_both_reported():
+    history = drifting()
+    history[3] |= {"gold/reward": 0.5}  # proxy 1.266 -> 2.0 up, gold 0.955 -> 0.5 down, KL 31
+    reason = guard(history, GuardConfig(max_kl=5.0))
+    assert reason.startswith("reward hacking suspected at iteration 3") and "; KL ceiling reached" in reason
+
+
+def test_best_iteration_under_a_ceiling_nothing_meets_keeps_the_least_drifted():
+    history = drifting()[1:]  # KL 2.1, 4.1, 31: all above 1 nat
+    assert best_iteration(history, "gold/reward", 1.0)["iteration"] == 1  # lowest KL, not highest gold
+
+
+def test_champion_rule_respects_the_kl_ceiling():
+    history = drifting()
+    promoted, why = beats_champion(history, "gold/reward", 0.0, "version 3", max_kl=5.0)
+    assert promoted and "iteration 2 beats champion version 3" in why
+    assert not beats_champion(history, "gold/reward", 0.0, "version 3", max_kl=1.0)[0]  # only iteration 0
+
+
 def test_champion_moves_only_on_improvement():
     key = "gold/reward"
     better = [record(0, 0.0, 0.60), record(1, 0.5, 0.66), record(2, 0.9, 0.64)]
@@ -122,6 +165,14 @@ def test_percentile_schedule_must_stay_below_100():
 def test_guard_scores_must_be_ones_the_iterations_record():
     with pytest.raises(ConfigError, match="rest.guard.held_out"):
         parse_section("rest", rest_params(guard={"held_out": "gold/win_rate"}))
+
+
+def test_max_kl_must_be_positive():
+    assert parse_section("rest", rest_params()).guard.max_kl is None
+    assert parse_section("rest", rest_params(guard={"max_kl": 8.0})).guard.max_kl == 8.0
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError, match="rest.guard.max_kl"):
+            parse_section("rest", rest_params(guard={"max_kl": bad}))
 
 
 def test_incoming_prompts_are_read_and_bad_rows_counted(tmp_path):

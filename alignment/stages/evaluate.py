@@ -7,8 +7,9 @@
    of its policy and the reward model keeps the best of the first n.
 3. Judges, one interface: the reward model and the gold scorer compare scores; an LLM judge (when
    `llm_judge.backend` is set) compares the two responses in both orders.
-4. Per model: win rate against the reference with 95% bootstrap intervals per judge, mean rewards,
-   KL to the first model (SFT) on the model's own samples, response length statistics.
+4. Per model: win rate against the reference with 95% bootstrap intervals per judge, and the
+   length-controlled win rate (the judge's preference at equal length in tokens, Dubois et al. 2024),
+   mean rewards, KL to the first model (SFT) on the model's own samples, response length statistics.
 5. Leaderboard (markdown + JSON), `metrics/evaluate.json`, the reward-KL frontier and the win-rate
    chart (DVC plots and MLflow figures), one MLflow child run per model for side-by-side comparison.
 """
@@ -27,12 +28,14 @@ from alignment.evaluation import (
     Samples,
     best_of,
     best_of_n_kl,
+    content_tokens,
     frontier_figure,
     held_out_references,
     judge_model,
     leaderboard_markdown,
     length_stats,
     sample,
+    token_lengths,
     win_rate_figure,
 )
 from alignment.judging import ScalarJudge, build_llm_judge
@@ -92,6 +95,7 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     prompts, references = held_out_references(
         paths, cfg.source, cfg.split, cfg.prompts, tokenizer, cfg.reference_max_tokens
     )
+    reference_tokens = token_lengths(tokenizer, references)
     settings = {
         "max_new_tokens": cfg.samples.max_new_tokens,
         "temperature": cfg.samples.temperature,
@@ -139,7 +143,14 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         first = samples[0]
         kl = kl_to_reference(model, reference_model, first.ids)
         metrics, judgements = judge_model(
-            judges, prompts, first.responses, references, limits, cfg.bootstrap_resamples, cfg.seed
+            judges,
+            prompts,
+            first.responses,
+            references,
+            limits,
+            cfg.bootstrap_resamples,
+            cfg.seed,
+            lengths=(content_tokens(first), reference_tokens),
         )
         row = {
             "model": name,
@@ -165,7 +176,8 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         )
 
     if cfg.best_of_n.n:
-        rows += best_of_n_rows(cfg, judges, drawn[cfg.best_of_n.policy], prompts, references, limits)
+        policy_samples = drawn[cfg.best_of_n.policy]
+        rows += best_of_n_rows(cfg, judges, policy_samples, prompts, references, reference_tokens, limits)
 
     for judge in judges:  # what a served judge cost: requests made, answers from the cache, retries, failures
         if hasattr(getattr(judge, "backend", None), "stats"):
@@ -173,7 +185,9 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     return report(cfg, paths, log, rows, per_prompt, identities, skipped, [j.name for j in judges])
 
 
-def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, limits) -> list[dict]:
+def best_of_n_rows(
+    cfg: EvaluateConfig, judges, samples, prompts, references, reference_tokens, limits
+) -> list[dict]:
     """Best-of-n of the policy's samples, picked by the reward model (never by a judge it is scored by
     other than the RM itself, whose win rate is then optimistic by construction)."""
     rm = next((j for j in judges if j.name == "rm"), None)
@@ -187,8 +201,16 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
         tokens = np.array([samples[j].tokens[i] for i, j in enumerate(pick)])
         ended = np.array([samples[j].ended[i] for i, j in enumerate(pick)])
         ids = [samples[j].ids[i] for i, j in enumerate(pick)]
+        picked = Samples(chosen, tokens, ended, ids)
         metrics, _ = judge_model(
-            judges, prompts, chosen, references, limits, cfg.bootstrap_resamples, cfg.seed
+            judges,
+            prompts,
+            chosen,
+            references,
+            limits,
+            cfg.bootstrap_resamples,
+            cfg.seed,
+            lengths=(content_tokens(picked), reference_tokens),
         )
         rows.append(
             {
@@ -197,7 +219,7 @@ def best_of_n_rows(cfg: EvaluateConfig, judges, samples, prompts, references, li
                 "policy": cfg.best_of_n.policy,
                 "n": n,
                 "objective/kl": best_of_n_kl(n),
-                **length_stats(Samples(chosen, tokens, ended, ids)),
+                **length_stats(picked),
                 **metrics,
             }
         )
@@ -271,13 +293,16 @@ def report(
             "win_rate": r[f"{j}/win_rate"],
             "ci_low": r[f"{j}/win_rate_ci_low"],
             "ci_high": r[f"{j}/win_rate_ci_high"],
+            "lc_win_rate": r[f"{j}/lc_win_rate"],
         }
         for r in rows
         for j in judge_names
         if f"{j}/win_rate" in r
     ]
     write_csv(
-        paths.plots("evaluate") / "win_rates.csv", bars, ["model_judge", "win_rate", "ci_low", "ci_high"]
+        paths.plots("evaluate") / "win_rates.csv",
+        bars,
+        ["model_judge", "win_rate", "ci_low", "ci_high", "lc_win_rate"],
     )
 
     if log is not None:
@@ -311,6 +336,6 @@ def report(
         f"{model}/{key}": value
         for model, values in metrics.items()
         for key, value in values.items()
-        if key.endswith(("/win_rate", "/reward", "objective/kl"))
+        if key.endswith(("/win_rate", "/lc_win_rate", "/reward", "objective/kl"))
     }
     return flat

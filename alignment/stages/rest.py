@@ -70,7 +70,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     last = max(int(k) for k in cfg.iterations)
     report = json.loads((paths.rest(last) / "report.json").read_text())
     history, stopped = report["history"], report["stopped"]
-    best = best_iteration(history, cfg.guard.held_out)
+    best = best_iteration(history, cfg.guard.held_out, cfg.guard.max_kl)
     start = history[0]
     source = (
         paths.resolve(cfg.iterations["1"])
@@ -81,6 +81,13 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         f"iteration {best['iteration']} has the highest held-out {cfg.guard.held_out} "
         f"({best[cfg.guard.held_out]:.3f}; the start policy {start[cfg.guard.held_out]:.3f})"
     )
+    if cfg.guard.max_kl is not None:
+        within = best["objective/kl"] <= cfg.guard.max_kl
+        why += (
+            f"; only iterations with held-out objective/kl <= {cfg.guard.max_kl} competed"
+            if within
+            else f"; none has held-out objective/kl <= {cfg.guard.max_kl}: the one nearest SFT is kept"
+        )
     if stopped:
         why += f"; the run stopped early: {stopped}"
 
