@@ -16,6 +16,8 @@ GoldScorer.fit(texts, [1, 1, 0, 0] * 5).save(Path(sys.argv[1]))
 
 def test_a_refit_in_another_process_writes_the_same_bytes(tmp_path):
     for name in ("a.joblib", "b.joblib"):
-        done = subprocess.run([sys.executable, "-c", FIT, str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", FIT, str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "a.joblib").read_bytes() == (tmp_path / "b.joblib").read_bytes()
