@@ -368,6 +368,10 @@ class GroupRLConfig(OnPolicyConfig):
                 f"minibatch_size ({self.minibatch_size}) must divide the generation batch, "
                 f"prompts_per_batch x samples_per_prompt = {self.generation_batch_size}"
             )
+        if self.prompts_per_batch > self.train_prompts:
+            raise ValueError(
+                f"prompts_per_batch ({self.prompts_per_batch}) exceeds train_prompts ({self.train_prompts})"
+            )
         if self.reward == "gold" and self.source != "imdb":
             raise ValueError(f"reward: gold is the IMDb gold scorer; source is {self.source!r}")
         if self.train.mixed_precision == "fp16":

@@ -230,7 +230,9 @@ def train(
         done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, optimizer)
     timing = {"generation_seconds": 0.0, "training_seconds": 0.0}
     policy.train()
-    for r in tqdm(range(done, cfg.batches), initial=done, total=cfg.batches, desc=desc, unit="batch"):
+    for r in tqdm(
+        range(done, cfg.batches), initial=done, total=cfg.batches, desc=desc, unit="batch", mininterval=2.0
+    ):
         epoch, position = divmod(r, windows)
         rows = window_indices(len(prompts), cfg.prompts_per_batch, 1, cfg.train.seed, epoch)[position]
         started = time.perf_counter()

@@ -84,6 +84,11 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
             "grpo.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo' or 'dapo'",
         ),
         ("grpo", {"kl_in_reward": False}, "grpo.kl_in_reward: Extra inputs are not permitted"),
+        (
+            "rloo",
+            {"prompts_per_batch": 9, "minibatch_size": 9},
+            "prompts_per_batch (9) exceeds train_prompts (8)",
+        ),
         ("rloo", {"reward": "gold", "source": "hh"}, "reward: gold is the IMDb gold scorer"),
         ("rloo", {"train": {"mixed_precision": "fp16"}}, "fp16 would need a loss scaler; use bf16"),
     ],
