@@ -109,7 +109,7 @@ def make_experience(
     tokenizer,
     prompts: list[str],
     cfg: GroupRLConfig,
-    method,
+    method: Method,
     batch_index: int,
 ) -> Experience:
     k, where = cfg.samples_per_prompt, next(policy.parameters()).device
@@ -148,7 +148,9 @@ def make_experience(
     return Experience(batch, mask, old_logps, reference_logps, advantages, stats)
 
 
-def optimise(policy, optimizer, data: Experience, cfg: GroupRLConfig, method, seed: int) -> dict[str, float]:
+def optimise(
+    policy, optimizer, data: Experience, cfg: GroupRLConfig, method: Method, seed: int
+) -> dict[str, float]:
     """Step 5. `num_iterations` passes over shuffled minibatches, one optimizer step each."""
     generator = torch.Generator().manual_seed(seed)
     size, totals = data.mask.shape[0], {}

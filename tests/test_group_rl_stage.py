@@ -65,7 +65,7 @@ def test_bandit_the_rewarded_word_rises_through_the_training_loop(word_lm, name)
             "max_length": 32,
             "samples_per_prompt": 4,
             "prompts_per_batch": 16,
-            "batches": 12,
+            "batches": 8,
             "num_iterations": 2,
             "minibatch_size": 32,
             "beta": 0.04,
@@ -104,7 +104,9 @@ def test_a_sample_does_not_depend_on_its_batch(word_lm):
     and another in the next round."""
     tokenizer, folder = word_lm
     policy, reference = load(folder)
-    cfg = parse_section("grpo", {"max_new_tokens": 6, "samples_per_prompt": 2, "prompts_per_batch": 2})
+    cfg = parse_section(
+        "grpo", {"max_new_tokens": 6, "samples_per_prompt": 2, "prompts_per_batch": 2, "minibatch_size": 4}
+    )
     method = grpo.method(cfg)
 
     def completions(prompts, batch_index):
