@@ -362,7 +362,7 @@ class GroupRLConfig(OnPolicyConfig):
         return self.prompts_per_batch * self.samples_per_prompt
 
     @model_validator(mode="after")
-    def _minibatches_fit(self) -> GroupRLConfig:
+    def _consistent(self) -> GroupRLConfig:
         if self.generation_batch_size % self.minibatch_size:
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide the generation batch, "
