@@ -228,7 +228,7 @@ class DPOConfig(Section):
 
 # --------------------------------------------------------------------------------- on-policy stages
 class PolicyStageConfig(Section):
-    """What the stages that train a policy against a reward model share (BRAIn, PPO, ReST)."""
+    """What the stages that train a policy against a reward model share (BRAIn, PPO, GRPO, RLOO, ReST)."""
 
     reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
     source: str = "imdb"  # which prepared prompts to train on
@@ -240,7 +240,8 @@ class PolicyStageConfig(Section):
 
 
 class OnPolicyConfig(PolicyStageConfig):
-    """A policy stage that samples its own training responses (BRAIn's proposal, PPO's rollouts)."""
+    """A policy stage that samples its own training responses (BRAIn's proposal, PPO's rollouts, the
+    groups of GRPO and RLOO)."""
 
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=1.0, gt=0.0)  # of the sampler; log-probs are of this distribution
@@ -329,6 +330,74 @@ class PPOConfig(OnPolicyConfig):
                 f"minibatch_size ({self.minibatch_size})"
             )
         return self
+
+
+# ------------------------------------------------------------------------------------ GRPO and RLOO
+class GroupRLTrainConfig(OptimizerConfig):
+    """The policy's AdamW in GRPO and RLOO (no critic); `checkpoint_every` counts generation batches."""
+
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    checkpoint_every: int | None = Field(default=8, ge=1)
+
+
+class GroupRLConfig(OnPolicyConfig):
+    """Group-baseline online RL: k samples per prompt from the current policy, the other samples of the
+    prompt as the baseline (no critic), `num_iterations` passes over each generation batch."""
+
+    reward: Literal["rm", "gold"] = "rm"
+    """what the samples are scored by: rm, the reward model `reward_model` (the proxy); gold, the IMDb
+    gold scorer (a rule-based or true reward, for tasks that have one; it is then no longer held out)"""
+    samples_per_prompt: int = Field(default=4, ge=2)  # k, the group
+    prompts_per_batch: int = Field(default=16, ge=1)  # a generation batch is prompts_per_batch * k samples
+    batches: int = Field(default=16, ge=1)  # generation rounds
+    num_iterations: int = Field(default=1, ge=1)  # optimisation passes over each generation batch (TRL's)
+    minibatch_size: int = Field(default=64, ge=1)  # completions per optimizer step; divides the batch
+    epsilon: float = Field(default=0.2, gt=0.0)  # clip range, ratio >= 1 - epsilon
+    epsilon_high: float | None = Field(default=None, gt=0.0)  # ratio <= 1 + epsilon_high (None: epsilon)
+    beta: float = Field(default=0.0, ge=0.0)  # KL coefficient towards the SFT model
+    train: GroupRLTrainConfig = GroupRLTrainConfig()
+
+    @property
+    def generation_batch_size(self) -> int:
+        return self.prompts_per_batch * self.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GroupRLConfig:
+        if self.generation_batch_size % self.minibatch_size:
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) must divide the generation batch, "
+                f"prompts_per_batch x samples_per_prompt = {self.generation_batch_size}"
+            )
+        if self.prompts_per_batch > self.train_prompts:
+            raise ValueError(
+                f"prompts_per_batch ({self.prompts_per_batch}) exceeds train_prompts ({self.train_prompts})"
+            )
+        if self.reward == "gold" and self.source != "imdb":
+            raise ValueError(f"reward: gold is the IMDb gold scorer; source is {self.source!r}")
+        if self.train.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision: fp16 would need a loss scaler; use bf16")
+        return self
+
+
+class GRPOConfig(GroupRLConfig):
+    """GRPO (Shao et al. 2024): group-normalised advantages, the per-token clipped surrogate, beta x k3 KL
+    as a loss term. Defaults as TRL's GRPOTrainer."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """how per-token losses are averaged (alignment/group_rl_loss.py `aggregate`): grpo, each completion's
+    token mean; bnpo and dapo, the token mean of the minibatch; dr_grpo, sum / (B x max_new_tokens)"""
+    scale_rewards: bool = True  # divide by the group's std; False: Dr. GRPO's unscaled advantages
+    register_as: str | None = "alignment-grpo"
+
+
+class RLOOConfig(GroupRLConfig):
+    """RLOO (Ahmadian et al. 2024): leave-one-out advantages, the clipped surrogate on the sequence ratio,
+    the KL folded into the reward. Defaults as TRL's RLOOTrainer."""
+
+    beta: float = Field(default=0.05, ge=0.0)
+    kl_in_reward: bool = True
+    """True: R = r - beta KL(sequence, k1), the paper's (and TRL's); False: beta x k3 as a loss term"""
+    register_as: str | None = "alignment-rloo"
 
 
 # --------------------------------------------------------------------------------------------- ReST
@@ -553,6 +622,8 @@ class PipelineConfig(Section):
         "brain_variance",
         "brain",
         "ppo",
+        "grpo",
+        "rloo",
         "rest_iter",
         "rest",
         "evaluate",
@@ -582,6 +653,8 @@ SECTIONS: dict[str, type[Section]] = {
     "brain": BRAInConfig,
     "brain_variance": BrainVarianceConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
     "rest": RestConfig,
     "evaluate": EvaluateConfig,
     "rlaif": RLAIFConfig,

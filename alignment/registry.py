@@ -144,6 +144,22 @@ STAGES: dict[str, Stage] = {
             params_inputs=_reward_model_input,
         ),
         Stage(
+            "grpo",
+            reads=ON_POLICY_READS,
+            checkpoints=True,
+            plots=(Plot("plots/grpo/train.csv", "step", "reward", "GRPO: mean reward per generation batch"),),
+            params_inputs=_reward_model_input,
+            desc="GRPO: k samples per prompt, group-normalised advantages, no critic",
+        ),
+        Stage(
+            "rloo",
+            reads=ON_POLICY_READS,
+            checkpoints=True,
+            plots=(Plot("plots/rloo/train.csv", "step", "reward", "RLOO: mean reward per generation batch"),),
+            params_inputs=_reward_model_input,
+            desc="RLOO: k samples per prompt, leave-one-out baseline, no critic",
+        ),
+        Stage(
             "rest_iter",
             section="rest",
             reads=ON_POLICY_READS,
@@ -162,7 +178,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "evaluate",
-            reads=("prepare", "rm", "gold", "sft", "dpo", "brain", "ppo", "rest"),
+            reads=("prepare", "rm", "gold", "sft", "dpo", "brain", "ppo", "grpo", "rloo", "rest"),
             data=("data/judge",),
             checkpoints=True,
             plot_files=("plots/evaluate/frontier.csv", "plots/evaluate/win_rates.csv"),

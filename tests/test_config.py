@@ -72,6 +72,25 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
             {"ipo_length_normalize": False},
             "ipo_length_normalize applies to loss_type ipo only, not sigmoid",
         ),
+        ("grpo", {"minibatch_size": 4}, "minibatch_size (4) must divide the generation batch"),
+        (
+            "grpo",
+            {"samples_per_prompt": 1},
+            "grpo.samples_per_prompt: Input should be greater than or equal to 2",
+        ),
+        (
+            "grpo",
+            {"loss_type": "gspo"},
+            "grpo.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo' or 'dapo'",
+        ),
+        ("grpo", {"kl_in_reward": False}, "grpo.kl_in_reward: Extra inputs are not permitted"),
+        (
+            "rloo",
+            {"prompts_per_batch": 9, "minibatch_size": 9},
+            "prompts_per_batch (9) exceeds train_prompts (8)",
+        ),
+        ("rloo", {"reward": "gold", "source": "hh"}, "reward: gold is the IMDb gold scorer"),
+        ("rloo", {"train": {"mixed_precision": "fp16"}}, "fp16 would need a loss scaler; use bf16"),
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):

@@ -82,12 +82,14 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
         "brain",
         "dpo",
         "evaluate",
+        "grpo",
         "pairs",
         "ppo",
         "rest",
         "rest_iter@1",
         "rest_iter@2",
         "rlaif",
+        "rloo",
         "rm",
         "sft",
     ]
@@ -107,6 +109,8 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
         "evaluate",
         "evaluate",
         "gold",
+        "grpo",
+        "grpo",
         "pairs",
         "pairs",
         "ppo",
@@ -120,6 +124,8 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
         "rest_iter@2",
         "rlaif",
         "rlaif",
+        "rloo",
+        "rloo",
         "rm",
         "rm",
         "sft",
@@ -128,9 +134,10 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     ]
     assert sorted(runs["tags.stage"].dropna()) == stages
     evaluated = runs[runs["tags.kind"] == "evaluation"]
-    assert sorted(evaluated["tags.model"]) == sorted(["sft", "dpo", "brain", "ppo", "rest", "best_of_2"] * 2)
+    models = ["sft", "dpo", "brain", "ppo", "grpo", "rloo", "rest", "best_of_2"]
+    assert sorted(evaluated["tags.model"]) == sorted(models * 2)
     board = json.loads((project / "outputs/evaluate/leaderboard.json").read_text())
-    assert [m["model"] for m in board["models"]] == ["sft", "dpo", "brain", "ppo", "rest", "best_of_2"]
+    assert [m["model"] for m in board["models"]] == models
     selection = json.loads((project / "outputs/rest_best/selection.json").read_text())
     assert [r["iteration"] for r in selection["history"]] == [0, 1, 2] and selection["why"]
     assert '"rest_iterations"' in dvc(project, "plots", "show", "--json")
@@ -173,3 +180,24 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
         "generation_seconds",
         "training_seconds",
     } <= set(ppo_metrics)
+    for name in ("grpo", "rloo"):  # the group-baseline stages: TRL's metric names, held-out comparison
+        group_metrics = json.loads((project / f"metrics/{name}.json").read_text())
+        assert {
+            "gold/reward",
+            "gold/win_rate_vs_sft",
+            "rm/win_rate_vs_sft",
+            "objective/kl",
+            "train/reward",
+            "train/reward_std",
+            "train/frac_reward_zero_std",
+            "train/kl",
+            "train/clip_ratio/region_mean",
+            "train/completions/mean_length",
+            "train/entropy",
+            "generation_seconds",
+        } <= set(group_metrics), name
+        assert group_metrics["batches"] == 4
+        assert (
+            tracking.load_registered_model(f"alignment-{name}", version="2") / "model.safetensors"
+        ).exists()
+    assert "plots/grpo/train.csv" in plots and "plots/rloo/train.csv" in plots
