@@ -1,17 +1,15 @@
-"""What the stages repeat, written once: the policy with its frozen reference and tokenizer, the reward
-model a params key names, the held-out judges, the comparison with SFT on held-out prompts, and the
-end of a stage (metrics file, DVC plot files, MLflow figures and tables, registration)."""
+"""What the policy stages repeat, written once: the policy with its frozen reference and tokenizer, the
+reward model a params key names, the held-out judges and the comparison with SFT on held-out prompts.
+(The end of every stage is `alignment.results.finish`: a stage that loads no policy does not depend on
+this module's model code.)"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from alignment.data import write_jsonl, write_metrics
+from alignment.data import write_jsonl
 from alignment.paths import Paths
-from alignment.plots import plt, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -83,47 +81,3 @@ def log_held_out(name: str, metrics: dict[str, float]) -> None:
         metrics["rm/win_rate_vs_sft"],
         metrics["objective/kl"],
     )
-
-
-def finish(
-    stage: str,
-    paths: Paths,
-    log,
-    metrics: dict,
-    *,
-    csvs: dict[str, tuple[list[dict], list[str]]] | None = None,
-    figures: dict | None = None,
-    tables: dict[str, list[dict]] | None = None,
-    curves: tuple[dict, int] | None = None,
-    model: Path | None = None,
-    register_as: str | None = None,
-    kind: str = "causal_lm",
-) -> dict:
-    """The end of a stage: `metrics/<stage>.json` (NaN-safe), `plots/<stage>/<file>` for each of `csvs`
-    ({file: (rows, columns)}), and with a tracker: `curves` (metrics, step) as a last point of the curves,
-    `figures` ({artifact name: figure}) and `tables` ({name: rows}) in MLflow, and the model registered
-    as `register_as`. Returns `metrics`."""
-    write_metrics(paths.metrics(stage), metrics)
-    for file, (rows, columns) in (csvs or {}).items():
-        write_csv(paths.plots(stage) / file, rows, columns)
-    if log is not None:
-        if curves is not None:
-            log.metrics(*curves)
-        for name, figure in (figures or {}).items():
-            log.figure(figure, name)
-            plt.close(figure)
-        for name, rows in (tables or {}).items():
-            log.table(rows, name)
-        if register_as and model is not None:
-            version = log.register_model(model, register_as, kind=kind)
-            logger.info("registered %s version %s", register_as, version)
-    else:
-        for figure in (figures or {}).values():
-            plt.close(figure)
-    return metrics
-
-
-def mean(values) -> float:
-    """The mean of a possibly empty sequence: NaN (null in a metrics file) rather than a warning."""
-    values = list(values)
-    return float(np.mean(values)) if values else float("nan")

@@ -30,10 +30,10 @@ from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.prompts import load_prompts
 from alignment.registry import fingerprint as registry_fingerprint
+from alignment.results import finish
 from alignment.reward import RewardScorer
 from alignment.stage_helpers import (
     compare_on_held_out,
-    finish,
     load_policy_and_reference,
     log_held_out,
     reward_scorer,

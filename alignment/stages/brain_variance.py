@@ -24,7 +24,7 @@ from alignment.brain_loss import brain_loss
 from alignment.config import BrainVarianceConfig
 from alignment.paths import Paths
 from alignment.plots import plt
-from alignment.stage_helpers import finish
+from alignment.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.registry import fingerprint as registry_fingerprint
+from alignment.results import finish
 from alignment.stage_helpers import (
     compare_on_held_out,
-    finish,
     load_policy_and_reference,
     log_held_out,
     reward_scorer,

@@ -9,7 +9,7 @@ from alignment.config import GoldConfig
 from alignment.data import REQUIRED_FIELDS, read_rows
 from alignment.gold import GoldScorer
 from alignment.paths import Paths
-from alignment.stage_helpers import finish
+from alignment.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from alignment.generation import generate
 from alignment.gold import GoldScorer
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
-from alignment.stage_helpers import finish
+from alignment.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

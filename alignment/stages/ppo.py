@@ -34,10 +34,10 @@ from alignment.ppo_loss import (
 )
 from alignment.prompts import load_prompts
 from alignment.registry import fingerprint as registry_fingerprint
+from alignment.results import finish
 from alignment.reward import RewardScorer, load_reward_model
 from alignment.stage_helpers import (
     compare_on_held_out,
-    finish,
     load_policy_and_reference,
     log_held_out,
     reward_model_path,

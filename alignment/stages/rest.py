@@ -16,7 +16,7 @@ from alignment.config import RestConfig
 from alignment.paths import Paths
 from alignment.plots import plt
 from alignment.rest import best_iteration
-from alignment.stage_helpers import finish
+from alignment.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from alignment.models import check_max_length, save_pretrained
 from alignment.paths import Paths
 from alignment.prompts import load_prompts
 from alignment.registry import fingerprint
+from alignment.results import finish
 from alignment.stage_helpers import (
     compare_on_held_out,
-    finish,
     load_policy_and_reference,
     log_held_out,
     reward_scorer,

@@ -15,8 +15,8 @@ from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.registry import fingerprint as registry_fingerprint
+from alignment.results import finish
 from alignment.reward import load_reward_model, sequence_rewards
-from alignment.stage_helpers import finish
 from alignment.tracking import Tracker
 from alignment.trainer import train
 

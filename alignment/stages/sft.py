@@ -17,7 +17,7 @@ from alignment.models import build_model, load_tokenizer, save_pretrained
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.registry import fingerprint as registry_fingerprint
-from alignment.stage_helpers import finish
+from alignment.results import finish
 from alignment.tracking import Tracker
 from alignment.trainer import count_response_tokens, nll_step, train
 
