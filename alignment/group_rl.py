@@ -279,3 +279,75 @@ def curves(history: list[dict], title: str):
     figure.suptitle(f"{title}: reward, KL to SFT and entropy per generation batch")
     figure.tight_layout()
     return figure
+
+
+def run_stage(
+    name: str, cfg: GroupRLConfig, paths: Paths, log, method: Method, settings: str
+) -> dict[str, float]:
+    """A GRPO or RLOO stage from the SFT policy, in numbered steps; `settings` describes the method's
+    knobs in the log line."""
+    from alignment.models import check_max_length, save_pretrained
+    from alignment.prompts import load_prompts
+    from alignment.registry import fingerprint
+    from alignment.results import finish
+    from alignment.stage_helpers import (
+        compare_on_held_out,
+        load_policy_and_reference,
+        log_held_out,
+        reward_scorer,
+    )
+
+    # step 1. policy, reference, rewards
+    label = name.upper()
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
+    check_max_length(cfg.max_length, policy, f"{name}.max_length")
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    policy, reference = policy.to(device(cfg.train)), reference.to(device(cfg.train))
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    logger.info(
+        "%s: %d batches of %d prompts x %d samples, %d iteration(s), %s, reward %s",
+        label,
+        cfg.batches,
+        cfg.prompts_per_batch,
+        cfg.samples_per_prompt,
+        cfg.num_iterations,
+        settings,
+        cfg.reward,
+    )
+
+    # step 2. generation batches
+    history, timing = train(
+        policy,
+        reference,
+        reward_function(cfg, paths, rm),
+        tokenizer,
+        prompts,
+        cfg,
+        method,
+        paths.checkpoints(name),
+        fingerprint(name, cfg, paths.root),
+        log.metrics if log else None,
+        desc=name,
+    )
+
+    # step 3. save, then policy vs SFT on held-out prompts
+    out = paths.out(name)
+    save_pretrained(policy, tokenizer, out)
+    held_out, rows = compare_on_held_out(
+        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
+    )
+    log_held_out(label, held_out)
+
+    # step 4. metrics, plots, registration
+    return finish(
+        name,
+        paths,
+        log,
+        summary(history, timing) | held_out,
+        csvs={"train.csv": (history, CSV_COLUMNS)},
+        curves=(held_out, len(history)),
+        figures={f"plots/{name}.png": curves(history, label)},
+        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+        model=out,
+        register_as=cfg.register_as,
+    )

@@ -12,25 +12,11 @@ and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 
 from __future__ import annotations
 
-import logging
-
 from alignment import group_rl
 from alignment.config import GRPOConfig
 from alignment.group_rl_loss import grpo_advantages, grpo_loss
-from alignment.models import check_max_length, save_pretrained
 from alignment.paths import Paths
-from alignment.prompts import load_prompts
-from alignment.registry import fingerprint
-from alignment.results import finish
-from alignment.stage_helpers import (
-    compare_on_held_out,
-    load_policy_and_reference,
-    log_held_out,
-    reward_scorer,
-)
 from alignment.tracking import Tracker
-
-logger = logging.getLogger(__name__)
 
 
 def method(cfg: GRPOConfig) -> group_rl.Method:
@@ -55,57 +41,4 @@ def method(cfg: GRPOConfig) -> group_rl.Method:
 
 
 def run(cfg: GRPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    # step 1. policy, reference, rewards
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
-    check_max_length(cfg.max_length, policy, "grpo.max_length")
-    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
-    device = group_rl.device(cfg.train)
-    policy, reference = policy.to(device), reference.to(device)
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
-    logger.info(
-        "GRPO: %d batches of %d prompts x %d samples, %d iteration(s), beta %g, loss %s, reward %s",
-        cfg.batches,
-        cfg.prompts_per_batch,
-        cfg.samples_per_prompt,
-        cfg.num_iterations,
-        cfg.beta,
-        cfg.loss_type,
-        cfg.reward,
-    )
-
-    # step 2. generation batches
-    history, timing = group_rl.train(
-        policy,
-        reference,
-        group_rl.reward_function(cfg, paths, rm),
-        tokenizer,
-        prompts,
-        cfg,
-        method(cfg),
-        paths.checkpoints("grpo"),
-        fingerprint("grpo", cfg, paths.root),
-        log.metrics if log else None,
-        desc="grpo",
-    )
-
-    # step 3. save, then policy vs SFT on held-out prompts
-    out = paths.out("grpo")
-    save_pretrained(policy, tokenizer, out)
-    held_out, rows = compare_on_held_out(
-        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
-    )
-    log_held_out("GRPO", held_out)
-
-    # step 4. metrics, plots, registration
-    return finish(
-        "grpo",
-        paths,
-        log,
-        group_rl.summary(history, timing) | held_out,
-        csvs={"train.csv": (history, group_rl.CSV_COLUMNS)},
-        curves=(held_out, len(history)),
-        figures={"plots/grpo.png": group_rl.curves(history, "GRPO")},
-        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
-        model=out,
-        register_as=cfg.register_as,
-    )
+    return group_rl.run_stage("grpo", cfg, paths, log, method(cfg), f"beta {cfg.beta}, loss {cfg.loss_type}")

@@ -14,25 +14,11 @@ RLOOTrainer.
 
 from __future__ import annotations
 
-import logging
-
 from alignment import group_rl
 from alignment.config import RLOOConfig
 from alignment.group_rl_loss import kl_folded_rewards, rloo_advantages, rloo_loss
-from alignment.models import check_max_length, save_pretrained
 from alignment.paths import Paths
-from alignment.prompts import load_prompts
-from alignment.registry import fingerprint
-from alignment.results import finish
-from alignment.stage_helpers import (
-    compare_on_held_out,
-    load_policy_and_reference,
-    log_held_out,
-    reward_scorer,
-)
 from alignment.tracking import Tracker
-
-logger = logging.getLogger(__name__)
 
 
 def method(cfg: RLOOConfig) -> group_rl.Method:
@@ -57,57 +43,11 @@ def method(cfg: RLOOConfig) -> group_rl.Method:
 
 
 def run(cfg: RLOOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    # step 1. policy, reference, rewards
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
-    check_max_length(cfg.max_length, policy, "rloo.max_length")
-    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
-    device = group_rl.device(cfg.train)
-    policy, reference = policy.to(device), reference.to(device)
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
-    logger.info(
-        "RLOO: %d batches of %d prompts x %d samples, %d iteration(s), beta %g (%s), reward %s",
-        cfg.batches,
-        cfg.prompts_per_batch,
-        cfg.samples_per_prompt,
-        cfg.num_iterations,
-        cfg.beta,
-        "in the reward" if cfg.kl_in_reward else "a loss term",
-        cfg.reward,
-    )
-
-    # step 2. generation batches
-    history, timing = group_rl.train(
-        policy,
-        reference,
-        group_rl.reward_function(cfg, paths, rm),
-        tokenizer,
-        prompts,
-        cfg,
-        method(cfg),
-        paths.checkpoints("rloo"),
-        fingerprint("rloo", cfg, paths.root),
-        log.metrics if log else None,
-        desc="rloo",
-    )
-
-    # step 3. save, then policy vs SFT on held-out prompts
-    out = paths.out("rloo")
-    save_pretrained(policy, tokenizer, out)
-    held_out, rows = compare_on_held_out(
-        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
-    )
-    log_held_out("RLOO", held_out)
-
-    # step 4. metrics, plots, registration
-    return finish(
+    return group_rl.run_stage(
         "rloo",
+        cfg,
         paths,
         log,
-        group_rl.summary(history, timing) | held_out,
-        csvs={"train.csv": (history, group_rl.CSV_COLUMNS)},
-        curves=(held_out, len(history)),
-        figures={"plots/rloo.png": group_rl.curves(history, "RLOO")},
-        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
-        model=out,
-        register_as=cfg.register_as,
+        method(cfg),
+        f"beta {cfg.beta} " + ("in the reward" if cfg.kl_in_reward else "as a loss term"),
     )
