@@ -171,3 +171,27 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(
         (saved["kind"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
     )
+
+
+def save_state(
+    checkpoint_dir: Path, step: int, fingerprint: str, state: dict, meta: dict | None = None
+) -> Path:
+    """A loop's own tensors (models, optimizers, ...) and every RNG in `step_<n>/state.pt`, loadable with
+    weights_only=True; `meta` (the curves) in meta.json. For loops that do not run under accelerate."""
+    state = {**state, "rng": rng_state()}
+    return save(
+        checkpoint_dir, step, fingerprint, lambda folder: torch.save(state, folder / "state.pt"), meta
+    )
+
+
+def load_state(checkpoint_dir: Path, fingerprint: str) -> tuple[int, dict, dict] | None:
+    """(step, state, meta) of what `save_state` wrote, every RNG restored; None when there is nothing to
+    resume (see `load`)."""
+    found = load(checkpoint_dir, fingerprint)
+    if found is None:
+        return None
+    folder, meta = found
+    state = torch.load(folder / "state.pt", weights_only=True)
+    set_rng_state(state.pop("rng"))
+    logger.info("resumed from %s (step %d)", folder, meta["step"])
+    return meta["step"], state, meta

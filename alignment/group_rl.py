@@ -180,27 +180,18 @@ def optimise(
 def save_checkpoint(path: Path, fingerprint: str, done: int, policy, optimizer, history: list) -> None:
     """policy, AdamW and RNG states in step_<done>/state.pt (weights_only-safe); the count and the curves
     in its meta."""
-    state = {
-        "policy": policy.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": checkpoint.rng_state(),
-    }
-    checkpoint.save(
-        path, done, fingerprint, lambda folder: torch.save(state, folder / "state.pt"), {"history": history}
-    )
+    state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict()}
+    checkpoint.save_state(path, done, fingerprint, state, {"history": history})
 
 
 def load_checkpoint(path: Path, fingerprint: str, policy, optimizer) -> tuple[int, list]:
-    found = checkpoint.load(path, fingerprint)
+    found = checkpoint.load_state(path, fingerprint)
     if found is None:
         return 0, []
-    folder, meta = found
-    state = torch.load(folder / "state.pt", weights_only=True)
+    step, state, meta = found
     policy.load_state_dict(state["policy"])
     optimizer.load_state_dict(state["optimizer"])
-    checkpoint.set_rng_state(state["rng"])
-    logger.info("resumed from %s after %d generation batches", folder, meta["step"])
-    return meta["step"], meta["history"]
+    return step, meta["history"]
 
 
 def train(

@@ -199,27 +199,21 @@ def save_checkpoint(
         "critic": critic.state_dict(),
         "optimizers": [o.state_dict() for o in optimizers],
         "kl_control": kl_control.state_dict(),
-        "rng": checkpoint.rng_state(),
     }
-    checkpoint.save(
-        path, done, fingerprint, lambda folder: torch.save(state, folder / "state.pt"), {"history": history}
-    )
+    checkpoint.save_state(path, done, fingerprint, state, {"history": history})
 
 
 def load_checkpoint(path: Path, fingerprint: str, policy, critic, optimizers, kl_control) -> tuple[int, list]:
-    found = checkpoint.load(path, fingerprint)
+    found = checkpoint.load_state(path, fingerprint)
     if found is None:
         return 0, []
-    folder, meta = found
-    state = torch.load(folder / "state.pt", weights_only=True)
+    step, state, meta = found
     policy.load_state_dict(state["policy"])
     critic.load_state_dict(state["critic"])
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     kl_control.load_state_dict(state["kl_control"])
-    checkpoint.set_rng_state(state["rng"])
-    logger.info("resumed from %s after %d rollouts", folder, meta["step"])
-    return meta["step"], meta["history"]
+    return step, meta["history"]
 
 
 def train_ppo(
