@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             functools.partial(run_stage, iteration=int(args.iteration)),
             f"{stage.name}@{args.iteration}",
         )
+    if stage.checkpoints:  # a declared DVC out: it must exist even when the run was too short to save one
+        paths.checkpoints(stage.name).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         if args.no_tracking:

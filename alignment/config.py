@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 
@@ -568,6 +568,25 @@ class BestOfNConfig(Section):
     n: tuple[int, ...] = Field(default=(4, 16), min_length=0)  # each n is a leaderboard row; () for none
 
 
+class BestOfNStageConfig(Section):
+    """The `best_of_n` stage: best-of-n SFT samples by the RM on the policy stages' held-out prompts."""
+
+    reward_model: str = "rm"  # `rm`: the pipeline's reward model; or a path / hub id of one
+    source: str = "imdb"
+    eval_prompts: int = Field(default=100, ge=1)  # as the policy stages' `eval_prompts`
+    max_length: int = Field(default=128, ge=8)
+    n: tuple[int, ...] = Field(default=(1, 2, 4, 8, 16), min_length=1)
+    samples: SampleConfig = SampleConfig(max_new_tokens=32, temperature=1.0)
+    seed: int = 0
+
+    @field_validator("n")
+    @classmethod
+    def _positive(cls, n: tuple[int, ...]) -> tuple[int, ...]:
+        if min(n) < 1:
+            raise ValueError(f"every n must be >= 1, got {list(n)}")
+        return n
+
+
 class EvaluateConfig(Section):
     """Every policy and the reference (gold) responses on the same held-out prompts, judged by the RM,
     the gold scorer and optionally an LLM; leaderboard, reward-KL frontier, win-rate chart."""
@@ -608,6 +627,49 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
+class SweepMethodConfig(Section):
+    """One method of a sweep: the DVC stage(s) each point runs (alone: shared upstream outputs are
+    never re-run), its strength knob and values, the params key of its seed, and fixed settings."""
+
+    stages: tuple[str, ...] = Field(min_length=1)  # e.g. [dpo]; ReST: [rest_iter@1, rest_iter@2]
+    knob: str | None = None  # a dotted params key, e.g. dpo.beta; None: one point per seed
+    values: tuple[float | int | str, ...] = ()
+    seed: str = Field(min_length=3)  # the dotted params key the sweep's seeds go to, e.g. dpo.train.seed
+    set: dict[str, Any] = Field(default_factory=dict)  # fixed dotted settings, e.g. {brain.baseline: none}
+
+    @model_validator(mode="after")
+    def _knob_and_values(self) -> SweepMethodConfig:
+        if (self.knob is None) != (not self.values):
+            raise ValueError("knob and values go together: a knob needs values, values need a knob")
+        return self
+
+
+class SweepConfig(Section):
+    """Seeded sweeps (flows/sweep.py): every method x strength x seed a DVC experiment of its own stage,
+    reported as a reward-KL frontier with intervals over seeds, matched-KL comparisons and the papers'
+    claims. Read by the flow only; not a DVC param of any stage."""
+
+    seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
+    methods: dict[str, SweepMethodConfig] = Field(default_factory=dict)
+    jobs: int = Field(default=1, ge=1)  # DVC queue workers at once (each a full stage process)
+    matched_kl: tuple[float, ...] = Field(default=(2.0, 5.0), min_length=1)  # nats, for the comparisons
+    level: float = Field(default=0.95, gt=0.5, lt=1.0)
+    out: str = "outputs/sweep"
+
+    @model_validator(mode="after")
+    def _stages_and_keys(self) -> SweepConfig:
+        from alignment.registry import STAGES
+
+        for name, method in self.methods.items():
+            for stage in method.stages:
+                if stage.split("@")[0] not in STAGES:
+                    raise ValueError(f"methods.{name}.stages: unknown stage {stage!r}")
+            for key in [method.seed, *method.set, *([method.knob] if method.knob else [])]:
+                if key.split(".")[0] not in SECTIONS or key.split(".")[0] in ("pipeline", "sweep", "retrain"):
+                    raise ValueError(f"methods.{name}: {key!r} is not a key of a stage's params section")
+        return self
+
+
 class PipelineConfig(Section):
     """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
 
@@ -626,6 +688,7 @@ class PipelineConfig(Section):
         "rloo",
         "rest_iter",
         "rest",
+        "best_of_n",
         "evaluate",
     )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
@@ -656,9 +719,11 @@ SECTIONS: dict[str, type[Section]] = {
     "grpo": GRPOConfig,
     "rloo": RLOOConfig,
     "rest": RestConfig,
+    "best_of_n": BestOfNStageConfig,
     "evaluate": EvaluateConfig,
     "rlaif": RLAIFConfig,
     "retrain": RetrainConfig,
+    "sweep": SweepConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -13,6 +13,7 @@ import torch
 from alignment.batching import collate
 from alignment.config import SampleConfig
 from alignment.generation import decode_responses, generate_ids
+from alignment.judging import bootstrap_ci
 from alignment.losses import IGNORE_INDEX, sequence_logps
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, response ids), as `generate_ids` returns them
@@ -82,8 +83,10 @@ def compare_to_sft(
 ) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on the same prompts. `judges` maps a name ("gold", "rm") to a function
     (prompts, responses) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
-    `<name>/win_rate_vs_sft`. `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
-    policy's sampled ids, `objective/kl_se` its standard error."""
+    `<name>/win_rate_vs_sft`, the policy's two with 95% bootstrap intervals over the prompts
+    (`..._ci_low`, `..._ci_high`). `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
+    policy's sampled ids, `objective/kl_se` its standard error; `length/mean_tokens` and
+    `length/sft_mean_tokens` are the mean response lengths in tokens (EOS included when emitted)."""
     drawn = []
     for model in (policy, reference):
         torch.manual_seed(seed)  # the same seed for both: common random numbers
@@ -95,6 +98,8 @@ def compare_to_sft(
     policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
     kl = kl_to_reference(policy, reference, drawn[0])
     metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
+    for name, ids in (("length/mean_tokens", drawn[0]), ("length/sft_mean_tokens", drawn[1])):
+        metrics[name] = float(np.mean([len(response) for _, response in ids]))
     rows = [
         {"prompt": p, "policy": r, "sft": q, "kl": float(k)}
         for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)
@@ -102,11 +107,16 @@ def compare_to_sft(
     for name, judge in judges.items():
         policy_scores = np.asarray(judge(prompts, policy_responses), dtype=float)
         sft_scores = np.asarray(judge(prompts, sft_responses), dtype=float)
+        wins = (policy_scores > sft_scores) + 0.5 * (policy_scores == sft_scores)
         metrics |= {
             f"{name}/reward": float(policy_scores.mean()),
             f"{name}/sft_reward": float(sft_scores.mean()),
             f"{name}/win_rate_vs_sft": win_rate(policy_scores, sft_scores),
         }
+        # 95% percentile-bootstrap intervals over the prompts: the evaluation's own sampling error
+        for key, values in (("reward", policy_scores), ("win_rate_vs_sft", wins)):
+            low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)
+            metrics |= {f"{name}/{key}_ci_low": low, f"{name}/{key}_ci_high": high}
         for row, s, t in zip(rows, policy_scores, sft_scores):
             row |= {f"policy_{name}": float(s), f"sft_{name}": float(t)}
     return metrics, rows

@@ -177,6 +177,15 @@ STAGES: dict[str, Stage] = {
             desc="keeps the best ReST iteration by the held-out judge",
         ),
         Stage(
+            "best_of_n",
+            reads=ON_POLICY_READS,
+            plots=(
+                Plot("plots/best_of_n/curve.csv", "objective_kl", "gold_reward", "Best-of-n: gold vs KL"),
+            ),
+            params_inputs=_reward_model_input,
+            desc="the RM picks the best of n SFT samples on the policy stages' held-out prompts",
+        ),
+        Stage(
             "evaluate",
             reads=("prepare", "rm", "gold", "sft", "dpo", "brain", "ppo", "grpo", "rloo", "rest"),
             data=("data/judge",),
@@ -245,6 +254,17 @@ PLOTS: list[dict] = [
             "x": "win_rate",
             "y": {"plots/evaluate/win_rates.csv": "model_judge"},
             "title": "Win rate against the reference response, per model and judge",
+        }
+    },
+    {
+        "sweep_frontier": {
+            "template": "scatter",
+            "x": "kl",
+            "y": {"plots/sweep/frontier.csv": ["gold_reward", "rm_reward"]},
+            "title": "Sweep (python -m flows.sweep): mean reward over seeds against KL to SFT, per method "
+            "and strength",
+            "x_label": "KL(policy || SFT), nats",
+            "y_label": "mean reward",
         }
     },
     {

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,8 @@ def stage_run(
         )
     with context as run:
         mlflow.set_tags({"stage": stage, "git_commit": git_commit(root)})
+        if os.environ.get("DVC_EXP_NAME"):  # run by `dvc exp run -n <name>`: the sweep's points, retraining
+            mlflow.set_tags({"dvc_experiment": os.environ["DVC_EXP_NAME"]})
         if resume_run_id:
             resumes = int(run.data.tags.get("resumes", "0")) + 1
             mlflow.set_tags({"resumes": str(resumes)})
@@ -265,3 +268,74 @@ def set_run_tags(run_id: str, tags: dict[str, str], root: Path | None = None) ->
     client = _mlflow(root).MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+@contextmanager
+def child_run(
+    parent_run_id: str, name: str, tags: dict[str, str], params: dict[str, Any], root: Path | None = None
+) -> Iterator[str]:
+    """A run nested under `parent_run_id`, opened through the client (the flow's own active run stays
+    the parent): FINISHED when the block ends, FAILED when it raises. Yields its id."""
+    client = _mlflow(root).MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent_run_id, "git_commit": git_commit(root), **tags},
+    )
+    run_id = run.info.run_id
+    for key, value in params.items():
+        if not _is_secret(key):
+            client.log_param(run_id, key, "None" if value is None else value)
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], root: Path | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    client = _mlflow(root).MlflowClient()
+    for start in range(0, len(batch), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+
+def log_report(
+    run_id: str, metrics: dict[str, float], figures: dict, artifacts: list[Path], root: Path | None = None
+) -> None:
+    """A flow's report on its (open or finished) run: summary metrics, figures and files."""
+    client = _mlflow(root).MlflowClient()
+    log_metrics(run_id, {k: v for k, v in metrics.items() if v == v}, root)  # NaN-free
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, name)
+    for path in artifacts:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path), artifact_path="report")
+
+
+def end_stale_runs(experiment: str, kinds: tuple[str, ...], root: Path | None = None) -> int:
+    """Mark KILLED the RUNNING runs tagged with one of `kinds` (left by a killed flow: the caller holds
+    the lock that any live one would hold). Returns how many."""
+    mlflow = _mlflow(root)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    client = mlflow.MlflowClient()
+    stale = [
+        run
+        for kind in kinds
+        for run in client.search_runs(
+            [found.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.kind = '{kind}'"
+        )
+    ]
+    for run in stale:
+        client.set_terminated(run.info.run_id, status="KILLED")
+        logger.info(
+            "marked the %s run %s of a killed flow KILLED", run.data.tags.get("kind"), run.info.run_id
+        )
+    return len(stale)

@@ -3,10 +3,12 @@
     prefect server start                                   # or: make prefect-server
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
 
-Two deployments, named and scheduled from params (read once, at start: restart to pick up a change):
+Three deployments, named and scheduled from params (read once, at start: restart to pick up a change):
 - `alignment-pipeline/<pipeline.deployment>`: the DVC stages of the pipeline (cron `pipeline.schedule`);
 - `rest-retraining/<retrain.deployment>`: the scheduled iterative retraining (cron `retrain.schedule`):
-  ReST rounds from the champion as a DVC experiment, the champion moving only on improvement.
+  ReST rounds from the champion as a DVC experiment, the champion moving only on improvement;
+- `alignment-sweep/sweep`: the seeded sweep of params `sweep` (on demand): every point a DVC experiment,
+  the frontier, matched-KL comparisons and the papers' claims in MLflow and `sweep.out`.
 The process runs each flow run in this folder until it is stopped, one at a time: every run works in
 the same DVC workspace.
 """
@@ -21,6 +23,7 @@ from prefect.schedules import Cron
 from alignment.config import PipelineConfig, RetrainConfig, ScheduleConfig, load_section
 from flows.pipeline import pipeline
 from flows.retrain import retrain
+from flows.sweep import sweep
 
 
 def schedules(schedule: ScheduleConfig) -> list[Cron] | None:
@@ -50,6 +53,14 @@ def main(argv: list[str] | None = None) -> None:
             "files in `rest.incoming`; registers the new policy and moves the champion alias only when it "
             "beats the champion on the held-out judge. `overrides`: dotted params keys for this run only.",
             tags=["alignment", "dvc", "rest"],
+        ),
+        sweep.to_deployment(
+            name="sweep",
+            parameters={"methods": None, "overrides": {}, "params_file": args.params},
+            description="Every method x strength x seed of params `sweep` as a DVC experiment (points already "
+            "run at this commit are reused); reports the reward-KL frontier with 95% intervals over seeds, "
+            "win rates at matched KL and the papers' claims. `methods`: a subset of sweep.methods.",
+            tags=["alignment", "dvc", "sweep"],
         ),
         # one run at a time: two `dvc repro` in the same workspace would fight over DVC's lock
         limit=1,

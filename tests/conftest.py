@@ -149,6 +149,12 @@ MICRO_PARAMS = {
         },
         "samples": {"num_prompts": 2, "max_new_tokens": 8},
     },
+    "best_of_n": {
+        "eval_prompts": 4,
+        "max_length": 64,
+        "n": [1, 2, 4],
+        "samples": {"max_new_tokens": 8, "temperature": 1.0},
+    },
     "evaluate": {
         "models": {
             "sft": "outputs/sft",

@@ -1,0 +1,109 @@
+"""Best-of-n on the policy stages' held-out prompts: the reward model picks the best of n SFT samples.
+
+The inference-time baseline of every reward-KL frontier (Stiennon et al. 2020; Gao et al. 2023): no
+training, its KL to SFT analytic, log n - (n - 1) / n (an upper bound, Beirami et al. 2024). Each of the
+`eval_prompts` held-out prompts (the same split, source and count as DPO's, BRAIn's, PPO's) gets
+max(n) + 1 SFT samples, sample j from the seed (seed, prompt, j) alone; the best of the first n by the RM
+is the best-of-n response, and the last sample is the independent SFT response it is compared with (the
+policy stages' `gold/win_rate_vs_sft`). The n values share their samples (nested, as in Gao et al.), so
+one run draws the whole curve.
+
+Writes `metrics/best_of_n.json` with `best_of_<n>/<metric>` for each n (`objective/kl`, `gold/reward`,
+`rm/reward`, their `win_rate_vs_sft` with bootstrap intervals over prompts, `length/mean_tokens`), the
+curve `plots/best_of_n/curve.csv` and the per-prompt picks `outputs/best_of_n/picks.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from alignment.config import BestOfNStageConfig
+from alignment.data import write_jsonl
+from alignment.evaluation import best_of_n_kl
+from alignment.generation import decode_responses, generate_ids, prompt_seed
+from alignment.judging import bootstrap_ci
+from alignment.models import load_causal_lm, load_tokenizer
+from alignment.paths import Paths
+from alignment.prompts import load_prompts
+from alignment.results import finish
+from alignment.stage_helpers import held_out_judges, reward_scorer
+from alignment.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+CURVE = ("objective/kl", "gold/reward", "rm/reward", "gold/win_rate_vs_sft", "length/mean_tokens")
+
+
+def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int, seed: int) -> dict:
+    """The metrics of best-of-n from per-prompt scores (P, N + 1) of N + 1 samples: the best of the first
+    n columns by `scores["rm"]`, judged against the last column (an independent SFT sample) by every
+    judge. Pure: numbers in, numbers out."""
+    pick = scores["rm"][:, :n].argmax(axis=1)
+    rows = np.arange(len(pick))
+    metrics = {"objective/kl": best_of_n_kl(n), "length/mean_tokens": float(lengths[rows, pick].mean())}
+    for name, table in scores.items():
+        chosen, sft = table[rows, pick], table[:, -1]
+        wins = (chosen > sft) + 0.5 * (chosen == sft)
+        metrics |= {
+            f"{name}/reward": float(chosen.mean()),
+            f"{name}/sft_reward": float(sft.mean()),
+            f"{name}/win_rate_vs_sft": float(wins.mean()),
+        }
+        for key, values in (("reward", chosen), ("win_rate_vs_sft", wins)):
+            low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)
+            metrics |= {f"{name}/{key}_ci_low": low, f"{name}/{key}_ci_high": high}
+    return metrics
+
+
+def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
+    tokenizer, sft = load_tokenizer(paths.sft), load_causal_lm(paths.sft).eval()
+    judges = held_out_judges(paths, reward_scorer(paths, cfg.reward_model, cfg.max_length))
+    prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
+    width = max(cfg.n) + 1  # the last sample of each prompt is the SFT comparison
+    repeated = [p for p in prompts for _ in range(width)]
+    seeds = [prompt_seed(cfg.seed, p, j) for p in prompts for j in range(width)]
+    s = cfg.samples
+    logger.info("best-of-n: %d SFT samples on %d held-out prompts", len(repeated), len(prompts))
+    drawn = generate_ids(sft, tokenizer, repeated, s.max_new_tokens, s.temperature, s.top_p, seeds=seeds)
+    responses = decode_responses(tokenizer, drawn)
+    scores = {
+        name: np.asarray(judge(repeated, responses), dtype=float).reshape(len(prompts), width)
+        for name, judge in judges.items()
+    }
+    lengths = np.array([len(r) for _, r in drawn], dtype=float).reshape(len(prompts), width)
+
+    metrics: dict[str, float] = {"eval/prompts": len(prompts)}
+    curve = []
+    for n in sorted(cfg.n):
+        point = best_of_n_metrics(scores, lengths, n, cfg.seed)
+        metrics |= {f"best_of_{n}/{key}": value for key, value in point.items()}
+        curve.append({"n": n, **{key.replace("/", "_"): point[key] for key in CURVE}})
+        logger.info(
+            "best-of-%d: KL %.2f, gold reward %.3f (win rate vs SFT %.2f), RM reward %.3f",
+            n,
+            point["objective/kl"],
+            point["gold/reward"],
+            point["gold/win_rate_vs_sft"],
+            point["rm/reward"],
+        )
+
+    out = paths.out("best_of_n")
+    out.mkdir(parents=True, exist_ok=True)
+    picks = []
+    best = scores["rm"][:, : max(cfg.n)].argmax(axis=1)
+    for i, prompt in enumerate(prompts):
+        picks.append(
+            {
+                "prompt": prompt,
+                "best": responses[i * width + best[i]],
+                "sft": responses[i * width + width - 1],
+                **{f"best_{name}": float(table[i, best[i]]) for name, table in scores.items()},
+            }
+        )
+    write_jsonl(out / "picks.jsonl", picks)
+    columns = ["n", *(key.replace("/", "_") for key in CURVE)]
+    return finish(
+        "best_of_n", paths, log, metrics, csvs={"curve.csv": (curve, columns)}, tables={"picks": picks}
+    )
