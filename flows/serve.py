@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep.to_deployment(
             name="sweep",
             parameters={"methods": None, "overrides": {}, "params_file": args.params},
-            description="Every method x strength x seed of params `sweep` as a DVC experiment (points already "
-            "run at this commit are reused); reports the reward-KL frontier with 95% intervals over seeds, "
+            description="Every method x strength x seed of params `sweep` as a DVC experiment (points "
+            "already run at this commit are reused); reports the reward-KL frontier with 95% intervals over seeds, "
             "win rates at matched KL and the papers' claims. `methods`: a subset of sweep.methods.",
             tags=["alignment", "dvc", "sweep"],
         ),
