@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             parameters={"methods": None, "overrides": {}, "params_file": args.params},
             description="Every method x strength x seed of params `sweep` as a DVC experiment (points "
             "already run at this commit are reused); reports the reward-KL frontier with 95% intervals "
-            "over seeds, win rates at matched KL and the papers' claims. `methods`: a subset of sweep.methods.",
+            "over seeds, win rates at matched KL and the papers' claims. `methods`: some of sweep.methods.",
             tags=["alignment", "dvc", "sweep"],
         ),
         # one run at a time: two `dvc repro` in the same workspace would fight over DVC's lock
