@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # the temporary Prefect server of `make pipeline` may start slowly on a busy machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup pipeline test lint dvc-yaml mlflow-ui prefect-server serve clean
+.PHONY: setup pipeline sweep test lint dvc-yaml mlflow-ui prefect-server serve clean
 
 setup: .venv/.installed
 
@@ -25,6 +25,11 @@ setup: .venv/.installed
 # recorded in MLflow (mlflow.db in this folder)
 pipeline: setup
 	$(PY) -m flows.pipeline
+
+# params `sweep` (method x strength x seed, each a DVC experiment of one stage) on the pipeline's outputs:
+# frontier, matched-KL win rates and the papers' claims in outputs/sweep/ and MLflow (run `make pipeline` first)
+sweep: setup
+	$(PY) -m flows.sweep
 
 test: setup
 	.venv/bin/ruff check .

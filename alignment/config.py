@@ -184,6 +184,9 @@ class PreferenceData(Section):
     judge of the `rlaif` stage."""
     max_train_pairs: int | None = Field(default=None, ge=1)  # per source
     max_eval_pairs: int | None = Field(default=None, ge=1)  # per source
+    min_gold_gap: float = Field(default=0.0, ge=0.0)
+    """training pairs whose two gold rewards (imdb_pairs) differ by less are dropped and counted: near
+    ties are coin flips to a small model; eval pairs are all kept, so accuracy stays comparable."""
 
 
 class RewardModelConfig(Section):

@@ -3,12 +3,16 @@ rejected together so that one forward pass scores both (rows [0, B) chosen, [B, 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from alignment.batching import collate, encode
 from alignment.config import PreferenceData
 from alignment.data import read_jsonl
 from alignment.paths import Paths
+
+logger = logging.getLogger(__name__)
 
 FILES = {
     "imdb_pairs": lambda paths, split: paths.pairs / f"{split}.jsonl",
@@ -19,9 +23,29 @@ FILES = {
 
 def load_pairs(paths: Paths, data: PreferenceData, split: str) -> list[dict]:
     """The pairs of every configured source for `split` ("train" or "eval"), each capped per source.
-    Rows keep their own `source` (e.g. `hh` for the human pairs of prepare), for per-source metrics."""
+    Rows keep their own `source` (e.g. `hh` for the human pairs of prepare), for per-source metrics.
+    Training pairs with gold rewards closer than `data.min_gold_gap` are dropped (before the cap) and
+    counted in the log; pairs without gold rewards (human labels) are kept."""
     cap = data.max_train_pairs if split == "train" else data.max_eval_pairs
-    return [row for source in data.sources for row in list(read_jsonl(FILES[source](paths, split)))[:cap]]
+    rows = []
+    for source in data.sources:
+        kept = list(read_jsonl(FILES[source](paths, split)))
+        if split == "train" and data.min_gold_gap > 0:
+            before = len(kept)
+            kept = [r for r in kept if "chosen_gold" not in r or gold_gap(r) >= data.min_gold_gap]
+            logger.info(
+                "%s: dropped %d of %d training pairs with a gold gap below %g",
+                source,
+                before - len(kept),
+                before,
+                data.min_gold_gap,
+            )
+        rows += kept[:cap]
+    return rows
+
+
+def gold_gap(pair: dict) -> float:
+    return abs(pair["chosen_gold"] - pair["rejected_gold"])
 
 
 def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:

@@ -215,7 +215,7 @@ def matched_kl_table(
 ) -> list[dict[str, Any]]:
     """For each method, target KL and metric: the mean over seeds at that KL with its t interval."""
     rows = []
-    for method in sorted({p["method"] for p in points}):
+    for method in sorted({p["method"] for p in points if "objective/kl" in p}):
         for target, metric in product(targets, metrics):
             values = at_matched_kl(points, method, metric, target)
             mean, low, high = t_interval(values, level)

@@ -13,9 +13,9 @@ Each run, in numbered steps:
      `dvc exp run --temp -n <name> -S <settings> -s <stage>...`: DVC copies the workspace at HEAD into a
      temporary folder, checks out the stage's inputs from its cache and runs only the point's stage(s)
      (`-s`: SFT, pairs and the RM are shared, never re-run); the stage's own MLflow run nests under the
-     point's. The experiment's name holds a digest of the params file and settings, so a point already
-     run at this commit (`dvc exp show`) is not run again: re-running a killed sweep runs only what is
-     missing, and a second sweep runs nothing.
+     point's. The experiment's name holds a digest of the stage's params, the settings and dvc.lock, so
+     a point already run at this commit (`dvc exp show`) is not run again: re-running a killed sweep
+     runs only what is missing, and a second sweep runs nothing.
   4. Reads every point's metrics from its experiment, writes `<sweep.out>/` (points.csv, frontier.csv,
      matched_kl.csv, frontier.md, claims.md, frontier.png), `plots/sweep/frontier.csv` (a DVC plot)
      and logs them to the sweep's run.
@@ -46,9 +46,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from alignment import registry, tracking
 from alignment import sweep as analysis
-from alignment import tracking
-from alignment.config import ConfigError, SweepConfig
+from alignment.config import ConfigError, SweepConfig, read_params
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
 from tasks.dvc import BIN, StageFailed
@@ -75,10 +75,18 @@ def sweep_lock(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def experiment_name(point: dict[str, Any], params_text: str) -> str:
-    """`<method>-<value>-s<seed>-<digest>`: readable, and unique to the params file and the settings."""
+def experiment_name(point: dict[str, Any], params: dict[str, Any], lock_text: str) -> str:
+    """`<method>-<value>-s<seed>-<digest>`: readable, and unique to what the point's run depends on
+    besides the code (the commit): its stages' params sections, the settings, and dvc.lock (the
+    upstream outputs it starts from). The flow's own sections (`sweep`: seeds, matched KL, ...) are
+    not in it, so re-reporting with other settings reuses every point."""
+    sections = sorted({registry.STAGES[stage.split("@")[0]].params_section for stage in point["stages"]})
     digest = hashlib.sha256(
-        json.dumps([params_text, point["stages"], point["settings"]], sort_keys=True).encode()
+        json.dumps(
+            [{name: params.get(name) for name in sections}, point["stages"], point["settings"], lock_text],
+            sort_keys=True,
+            default=str,
+        ).encode()
     ).hexdigest()[:8]
     value = "" if point["value"] is None else "-" + re.sub(r"[^A-Za-z0-9]+", "_", str(point["value"]))
     return f"{point['method']}{value}-s{point['seed']}-{digest}".replace("_", "-")
@@ -193,7 +201,9 @@ def sweep(
         raise ConfigError(f"sweep methods {unknown or methods}: params sweep.methods has {list(cfg.methods)}")
     common = {k: v for k, v in overrides.items() if k.split(".")[0] not in FLOW_SECTIONS}
     grid = analysis.grid(chosen, cfg.seeds)
-    params_text = params_path.read_text()
+    raw_params = read_params(params_path)
+    lock = project / "dvc.lock"
+    lock_text = lock.read_text() if lock.exists() else ""
     for point in grid:
         point["settings"] = common | point["settings"]
         try:
@@ -218,7 +228,7 @@ def sweep(
             # step 3. the points, one DVC experiment each
             points, failed = [], []
             for point in grid:
-                exp = experiment_name(point, params_text)
+                exp = experiment_name(point, raw_params, lock_text)
                 try:
                     done = run_point(point, exp, str(project), parent)
                     points += done["points"]

@@ -183,3 +183,25 @@ def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
         assert after["rewards/margins"] == pytest.approx(0.5, abs=0.25)
     else:
         assert after["logps/chosen"] > after["logps/rejected"]
+
+
+def test_min_gold_gap_drops_near_ties_from_training_only(tmp_path):
+    from alignment.config import PreferenceData
+    from alignment.data import write_jsonl
+    from alignment.paths import Paths
+    from alignment.preference import load_pairs
+
+    paths = Paths(tmp_path)
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "source": "imdb_pairs"}
+        | {"chosen_gold": 1.0, "rejected_gold": 1.0 - gap}
+        for gap in (0.05, 0.3, 1.2, 0.29)
+    ]
+    for split in ("train", "eval"):
+        paths.pairs.mkdir(parents=True, exist_ok=True)
+        write_jsonl(paths.pairs / f"{split}.jsonl", rows)
+    data = PreferenceData(sources=("imdb_pairs",), min_gold_gap=0.3, max_train_pairs=1)
+    kept = load_pairs(paths, data, "train")
+    assert [r["rejected_gold"] for r in kept] == [pytest.approx(0.7)]  # 0.3 and 1.2 pass; the cap keeps one
+    assert len(load_pairs(paths, data, "eval")) == 4  # eval keeps near ties: accuracy stays comparable
+    assert len(load_pairs(paths, PreferenceData(sources=("imdb_pairs",)), "train")) == 4

@@ -105,5 +105,5 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
     write_jsonl(out / "picks.jsonl", picks)
     columns = ["n", *(key.replace("/", "_") for key in CURVE)]
     return finish(
-        "best_of_n", paths, log, metrics, csvs={"curve.csv": (curve, columns)}, tables={"picks": picks}
+        "best_of_n", paths, log, metrics, csvs={"curve.csv": (curve, columns)}, tables={"picks.json": picks}
     )
