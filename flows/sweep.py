@@ -227,8 +227,9 @@ def sweep(
         ) as parent:
             # step 3. the points, one DVC experiment each
             points, failed = [], []
-            for point in grid:
+            for i, point in enumerate(grid, 1):
                 exp = experiment_name(point, raw_params, lock_text)
+                logger.info("point %d/%d: %s", i, len(grid), exp)
                 try:
                     done = run_point(point, exp, str(project), parent)
                     points += done["points"]
@@ -237,16 +238,11 @@ def sweep(
                     failed.append(exp)
 
             # step 4. the report
-            report = write_report(points, cfg, project, parent, brain_value(config))
+            # BRAIn's ablations run at params `brain.reward_beta`: they are compared with BRAIn there
+            report = write_report(points, cfg, project, parent, config["brain"].reward_beta)
             if failed:
                 raise StageFailed(f"{len(failed)} of {len(grid)} sweep points failed: {failed}")
             return {"points": points} | report
-
-
-def brain_value(config: dict[str, Any]) -> Any:
-    """The BRAIn strength its ablations run at: params `brain.reward_beta` (the ablations' knob-less
-    points use it)."""
-    return config["brain"].reward_beta
 
 
 def write_report(points: list[dict], cfg: SweepConfig, root: Path, run_id: str, brain_at: Any) -> dict:

@@ -79,6 +79,7 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
     assert sorted(ran(exp)) == [
+        "best_of_n",
         "brain",
         "dpo",
         "evaluate",
