@@ -26,7 +26,6 @@ Each run, in numbered steps:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +46,16 @@ from alignment.paths import Paths
 from alignment.rest import beats_champion
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed
+from tasks.dvc import BIN, StageFailed, workspace_lock
 
 
 class RetrainBusy(RuntimeError):
     """Another retraining run holds the project's lock."""
 
 
-@contextmanager
 def project_lock(root: Path):
-    """An exclusive, non-blocking lock on `.dvc/tmp/retrain.lock`, released when the process ends."""
-    path = root / ".dvc" / "tmp" / "retrain.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RetrainBusy(f"another retraining run is in progress in {root} (lock {path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """The retraining lock of the workspace at `root` (`.dvc/tmp/retrain.lock`)."""
+    return workspace_lock(root, "retrain", RetrainBusy, "retraining run")
 
 
 @task(task_run_name="champion {cfg.model_name}@{cfg.alias}", cache_policy=NO_CACHE)

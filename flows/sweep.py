@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import hashlib
 import json
 import math
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,28 +49,13 @@ from alignment import sweep as analysis
 from alignment.config import ConfigError, SweepConfig, read_params
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed
+from tasks.dvc import BIN, StageFailed, workspace_lock
 
 FLOW_SECTIONS = ("sweep", "pipeline", "retrain")  # read by flows; never a stage's DVC param
 
 
 class SweepBusy(RuntimeError):
     """Another sweep holds the project's lock."""
-
-
-@contextmanager
-def sweep_lock(root: Path):
-    path = root / ".dvc" / "tmp" / "sweep.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SweepBusy(f"another sweep is running in {root} (lock {path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def experiment_name(point: dict[str, Any], params: dict[str, Any], lock_text: str) -> str:
@@ -214,7 +197,7 @@ def sweep(
     logger.info("sweep: %d experiments (%s x seeds %s)", len(grid), ", ".join(chosen), list(cfg.seeds))
 
     # step 2. one sweep at a time per workspace
-    with sweep_lock(project):
+    with workspace_lock(project, "sweep", SweepBusy, "sweep"):
         tracking.end_stale_runs(config["pipeline"].experiment, ("sweep", "sweep_point"), project)
         record = {
             "methods": ",".join(chosen),

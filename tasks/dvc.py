@@ -6,11 +6,14 @@ the stage's own process logs to MLflow (nested under the pipeline run through AL
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,24 @@ BIN = Path(sys.executable).parent
 
 class StageFailed(RuntimeError):
     """`dvc repro` exited non-zero; the message ends with the tail of its output."""
+
+
+@contextmanager
+def workspace_lock(root: Path, name: str, busy: type[Exception], what: str) -> Iterator[None]:
+    """An exclusive, non-blocking lock on `.dvc/tmp/<name>.lock`, released when the block (or the
+    process) ends: a second flow of the same kind started in the workspace raises `busy` at once
+    instead of fighting the first over DVC's workspace."""
+    path = root / ".dvc" / "tmp" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy(f"another {what} is in progress in {root} (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # retries=0: a failed training stage is expensive to repeat and usually fails the same way again;

@@ -136,15 +136,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
 
     def held_out(model) -> dict[str, float]:
         scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
-        keys = (
-            "gold/reward",
-            "gold/win_rate_vs_sft",
-            "rm/reward",
-            "rm/win_rate_vs_sft",
-            "objective/kl",
-            "objective/kl_se",
-        )
-        return {k: scores[k] for k in keys}
+        return {k: v for k, v in scores.items() if k != "eval/prompts"}
 
     # step 2. the start policy is iteration 0 of the record
     if not history:
