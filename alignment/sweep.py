@@ -90,10 +90,16 @@ def points_of(run: dict[str, Any], metrics: dict[str, dict[str, Any]]) -> list[d
             found = metrics.get(f"metrics/rest_iter_{k}.json")
             if found:
                 out.append(base | {"value": k} | _pick(found))
-        if out and "gold/sft_reward" in out[0]:  # iteration 0: the start, judged in the same comparison
-            start = {"objective/kl": 0.0, "gold/reward": out[0]["gold/sft_reward"]}
-            if "rm/sft_reward" in metrics.get(f"metrics/rest_iter_{out[0]['value']}.json", {}):
-                start["rm/reward"] = metrics[f"metrics/rest_iter_{out[0]['value']}.json"]["rm/sft_reward"]
+        first = metrics.get(f"metrics/rest_iter_{out[0]['value']}.json", {}) if out else {}
+        if "gold/sft_reward" in first:  # iteration 0: the SFT start, measured in iteration 1's comparison
+            start = {"objective/kl": 0.0, "gold/win_rate_vs_sft": 0.5, "rm/win_rate_vs_sft": 0.5}
+            for key, source in (
+                ("gold/reward", "gold/sft_reward"),
+                ("rm/reward", "rm/sft_reward"),
+                ("length/mean_tokens", "length/sft_mean_tokens"),
+            ):
+                if source in first:
+                    start[key] = float(first[source])
             out.insert(0, base | {"value": 0} | start)
         return out
     found = metrics.get(f"metrics/{stages[-1].replace('@', '_')}.json")

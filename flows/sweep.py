@@ -210,9 +210,15 @@ def sweep(
         ) as parent:
             # step 3. the points, one DVC experiment each
             points, failed = [], []
+            baseline = tracking.git_commit(project)
             for i, point in enumerate(grid, 1):
                 exp = experiment_name(point, raw_params, lock_text)
                 logger.info("point %d/%d: %s", i, len(grid), exp)
+                if (head := tracking.git_commit(project)) != baseline:  # experiments belong to HEAD
+                    raise StageFailed(
+                        f"HEAD moved from {baseline[:8]} to {head[:8]} during the sweep: its points would "
+                        "belong to two baselines. Re-run it: the points of the new HEAD are kept."
+                    )
                 try:
                     done = run_point(point, exp, str(project), parent)
                     points += done["points"]

@@ -102,6 +102,8 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
     stages = [
+        "best_of_n",
+        "best_of_n",
         "brain",
         "brain",
         "brain_variance",

@@ -135,11 +135,9 @@ def test_grid_and_points_of_each_kind():
         "metrics/rest_iter_1.json": {"gold/reward": 0.5, "gold/sft_reward": 0.1, "objective/kl": 2.0},
         "metrics/rest_iter_2.json": {"gold/reward": 0.6, "objective/kl": 3.0},
     }
-    assert [(p["value"], p["gold/reward"]) for p in s.points_of(rest, found)] == [
-        (0, 0.1),
-        (1, 0.5),
-        (2, 0.6),
-    ]
+    points = s.points_of(rest, found)
+    assert [(p["value"], p["gold/reward"]) for p in points] == [(0, 0.1), (1, 0.5), (2, 0.6)]
+    assert points[0]["objective/kl"] == 0.0 and points[0]["gold/win_rate_vs_sft"] == 0.5  # SFT vs itself
 
 
 def test_best_of_n_metrics_by_hand():
