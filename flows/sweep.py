@@ -106,16 +106,18 @@ def finished_experiments(root: Path) -> dict[str, dict[str, dict]]:
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
-def run_point(point: dict[str, Any], name: str, root: str, parent_run_id: str) -> dict:
-    """One point: its MLflow child run, and its DVC experiment unless one of that name already exists."""
+def run_point(
+    point: dict[str, Any], name: str, root: str, parent_run_id: str, recorded: dict[str, dict] | None
+) -> dict:
+    """One point: its MLflow child run, and its DVC experiment unless it is already `recorded` (its
+    metrics files, from `finished_experiments`)."""
     logger = get_run_logger()
     project = Path(root)
     tags = {"kind": "sweep_point", "method": point["method"], "dvc_experiment": name}
     params = {"method": point["method"], "value": point["value"], "seed": point["seed"]}
     params |= {f"set.{k}": v for k, v in point["settings"].items()}
     with tracking.child_run(parent_run_id, name, tags, params, project) as run_id:
-        existing = finished_experiments(project)
-        if name in existing:
+        if recorded is not None:
             logger.info("%s: already run at this commit (dvc exp show): reused", name)
             tracking.set_run_tags(run_id, {"reused": "true"}, project)
         else:
@@ -138,10 +140,10 @@ def run_point(point: dict[str, Any], name: str, root: str, parent_run_id: str) -
             if process.returncode:
                 raise StageFailed(f"{name} exited with {process.returncode}:\n" + "\n".join(tail))
             logger.info("%s: %.0f s", name, time.perf_counter() - started)
-            existing = finished_experiments(project)
-            if name not in existing:
+            recorded = finished_experiments(project).get(name)
+            if recorded is None:
                 raise StageFailed(f"{name}: DVC reports no finished experiment of that name")
-        metrics = existing[name]
+        metrics = recorded
         points = analysis.points_of(point | {"experiment": name}, metrics)
         flat = {
             f"{Path(path).stem}/{key}": value
@@ -211,6 +213,7 @@ def sweep(
             # step 3. the points, one DVC experiment each
             points, failed = [], []
             baseline = tracking.git_commit(project)
+            recorded = finished_experiments(project)  # one `dvc exp show` for every point run before
             for i, point in enumerate(grid, 1):
                 exp = experiment_name(point, raw_params, lock_text)
                 logger.info("point %d/%d: %s", i, len(grid), exp)
@@ -220,7 +223,7 @@ def sweep(
                         "belong to two baselines. Re-run it: the points of the new HEAD are kept."
                     )
                 try:
-                    done = run_point(point, exp, str(project), parent)
+                    done = run_point(point, exp, str(project), parent, recorded.get(exp))
                     points += done["points"]
                 except StageFailed as error:
                     logger.error("%s failed: %s", exp, error)

@@ -21,7 +21,7 @@ import numpy as np
 
 from alignment.config import BestOfNStageConfig
 from alignment.data import write_jsonl
-from alignment.evaluation import best_of_n_kl
+from alignment.evaluation import best_of, best_of_n_kl
 from alignment.generation import decode_responses, generate_ids, prompt_seed
 from alignment.judging import bootstrap_ci
 from alignment.models import load_causal_lm, load_tokenizer
@@ -40,7 +40,7 @@ def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int
     """The metrics of best-of-n from per-prompt scores (P, N + 1) of N + 1 samples: the best of the first
     n columns by `scores["rm"]`, judged against the last column (an independent SFT sample) by every
     judge. Pure: numbers in, numbers out."""
-    pick = scores["rm"][:, :n].argmax(axis=1)
+    pick = best_of(scores["rm"], n)
     rows = np.arange(len(pick))
     metrics = {"objective/kl": best_of_n_kl(n), "length/mean_tokens": float(lengths[rows, pick].mean())}
     for name, table in scores.items():
@@ -92,7 +92,7 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
     out = paths.out("best_of_n")
     out.mkdir(parents=True, exist_ok=True)
     picks = []
-    best = scores["rm"][:, : max(cfg.n)].argmax(axis=1)
+    best = best_of(scores["rm"], max(cfg.n))
     for i, prompt in enumerate(prompts):
         picks.append(
             {
