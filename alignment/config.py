@@ -190,13 +190,27 @@ class PreferenceData(Section):
 
 
 class RewardModelConfig(Section):
-    init_from: str = "sft"  # `sft`: the SFT policy with a fresh scalar head; or a model path / hub id
+    init_from: str = "sft"
+    """`sft`: the SFT policy with a fresh scalar head; `model`: a fresh model built from `model` over the
+    SFT's tokenizer (an RM sized apart from the policy); or a model path / hub id."""
+    model: ModelConfig | None = None  # init_from: model only; `init: config`
     data: PreferenceData = PreferenceData()
     train: TrainConfig = TrainConfig()
     max_length: int = Field(default=256, ge=8)
+    pooling: Literal["last", "mean"] = "last"
+    """last: the score at the sequence's last token (the usual RM); mean: the mean of per-token scores
+    over the response, saved as `reward_pooling` in the model's config so every scorer pools alike."""
     margin: float | None = None  # a constant margin in -log sigmoid(r_c - r_r - margin)
     center_coefficient: float = Field(default=0.0, ge=0.0)  # c * mean((r_c + r_r)^2), Eisenstein et al. 2023
     register_as: str | None = "alignment-rm"
+
+    @model_validator(mode="after")
+    def _model_with_init_from_model(self) -> RewardModelConfig:
+        if (self.init_from == "model") != (self.model is not None):
+            raise ValueError("rm.model goes with rm.init_from: model (and init_from: model needs rm.model)")
+        if self.model is not None and self.model.init != "config":
+            raise ValueError("rm.model builds a fresh model (init: config); pretrained: set rm.init_from")
+        return self
 
 
 class DPOConfig(Section):
@@ -630,6 +644,9 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
+FLOW_SECTIONS = ("sweep", "pipeline", "retrain")  # read by the flows only: never a stage's DVC param
+
+
 class SweepMethodConfig(Section):
     """One method of a sweep: the DVC stage(s) each point runs (alone: shared upstream outputs are
     never re-run), its strength knob and values, the params key of its seed, and fixed settings."""
@@ -654,7 +671,6 @@ class SweepConfig(Section):
 
     seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
     methods: dict[str, SweepMethodConfig] = Field(default_factory=dict)
-    jobs: int = Field(default=1, ge=1)  # DVC queue workers at once (each a full stage process)
     matched_kl: tuple[float, ...] = Field(default=(2.0, 5.0), min_length=1)  # nats, for the comparisons
     level: float = Field(default=0.95, gt=0.5, lt=1.0)
     out: str = "outputs/sweep"
@@ -668,7 +684,7 @@ class SweepConfig(Section):
                 if stage.split("@")[0] not in STAGES:
                     raise ValueError(f"methods.{name}.stages: unknown stage {stage!r}")
             for key in [method.seed, *method.set, *([method.knob] if method.knob else [])]:
-                if key.split(".")[0] not in SECTIONS or key.split(".")[0] in ("pipeline", "sweep", "retrain"):
+                if key.split(".")[0] not in SECTIONS or key.split(".")[0] in FLOW_SECTIONS:
                     raise ValueError(f"methods.{name}: {key!r} is not a key of a stage's params section")
         return self
 

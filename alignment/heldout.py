@@ -78,6 +78,22 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a > b) + 0.5 * np.mean(a == b))
 
 
+def judge_summary(name: str, scores: np.ndarray, sft_scores: np.ndarray, seed: int) -> dict[str, float]:
+    """One judge's `<name>/reward`, `<name>/sft_reward` and `<name>/win_rate_vs_sft` (ties half) from
+    per-prompt scores, the first and last with 95% percentile-bootstrap intervals over the prompts
+    (`..._ci_low`, `..._ci_high`): the evaluation's own sampling error."""
+    wins = (scores > sft_scores) + 0.5 * (scores == sft_scores)
+    metrics = {
+        f"{name}/reward": float(scores.mean()),
+        f"{name}/sft_reward": float(sft_scores.mean()),
+        f"{name}/win_rate_vs_sft": win_rate(scores, sft_scores),
+    }
+    for key, values in (("reward", scores), ("win_rate_vs_sft", wins)):
+        low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)
+        metrics |= {f"{name}/{key}_ci_low": low, f"{name}/{key}_ci_high": high}
+    return metrics
+
+
 def compare_to_sft(
     policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int, judges: dict
 ) -> tuple[dict[str, float], list[dict]]:
@@ -107,16 +123,7 @@ def compare_to_sft(
     for name, judge in judges.items():
         policy_scores = np.asarray(judge(prompts, policy_responses), dtype=float)
         sft_scores = np.asarray(judge(prompts, sft_responses), dtype=float)
-        wins = (policy_scores > sft_scores) + 0.5 * (policy_scores == sft_scores)
-        metrics |= {
-            f"{name}/reward": float(policy_scores.mean()),
-            f"{name}/sft_reward": float(sft_scores.mean()),
-            f"{name}/win_rate_vs_sft": win_rate(policy_scores, sft_scores),
-        }
-        # 95% percentile-bootstrap intervals over the prompts: the evaluation's own sampling error
-        for key, values in (("reward", policy_scores), ("win_rate_vs_sft", wins)):
-            low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)
-            metrics |= {f"{name}/{key}_ci_low": low, f"{name}/{key}_ci_high": high}
+        metrics |= judge_summary(name, policy_scores, sft_scores, seed)
         for row, s, t in zip(rows, policy_scores, sft_scores):
             row |= {f"policy_{name}": float(s), f"sft_{name}": float(t)}
     return metrics, rows

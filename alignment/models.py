@@ -14,6 +14,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -51,10 +52,8 @@ def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> Pr
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Pretrained weights (path, hub id or GGUF), or a fresh small model sized by the config."""
-    if cfg.init == "pretrained":
-        return load_causal_lm(cfg.name_or_path, cfg.gguf_file, cfg.trust_remote_code)
+def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config of a fresh small model sized by `cfg` (init: config), over `tokenizer`."""
     special = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -62,7 +61,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         pad_token_id=tokenizer.pad_token_id,
     )
     if cfg.arch == "gpt2":
-        config = GPT2Config(
+        return GPT2Config(
             n_layer=cfg.n_layer,
             n_embd=cfg.n_embd,
             n_head=cfg.n_head,
@@ -72,8 +71,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
             attn_pdrop=cfg.dropout,
             **special,
         )
-        return GPT2LMHeadModel(config)
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=cfg.n_embd,
         intermediate_size=4 * cfg.n_embd,
         num_hidden_layers=cfg.n_layer,
@@ -83,7 +81,14 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         tie_word_embeddings=True,
         **special,
     )
-    return LlamaForCausalLM(config)
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Pretrained weights (path, hub id or GGUF), or a fresh small model sized by the config."""
+    if cfg.init == "pretrained":
+        return load_causal_lm(cfg.name_or_path, cfg.gguf_file, cfg.trust_remote_code)
+    config = model_config(cfg, tokenizer)
+    return GPT2LMHeadModel(config) if cfg.arch == "gpt2" else LlamaForCausalLM(config)
 
 
 def load_causal_lm(

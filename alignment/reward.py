@@ -1,4 +1,5 @@
-"""A reward model: a scalar head on a transformer, read at each sequence's true last token."""
+"""A reward model: a scalar head on a transformer, read at each sequence's true last token (the usual
+reward model) or averaged over the response's tokens (`pooling: mean`, kept in the saved config)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from alignment.batching import collate, encode
-from alignment.losses import gather_last
+from alignment.losses import IGNORE_INDEX, gather_last
 from alignment.models import load_tokenizer
 
 
@@ -24,16 +25,42 @@ def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False)
     return model
 
 
-def sequence_rewards(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B,) rewards at each row's last real token, by the attention mask.
+POOLING = ("last", "mean")
 
-    HF's own pooling finds the last token from `pad_token_id`, which goes wrong when pad == EOS or
-    with left padding (the bug behind TRL reward models stuck at 50-60% accuracy); the mask cannot.
+
+def pooling(model: PreTrainedModel) -> str:
+    """How `model` turns per-token scores into a reward: `reward_pooling` in its config, `last` if unset
+    (any sequence-classification checkpoint from elsewhere)."""
+    mode = getattr(model.config, "reward_pooling", "last")
+    if mode not in POOLING:
+        raise ValueError(f"reward_pooling {mode!r} in the model's config.json: expected one of {POOLING}")
+    return mode
+
+
+def sequence_rewards(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) rewards: the score at each row's last real token, or the mean score over its response tokens.
+
+    `last` finds the last token by the attention mask: HF's own pooling finds it from `pad_token_id`,
+    which goes wrong when pad == EOS or with left padding (the bug behind TRL reward models stuck at
+    50-60% accuracy). `mean` averages over the positions where `labels` != IGNORE_INDEX (the response
+    and its EOS, as `batching.encode` builds them), so the prompt, which chosen and rejected share,
+    does not dilute the comparison; it needs `labels`.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return gather_last(model.score(hidden).squeeze(-1).float(), attention_mask)
+    scores = model.score(hidden).squeeze(-1).float()
+    if pooling(model) == "last":
+        return gather_last(scores, attention_mask)
+    if labels is None:
+        raise ValueError("a mean-pooled reward model needs `labels` to find the response tokens")
+    response = ((labels != IGNORE_INDEX) & attention_mask.bool()).float()
+    if (response.sum(1) == 0).any():
+        raise ValueError("a row with no response token cannot be scored by a mean-pooled reward model")
+    return (scores * response).sum(1) / response.sum(1)
 
 
 class RewardScorer:
@@ -50,5 +77,7 @@ class RewardScorer:
         scores = []
         for start in range(0, len(encoded), self.batch_size):
             batch = self.pad(encoded[start : start + self.batch_size])
-            scores.append(sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]))
+            scores.append(
+                sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            )
         return torch.cat(scores) if scores else torch.empty(0)

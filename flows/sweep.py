@@ -46,12 +46,10 @@ from prefect.runtime import flow_run
 
 from alignment import registry, tracking
 from alignment import sweep as analysis
-from alignment.config import ConfigError, SweepConfig, read_params
+from alignment.config import FLOW_SECTIONS, ConfigError, SweepConfig, read_params
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
 from tasks.dvc import BIN, StageFailed, workspace_lock
-
-FLOW_SECTIONS = ("sweep", "pipeline", "retrain")  # read by flows; never a stage's DVC param
 
 
 class SweepBusy(RuntimeError):

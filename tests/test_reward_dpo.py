@@ -67,6 +67,34 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_lm):
     assert not torch.allclose(hf, alone)
 
 
+def test_mean_pooled_reward_is_the_mean_token_score_over_the_response(tiny_lm, tmp_path):
+    path, tokenizer = tiny_lm
+    model = load_reward_model(path).eval()
+    model.config.reward_pooling = "mean"
+    encoded = [encode(tokenizer, p, " " + t, 32) for p, t in zip(PROMPTS, GOOD)]
+    batch = collate(tokenizer.pad_token_id)(encoded)
+    with torch.no_grad():
+        got = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        for row, e in enumerate(encoded):  # by hand: one row alone, its response positions only
+            hidden = model.base_model(input_ids=torch.tensor([e["input_ids"]])).last_hidden_state
+            scores = model.score(hidden).squeeze()
+            start = e["labels"].count(-100)
+            assert start > 0 and e["input_ids"][-1] == tokenizer.eos_token_id
+            assert got[row].item() == pytest.approx(scores[start:].mean().item(), abs=1e-5)
+        with pytest.raises(ValueError, match="needs `labels`"):
+            sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    # the mode travels with the saved model: a scorer loaded from disk pools the same way
+    save_pretrained(model, tokenizer, tmp_path / "rm")
+    from alignment.reward import RewardScorer
+
+    scorer = RewardScorer(tmp_path / "rm", max_length=32)
+    assert scorer.model.config.reward_pooling == "mean"
+    torch.testing.assert_close(scorer(PROMPTS, [" " + t for t in GOOD]), got, rtol=1e-4, atol=1e-5)
+    model.config.reward_pooling = "max"
+    with pytest.raises(ValueError, match="reward_pooling 'max'"):
+        sequence_rewards(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
 def test_reward_model_separates_a_separable_pair_set(tiny_lm):
     path, tokenizer = tiny_lm
     torch.manual_seed(0)
@@ -205,3 +233,34 @@ def test_min_gold_gap_drops_near_ties_from_training_only(tmp_path):
     assert [r["rejected_gold"] for r in kept] == [pytest.approx(0.7)]  # 0.3 and 1.2 pass; the cap keeps one
     assert len(load_pairs(paths, data, "eval")) == 4  # eval keeps near ties: accuracy stays comparable
     assert len(load_pairs(paths, PreferenceData(sources=("imdb_pairs",)), "train")) == 4
+
+
+def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream, tmp_path, monkeypatch):
+    import copy
+    import json
+    import shutil
+
+    from alignment.config import ConfigError, parse_section
+    from alignment.paths import Paths
+    from alignment.reward import RewardScorer
+    from tests.conftest import MICRO_PARAMS
+
+    root = tmp_path / "project"
+    shutil.copytree(upstream, root, symlinks=True)
+    monkeypatch.chdir(root)
+    params = copy.deepcopy(MICRO_PARAMS["rm"]) | {"register_as": None, "pooling": "mean"}
+    with pytest.raises(ConfigError, match="init_from: model"):
+        parse_section("rm", params | {"init_from": "model"})
+    with pytest.raises(ConfigError, match="init_from: model"):
+        parse_section("rm", params | {"model": {"n_layer": 1, "n_embd": 48, "n_head": 2}})
+    model = {"n_layer": 3, "n_embd": 48, "n_head": 2, "max_position_embeddings": 64}
+    cfg = parse_section("rm", params | {"init_from": "model", "model": model})
+    metrics = rm.run(cfg, Paths(root), None)
+
+    assert metrics["steps"] == 3 and 0.0 <= metrics["val/accuracy"] <= 1.0
+    config = json.loads((root / "outputs" / "rm" / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["reward_pooling"]) == (3, 48, "mean")
+    sft = json.loads((root / "outputs" / "sft" / "config.json").read_text())
+    assert sft["n_embd"] != 48 and config["vocab_size"] == sft["vocab_size"]  # its own body, SFT's tokens
+    scores = RewardScorer(root / "outputs" / "rm", max_length=64)(["A film", "A film"], [" good", " bad"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -23,7 +23,7 @@ from alignment.config import BestOfNStageConfig
 from alignment.data import write_jsonl
 from alignment.evaluation import best_of, best_of_n_kl
 from alignment.generation import decode_responses, generate_ids, prompt_seed
-from alignment.judging import bootstrap_ci
+from alignment.heldout import judge_summary
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.prompts import load_prompts
@@ -44,16 +44,7 @@ def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int
     rows = np.arange(len(pick))
     metrics = {"objective/kl": best_of_n_kl(n), "length/mean_tokens": float(lengths[rows, pick].mean())}
     for name, table in scores.items():
-        chosen, sft = table[rows, pick], table[:, -1]
-        wins = (chosen > sft) + 0.5 * (chosen == sft)
-        metrics |= {
-            f"{name}/reward": float(chosen.mean()),
-            f"{name}/sft_reward": float(sft.mean()),
-            f"{name}/win_rate_vs_sft": float(wins.mean()),
-        }
-        for key, values in (("reward", chosen), ("win_rate_vs_sft", wins)):
-            low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)
-            metrics |= {f"{name}/{key}_ci_low": low, f"{name}/{key}_ci_high": high}
+        metrics |= judge_summary(name, table[rows, pick], table[:, -1], seed)
     return metrics
 
 

@@ -1,5 +1,6 @@
-"""rm: a Bradley-Terry reward model, a scalar head on the SFT model (or any path), trained on
-gold-labelled IMDb pairs and human HH pairs; chosen and rejected are scored in one forward pass."""
+"""rm: a Bradley-Terry reward model, a scalar head on the SFT model (or on a fresh model of its own, or
+any path), trained on gold-labelled IMDb pairs and human HH pairs; chosen and rejected are scored in one
+forward pass."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import logging
 from collections import defaultdict
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from alignment.config import RewardModelConfig
 from alignment.losses import bradley_terry_loss
-from alignment.models import check_max_length, load_tokenizer, save_pretrained
+from alignment.models import check_max_length, load_tokenizer, model_config, save_pretrained
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def make_step(margin: float | None, center_coefficient: float):
     def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         half = rewards.shape[0] // 2
         losses, _ = bradley_terry_loss(rewards[:half], rewards[half:], margin, center_coefficient)
         # the same statistics as evaluation, per training batch (the loop averages them per logged window)
@@ -54,7 +56,9 @@ def evaluation(pairs: list[dict], examples: list[dict], pad, batch_size: int, cf
         chosen, rejected = [], []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
-            rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
+            rewards = sequence_rewards(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            ).cpu()
             half = rewards.shape[0] // 2
             chosen.append(rewards[:half])
             rejected.append(rewards[half:])
@@ -72,11 +76,18 @@ def evaluation(pairs: list[dict], examples: list[dict], pad, batch_size: int, cf
 
 
 def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    init = paths.sft if cfg.init_from == "sft" else cfg.init_from
+    init = paths.sft if cfg.init_from in ("sft", "model") else cfg.init_from
     tokenizer = load_tokenizer(init)
-    torch.manual_seed(cfg.train.seed)  # the fresh scalar head
-    model = load_reward_model(init)
+    torch.manual_seed(cfg.train.seed)  # the fresh scalar head (and body, for init_from: model)
+    if cfg.init_from == "model":
+        config = model_config(cfg.model, tokenizer)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+        init = f"a fresh {cfg.model.arch} ({cfg.model.n_layer} x {cfg.model.n_embd})"
+    else:
+        model = load_reward_model(init)
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.reward_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     check_max_length(cfg.max_length, model, "rm.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     logger.info("reward model from %s: %d train / %d eval pairs", init, len(train_pairs), len(eval_pairs))
