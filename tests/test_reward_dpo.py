@@ -1,18 +1,24 @@
 """Reward model and DPO on tiny models: the reward index, a separable pair set, DPO's step 0."""
 
+import copy
+import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from alignment.batching import collate, encode
-from alignment.config import DPOConfig, ModelConfig, TrainConfig
+from alignment.config import ConfigError, DPOConfig, ModelConfig, TrainConfig, parse_section
+from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.paths import Paths
 from alignment.preference import collate_pairs, count_pairs, encode_pair
-from alignment.reward import load_reward_model, sequence_rewards
+from alignment.reward import RewardScorer, load_reward_model, sequence_rewards
 from alignment.stages import dpo, rm
 from alignment.trainer import train
+from tests.conftest import MICRO_PARAMS
 
 GOOD = ["a wonderful film", "truly great acting", "I loved it", "superb and moving"]
 BAD = ["a dreadful film", "truly awful acting", "I hated it", "boring and dull"]
@@ -78,15 +84,13 @@ def test_mean_pooled_reward_is_the_mean_token_score_over_the_response(tiny_lm, t
         for row, e in enumerate(encoded):  # by hand: one row alone, its response positions only
             hidden = model.base_model(input_ids=torch.tensor([e["input_ids"]])).last_hidden_state
             scores = model.score(hidden).squeeze()
-            start = e["labels"].count(-100)
+            start = e["labels"].count(IGNORE_INDEX)
             assert start > 0 and e["input_ids"][-1] == tokenizer.eos_token_id
             assert got[row].item() == pytest.approx(scores[start:].mean().item(), abs=1e-5)
         with pytest.raises(ValueError, match="needs `labels`"):
             sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     # the mode travels with the saved model: a scorer loaded from disk pools the same way
     save_pretrained(model, tokenizer, tmp_path / "rm")
-    from alignment.reward import RewardScorer
-
     scorer = RewardScorer(tmp_path / "rm", max_length=32)
     assert scorer.model.config.reward_pooling == "mean"
     torch.testing.assert_close(scorer(PROMPTS, [" " + t for t in GOOD]), got, rtol=1e-4, atol=1e-5)
@@ -216,7 +220,6 @@ def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
 def test_min_gold_gap_drops_near_ties_from_training_only(tmp_path):
     from alignment.config import PreferenceData
     from alignment.data import write_jsonl
-    from alignment.paths import Paths
     from alignment.preference import load_pairs
 
     paths = Paths(tmp_path)
@@ -236,15 +239,6 @@ def test_min_gold_gap_drops_near_ties_from_training_only(tmp_path):
 
 
 def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream, tmp_path, monkeypatch):
-    import copy
-    import json
-    import shutil
-
-    from alignment.config import ConfigError, parse_section
-    from alignment.paths import Paths
-    from alignment.reward import RewardScorer
-    from tests.conftest import MICRO_PARAMS
-
     root = tmp_path / "project"
     shutil.copytree(upstream, root, symlinks=True)
     monkeypatch.chdir(root)
