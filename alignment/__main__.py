@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.stage == "dvc-yaml":
-        return write_dvc_yaml(Path("dvc.yaml"), args.check)
+        return write_dvc_yaml(Path(args.params), args.check)
     stage = registry.STAGES.get(args.stage)
     if stage is not None and (stage.foreach is not None) != (args.iteration is not None):
         parser.error(
@@ -168,8 +169,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_dvc_yaml(path: Path, check: bool) -> int:
-    text = registry.dvc_yaml()
+def write_dvc_yaml(params: Path, check: bool) -> int:
+    """dvc.yaml beside `params`: the project's (every stage) for ./params.yaml, a profile's (its
+    `pipeline.stages`, run in its folder, a DVC subrepo) for a params file in a folder of its own
+    (configs/<profile>/)."""
+    folder = params.resolve().parent
+    path = folder / "dvc.yaml"
+    if folder == Path.cwd().resolve():
+        text = registry.dvc_yaml()
+    else:
+        stages = [s.split("@")[0] for s in load_section("pipeline", str(params)).stages]
+        root = os.path.relpath(Path.cwd(), folder)
+        relative = folder.relative_to(Path.cwd().resolve()).as_posix()
+        text = registry.PROFILE_HEADER.format(params=params, folder=relative) + registry.dvc_yaml(
+            stages, root
+        )
+        if not check and not (folder / ".dvc").is_dir():  # a DVC subrepo: apart from the project's DAG
+            subprocess.run(["dvc", "init", "--subdir", "-q"], cwd=folder, check=True)
     if check:
         if path.exists() and path.read_text() == text:
             print(f"{path}: up to date")
@@ -177,7 +193,7 @@ def write_dvc_yaml(path: Path, check: bool) -> int:
         print(f"{path}: differs from the registry; run `python -m alignment dvc-yaml`", file=sys.stderr)
         return 1
     path.write_text(text)
-    print(f"{path}: written from alignment/registry.py ({len(registry.STAGES)} stages)")
+    print(f"{path}: written from alignment/registry.py")
     return 0
 
 

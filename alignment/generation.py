@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.batching import prompt_ids
+
 
 def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
     """The seed of sample `index` of `prompt`: a function of (seed, prompt, index) alone, so a sample does
@@ -62,8 +64,9 @@ def generate_ids(
     """(prompt ids, response ids) per prompt, exactly as sampled: the response ends with EOS when the
     model emitted one (it is part of the sample's probability) and is cut at max_new_tokens otherwise.
 
-    Prompts are left-padded so that every row's next token sits at the last position; a prompt
-    longer than `max_prompt_tokens` keeps its last tokens (the latest dialogue turns).
+    Prompts are tokenized as every stage tokenizes them (`batching.prompt_ids`) and left-padded so that
+    every row's next token sits at the last position; a prompt longer than `max_prompt_tokens` keeps its
+    last tokens (the latest dialogue turns).
     temperature 0 means greedy decoding. With `seeds` (one per prompt) each row draws from its own
     generator, so a prompt's sample does not depend on which prompts share its batch (what lets the
     evaluation cache generations per prompt); without, rows share the global torch RNG.
@@ -81,13 +84,11 @@ def generate_ids(
     out: list[tuple[list[int], list[int]]] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                prompts[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=limit,
-            ).to(device)
+            batch = left_padded(
+                [prompt_ids(tokenizer, p)[-limit:] for p in prompts[start : start + batch_size]],
+                tokenizer.pad_token_id,
+                device,
+            )
             mask = batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             step = model(
@@ -130,6 +131,20 @@ def generate_ids(
         model.train(was_training)
         tokenizer.padding_side, tokenizer.truncation_side = sides
     return out
+
+
+def left_padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Prompts left-padded to one width, so that every row's next token sits at the last position."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def ended(tokenizer: PreTrainedTokenizerBase, samples: list[tuple[list[int], list[int]]]) -> list[bool]:
+    """Per sample of `generate_ids`, whether the model finished it (emitted EOS) rather than being cut at
+    max_new_tokens: what tells a reward model or a trainer to close the response with EOS."""
+    return [bool(response) and response[-1] == tokenizer.eos_token_id for _, response in samples]
 
 
 def generate(

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from alignment import checkpoint
 from alignment.batching import as_example, collate
 from alignment.config import GroupRLConfig, OptimizerConfig
-from alignment.generation import decode_responses, generate_ids, prompt_seed
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.group_rl_loss import group_zero_std, sequence_kl
 from alignment.heldout import evaluating
 from alignment.losses import token_logps
@@ -121,7 +121,8 @@ def make_experience(
     batch = {key: value.to(where) for key, value in batch.items()}
 
     # step 2. score every completion
-    scores = torch.as_tensor(np.asarray(reward(expanded, decode_responses(tokenizer, drawn))))
+    scores = reward(expanded, decode_responses(tokenizer, drawn), ended(tokenizer, drawn))
+    scores = torch.as_tensor(np.asarray(scores))
     scores = scores.float().to(where)
 
     # step 3. log-probs under the sampling policy (no dropout) and, for a KL term, the reference
@@ -135,13 +136,13 @@ def make_experience(
     advantages = method.advantages(groups, None if kl is None else kl.view(-1, k)).flatten()
 
     lengths = torch.tensor([len(r) for _, r in drawn], dtype=torch.float)
-    ended = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for _, r in drawn], dtype=torch.float)
+    has_eos = torch.tensor(ended(tokenizer, drawn), dtype=torch.float)
     stats = {
         "reward": scores.mean().item(),
         "reward_std": groups.std(dim=1).mean().item(),
         "frac_reward_zero_std": group_zero_std(groups).float().mean().item(),
         "completions/mean_length": lengths.mean().item(),
-        "completions/clipped_ratio": 1.0 - ended.mean().item(),  # cut at max_new_tokens, no EOS
+        "completions/clipped_ratio": 1.0 - has_eos.mean().item(),  # cut at max_new_tokens, no EOS
     }
     if kl is not None:
         stats["objective/kl"] = kl.mean().item()  # k1 KL(policy || SFT) of the batch's samples
@@ -277,7 +278,7 @@ def run_stage(
 ) -> dict[str, float]:
     """A GRPO or RLOO stage from the SFT policy, in numbered steps; `settings` describes the method's
     knobs in the log line."""
-    from alignment.models import check_max_length, save_pretrained
+    from alignment.models import check_max_length
     from alignment.prompts import load_prompts
     from alignment.registry import fingerprint
     from alignment.results import finish
@@ -286,15 +287,16 @@ def run_stage(
         load_policy_and_reference,
         log_held_out,
         reward_scorer,
+        save_model,
     )
 
     # step 1. policy, reference, rewards
     label = name.upper()
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
     check_max_length(cfg.max_length, policy, f"{name}.max_length")
     rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
     policy, reference = policy.to(device(cfg.train)), reference.to(device(cfg.train))
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     logger.info(
         "%s: %d batches of %d prompts x %d samples, %d iteration(s), %s, reward %s",
         label,
@@ -323,7 +325,7 @@ def run_stage(
 
     # step 3. save, then policy vs SFT on held-out prompts
     out = paths.out(name)
-    save_pretrained(policy, tokenizer, out)
+    save_model(policy, tokenizer, out, cfg.lora)
     held_out, rows = compare_on_held_out(
         policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
     )

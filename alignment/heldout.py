@@ -12,7 +12,7 @@ import torch
 
 from alignment.batching import collate
 from alignment.config import SampleConfig
-from alignment.generation import decode_responses, generate_ids
+from alignment.generation import decode_responses, ended, generate_ids
 from alignment.judging import bootstrap_ci
 from alignment.losses import IGNORE_INDEX, sequence_logps
 
@@ -98,7 +98,7 @@ def compare_to_sft(
     policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int, judges: dict
 ) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on the same prompts. `judges` maps a name ("gold", "rm") to a function
-    (prompts, responses) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
+    (prompts, responses, finished) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
     `<name>/win_rate_vs_sft`, the policy's two with 95% bootstrap intervals over the prompts
     (`..._ci_low`, `..._ci_high`). `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
     policy's sampled ids, `objective/kl_se` its standard error; `length/mean_tokens` and
@@ -112,6 +112,7 @@ def compare_to_sft(
             )
         )
     policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
+    policy_finished, sft_finished = (ended(tokenizer, ids) for ids in drawn)
     kl = kl_to_reference(policy, reference, drawn[0])
     metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
     for name, ids in (("length/mean_tokens", drawn[0]), ("length/sft_mean_tokens", drawn[1])):
@@ -121,8 +122,8 @@ def compare_to_sft(
         for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)
     ]
     for name, judge in judges.items():
-        policy_scores = np.asarray(judge(prompts, policy_responses), dtype=float)
-        sft_scores = np.asarray(judge(prompts, sft_responses), dtype=float)
+        policy_scores = np.asarray(judge(prompts, policy_responses, policy_finished), dtype=float)
+        sft_scores = np.asarray(judge(prompts, sft_responses, sft_finished), dtype=float)
         metrics |= judge_summary(name, policy_scores, sft_scores, seed)
         for row, s, t in zip(rows, policy_scores, sft_scores):
             row |= {f"policy_{name}": float(s), f"sft_{name}": float(t)}

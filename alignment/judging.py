@@ -49,31 +49,45 @@ class Judge(Protocol):
         """What produced the verdicts (kind, model, template and its hash), recorded with the results."""
 
     def compare(
-        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str]
-    ) -> Judgement: ...
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        references: Sequence[str],
+        finished: tuple[Sequence[bool], Sequence[bool]] | None = None,
+    ) -> Judgement:
+        """`finished`: (responses', references') flags, true for a complete answer (a sample that ended
+        with EOS), false for one cut at a length limit; None: all complete."""
 
 
 class ScalarJudge:
-    """Win if score(model response) > score(reference response). Scores are remembered per (prompt,
-    response): the references, compared with every model, and best-of-n's picks are scored once."""
+    """Win if score(model response) > score(reference response). `score(prompts, responses, finished)`;
+    scores are remembered per (prompt, response, finished): the references, compared with every model,
+    and best-of-n's picks are scored once."""
 
-    def __init__(self, name: str, score: Callable[[list[str], list[str]], Sequence[float]], identity: dict):
+    def __init__(
+        self, name: str, score: Callable[[list[str], list[str], list[bool]], Sequence[float]], identity: dict
+    ):
         self.name, self.score, self._identity = name, score, identity
-        self._known: dict[tuple[str, str], float] = {}
+        self._known: dict[tuple[str, str, bool], float] = {}
 
     def identity(self) -> dict:
         return {"kind": "scalar", **self._identity}
 
-    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        pairs = list(zip(prompts, responses))
-        new = list(dict.fromkeys(pair for pair in pairs if pair not in self._known))
+    def scores(
+        self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> np.ndarray:
+        finished = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
+        keys = list(zip(prompts, responses, finished))
+        new = list(dict.fromkeys(key for key in keys if key not in self._known))
         if new:
-            values = np.asarray(self.score([p for p, _ in new], [r for _, r in new]), dtype=float)
+            values = np.asarray(self.score(*(list(column) for column in zip(*new))), dtype=float)
             self._known |= dict(zip(new, values.tolist()))
-        return np.array([self._known[pair] for pair in pairs], dtype=float)
+        return np.array([self._known[key] for key in keys], dtype=float)
 
-    def compare(self, prompts, responses, references) -> Judgement:
-        ours, theirs = self.scores(prompts, responses), self.scores(prompts, references)
+    def compare(self, prompts, responses, references, finished=None) -> Judgement:
+        ours_finished, theirs_finished = finished if finished is not None else (None, None)
+        ours = self.scores(prompts, responses, ours_finished)
+        theirs = self.scores(prompts, references, theirs_finished)
         return Judgement(np.sign(ours - theirs), ours, theirs)
 
 
@@ -177,7 +191,8 @@ class PairwiseJudge:
             pending = [i for i in pending if verdicts[i] is None]
         return verdicts, asks
 
-    def compare(self, prompts, responses, references) -> Judgement:
+    def compare(self, prompts, responses, references, finished=None) -> Judgement:
+        """`finished` is not used: the judge reads the texts, which show where an answer was cut."""
         as_a, asks_a = self.verdicts(prompts, responses, references)
         as_b, asks_b = self.verdicts(prompts, references, responses)
         outcomes = np.array([combine(a, b) for a, b in zip(as_a, as_b)], dtype=float)

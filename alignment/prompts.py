@@ -7,21 +7,25 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from alignment.data import DataError, read_jsonl
+from alignment.chat import Prompt, check_messages, render_prompt
+from alignment.data import DataError, prompt_key, read_jsonl
 from alignment.paths import Paths
 
 
-def load_prompts(paths: Paths, split: str, source: str, limit: int) -> list[str]:
-    """The first `limit` prompts of `split` ("train", "eval", "test") whose `source` matches."""
+def load_prompts(paths: Paths, split: str, source: str, limit: int, tokenizer) -> list[str]:
+    """The first `limit` prompts of `split` ("train", "eval", "test") whose `source` matches, rendered
+    for `tokenizer` (a conversation through its chat template, chat.render_prompt)."""
     path = paths.data / f"prompts_{split}.jsonl"
-    prompts = [r["prompt"] for r in read_jsonl(path) if r["source"] == source][:limit]
+    rows = [r["prompt"] for r in read_jsonl(path) if r["source"] == source][:limit]
+    prompts = [render_prompt(tokenizer, prompt) for prompt in rows]
     if not prompts:
         raise ValueError(f"{path}: no prompts with source {source!r}")
     return prompts
 
 
-def load_incoming(folder: str | Path) -> tuple[list[str], dict[str, int]]:
-    """New prompts dropped into `folder`: `*.jsonl` rows with a `prompt` string, `*.txt` one per line;
+def load_incoming(folder: str | Path) -> tuple[list[Prompt], dict[str, int]]:
+    """New prompts dropped into `folder`: `*.jsonl` rows with a `prompt` (text, or a conversation as a list
+    of messages), `*.txt` one per line;
     other files (a README) are ignored. Returns the distinct prompts in file-name order and what was
     skipped, by reason. A line that is not JSON raises DataError naming the file and line."""
     prompts, skipped, seen = [], Counter(), set()
@@ -43,12 +47,17 @@ def load_incoming(folder: str | Path) -> tuple[list[str], dict[str, int]]:
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
                 prompt = row.get("prompt") if isinstance(row, dict) else None
-                if not isinstance(prompt, str) or not prompt.strip():
-                    skipped["no `prompt` string"] += 1
+                if isinstance(prompt, list):
+                    try:
+                        prompt = check_messages(prompt, f"{path}, line {number}")
+                    except ValueError as error:
+                        raise DataError(str(error)) from None
+                elif not isinstance(prompt, str) or not prompt.strip():
+                    skipped["no `prompt` string or messages"] += 1
                     continue
-            if prompt in seen:
+            if prompt_key(prompt) in seen:
                 skipped["duplicate"] += 1
                 continue
-            seen.add(prompt)
+            seen.add(prompt_key(prompt))
             prompts.append(prompt)
     return prompts, dict(skipped)

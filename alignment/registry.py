@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,18 +386,21 @@ class _Entry:
     plots: list = field(default_factory=list)
 
 
-def dvc_stage(stage: Stage) -> dict:
-    """The dvc.yaml entry of one stage."""
+def dvc_stage(stage: Stage, selected: Sequence[str] | None = None, root: str = "") -> dict:
+    """The dvc.yaml entry of one stage. For a profile's dvc.yaml (a folder of its own below the project,
+    `root` the way back up, e.g. `../..`), the code and data deps are paths from the profile's folder,
+    its outputs stay in that folder, and it reads only the `selected` stages' outputs."""
     key = "${key}" if stage.foreach else ""
+    up = (lambda path: f"{root}/{path}") if root else (lambda path: path)
+    reads = [s for s in stage.reads if selected is None or s in selected]
     entry: dict[str, Any] = {}
     if stage.desc:
         entry["desc"] = stage.desc
     entry["cmd"] = f"python -m alignment {stage.name}" + (f" --iteration {key}" if stage.foreach else "")
     deps = (
-        code_deps(stage.module)
-        + list(stage.data)
-        + [STAGES[s].output for s in stage.reads]
-        + list(stage.extra_deps)
+        [up(path) for path in code_deps(stage.module) + list(stage.data)]
+        + [STAGES[s].output for s in reads]
+        + [up(path) if path.startswith("data/") else path for path in stage.extra_deps]
     )
     entry["deps"] = list(dict.fromkeys(deps))
     entry["params"] = [stage.params_section]
@@ -424,8 +428,17 @@ HEADER = """\
 """
 
 
-def dvc_yaml() -> str:
-    """dvc.yaml as text: every stage of the registry, then the multi-curve plots."""
+PROFILE_HEADER = """\
+# GENERATED from alignment/registry.py by `python -m alignment dvc-yaml --params {params}`: the stages of
+# this profile's `pipeline.stages`, run in this folder on the project's code. The folder is a DVC subrepo
+# (`dvc init --subdir`): its outputs, metrics, dvc.lock and cache stay here, and the project's `dvc status`
+# and `dvc repro` never see them. Run it with `cd {folder} && dvc repro`.
+"""
+
+
+def dvc_yaml(stages: Sequence[str] | None = None, root: str = "") -> str:
+    """dvc.yaml as text: every stage of the registry, then the multi-curve plots; or, for a profile,
+    only `stages` (from its `pipeline.stages`), from a folder `root` below the project root."""
     import io
 
     from ruamel.yaml import YAML
@@ -434,5 +447,14 @@ def dvc_yaml() -> str:
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 4096
     out = io.StringIO()
-    yaml.dump({"stages": {name: dvc_stage(stage) for name, stage in STAGES.items()}, "plots": PLOTS}, out)
-    return HEADER + out.getvalue()
+    chosen = {name: stage for name, stage in STAGES.items() if stages is None or name in stages}
+    entries = {name: dvc_stage(stage, stages, root) for name, stage in chosen.items()}
+    plots = PLOTS if stages is None else [p for p in PLOTS if _plot_stages(p) <= set(chosen)]
+    yaml.dump({"stages": entries, "plots": plots}, out)
+    return out.getvalue() if stages is not None else HEADER + out.getvalue()
+
+
+def _plot_stages(plot: dict) -> set[str]:
+    """The stages whose csvs a top-level plot draws (`plots/<stage>/...`)."""
+    (spec,) = plot.values()
+    return {file.split("/")[1] for file in spec["y"]}

@@ -3,21 +3,21 @@ reward model) or averaged over the response's tokens (`pooling: mean`, kept in t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from alignment.batching import collate, encode
 from alignment.losses import IGNORE_INDEX, gather_last
-from alignment.models import load_tokenizer
+from alignment.models import load_sequence_classifier, load_tokenizer
 
 
 def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A sequence-classification model with one output; a causal-LM checkpoint gets a fresh head."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code
-    )
+    """A sequence-classification model with one output; a causal-LM checkpoint gets a fresh head; a LoRA
+    adapter folder loads with its adapter and head merged in."""
+    model = load_sequence_classifier(name_or_path, trust_remote_code)
     if not hasattr(model, "score"):
         raise ValueError(
             f"{name_or_path}: {type(model).__name__} has no `score` head; use a decoder-only model"
@@ -51,6 +51,8 @@ def sequence_rewards(
     and its EOS, as `batching.encode` builds them), so the prompt, which chosen and rejected share,
     does not dilute the comparison; it needs `labels`.
     """
+    # a LoRA reward model (peft wrapper): its parts are those of the transformers model inside
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     scores = model.score(hidden).squeeze(-1).float()
     if pooling(model) == "last":
@@ -72,8 +74,16 @@ class RewardScorer:
         self.pad = collate(self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        encoded = [encode(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+    def __call__(self, prompts: list[str], responses: list[str], finished: Sequence[bool]) -> torch.Tensor:
+        """(N,) rewards of the (rendered) prompts and responses. `finished[i]`: response i is complete (a
+        data set's answer, or a sample that ended with EOS, `generation.ended`) and is scored closed
+        with EOS; a sample cut at max_new_tokens is scored as it is, so the reward model sees the cut."""
+        if not len(prompts) == len(responses) == len(finished):
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(finished)} flags")
+        encoded = [
+            encode(self.tokenizer, p, r, self.max_length, bool(f))
+            for p, r, f in zip(prompts, responses, finished)
+        ]
         scores = []
         for start in range(0, len(encoded), self.batch_size):
             batch = self.pad(encoded[start : start + self.batch_size])

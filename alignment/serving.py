@@ -23,7 +23,8 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
 
 
 class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
-    """`predict({"prompt": [...], "response": [...]})` -> one scalar reward per row."""
+    """`predict({"prompt": [...], "response": [...]})` -> one scalar reward per row. Responses are scored as
+    complete answers (closed with EOS) unless a `finished` column says which were cut off."""
 
     def load_context(self, context) -> None:
         from alignment.reward import RewardScorer
@@ -31,7 +32,10 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
         self.scorer = RewardScorer(context.artifacts["hf_model"])
 
     def predict(self, context, model_input, params: dict | None = None) -> list[float]:
-        return self.scorer(list(model_input["prompt"]), list(model_input["response"])).tolist()
+        prompts, responses = list(model_input["prompt"]), list(model_input["response"])
+        has_flags = "finished" in (model_input.columns if hasattr(model_input, "columns") else model_input)
+        finished = list(model_input["finished"]) if has_flags else [True] * len(prompts)
+        return self.scorer(prompts, responses, finished).tolist()
 
 
 PYFUNCS = {"causal_lm": CausalLMPyfunc, "reward": RewardModelPyfunc}

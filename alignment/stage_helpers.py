@@ -14,13 +14,32 @@ from alignment.paths import Paths
 logger = logging.getLogger(__name__)
 
 
-def load_policy_and_reference(path: Path):
+def load_policy_and_reference(path: Path, lora=None):
     """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
-    mode (no dropout, no gradients)."""
+    mode (no dropout, no gradients); with `lora` (a LoraConfig), one copy: the policy is the model with a
+    fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`)."""
     from alignment.models import load_causal_lm, load_tokenizer
 
+    if lora is not None:
+        from alignment.lora import AdapterDisabled, add_adapter
+
+        policy = add_adapter(load_causal_lm(path), lora)
+        return load_tokenizer(path), policy, AdapterDisabled(policy)
     reference = load_causal_lm(path).eval().requires_grad_(False)
     return load_tokenizer(path), load_causal_lm(path), reference
+
+
+def save_model(model, tokenizer, out: Path, lora=None) -> None:
+    """A trained model as every later stage loads it: safetensors and tokenizer, or with `lora` the
+    adapter alone (and the merged model too with `lora.merge_on_save`)."""
+    if lora is None:
+        from alignment.models import save_pretrained
+
+        save_pretrained(model, tokenizer, out)
+    else:
+        from alignment.lora import save_adapter
+
+        save_adapter(model, tokenizer, out, merge=lora.merge_on_save)
 
 
 def reward_model_path(paths: Paths, name: str) -> Path:
@@ -34,16 +53,18 @@ def reward_scorer(paths: Paths, name: str, max_length: int):
     return RewardScorer(reward_model_path(paths, name), max_length=max_length)
 
 
-def held_out_judges(paths: Paths, reward) -> dict:
-    """The judges every policy stage compares with SFT by: the gold scorer (the held-out judge of the IMDb
-    task, which nothing trains against) on prompt + response, and the reward model (the proxy)."""
-    from alignment.gold import GoldScorer
+def held_out_judges(paths: Paths, reward, source: str = "imdb") -> dict:
+    """The judges every policy stage compares with SFT by, each (prompts, responses, finished) -> scores:
+    on the IMDb task the gold scorer (its held-out judge, which nothing trains against) on prompt +
+    response; always the reward model (the proxy), which closes finished responses with EOS. Other
+    tasks (HH dialogue) have no gold: the evaluate stage's LLM judge is their held-out judge."""
+    judges = {"rm": lambda p, r, f: reward(p, r, f).numpy()}
+    if source == "imdb":
+        from alignment.gold import GoldScorer
 
-    gold = GoldScorer.load(paths.gold)
-    return {
-        "gold": lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
-        "rm": lambda p, r: reward(p, r).numpy(),
-    }
+        gold = GoldScorer.load(paths.gold)
+        judges = {"gold": lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)])} | judges
+    return judges
 
 
 def compare_on_held_out(
@@ -62,9 +83,9 @@ def compare_on_held_out(
     from alignment.heldout import compare_to_sft
     from alignment.prompts import load_prompts
 
-    prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts)
+    prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
     metrics, rows = compare_to_sft(
-        policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward)
+        policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward, cfg.source)
     )
     if out is not None:
         write_jsonl(out / "held_out_generations.jsonl", rows)
@@ -72,12 +93,14 @@ def compare_on_held_out(
 
 
 def log_held_out(name: str, metrics: dict[str, float]) -> None:
+    judges = [j for j in ("gold", "rm") if f"{j}/reward" in metrics]
     logger.info(
-        "held-out: gold reward %s %.3f vs SFT %.3f (win rate %.2f), RM win rate %.2f, KL %.2f nats",
+        "held-out %s: %s; KL %.2f nats",
         name,
-        metrics["gold/reward"],
-        metrics["gold/sft_reward"],
-        metrics["gold/win_rate_vs_sft"],
-        metrics["rm/win_rate_vs_sft"],
+        ", ".join(
+            f"{j} reward {metrics[f'{j}/reward']:.3f} vs SFT {metrics[f'{j}/sft_reward']:.3f} "
+            f"(win rate {metrics[f'{j}/win_rate_vs_sft']:.2f})"
+            for j in judges
+        ),
         metrics["objective/kl"],
     )

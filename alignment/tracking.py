@@ -9,6 +9,7 @@ the CLI, a bare `dvc repro`) is a top-level run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -63,11 +64,12 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(adapter: bool = False) -> list[str]:
     # pinned from what is installed, without MLflow's slow (and network-hungry) inference
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "mlflow")]
+    names = ("torch", "transformers", "safetensors", "mlflow") + (("peft",) if adapter else ())
+    return [f"{name}=={version(name)}" for name in names]
 
 
 def _is_secret(key: str) -> bool:
@@ -132,19 +134,23 @@ class Tracker:
         The MLflow model is a pyfunc around the folder (`predict` generates continuations for a
         causal LM, returns scores for a reward model given `prompt` and `response` columns), so it
         loads with `mlflow.pyfunc.load_model("models:/<name>/<version>")`; the HF folder itself comes
-        back with `load_registered_model`.
+        back with `load_registered_model`. A LoRA adapter folder is registered as it is, without its base
+        model: the run's `lora_base_model` tag names the base, which must be reachable where it loads.
         """
         from alignment.serving import PYFUNCS
 
+        adapter_config = Path(model_dir) / "adapter_config.json"  # alignment.models.ADAPTER_CONFIG
         info = self._mlflow.pyfunc.log_model(
             name="model",
             python_model=PYFUNCS[kind](),
             artifacts={HF_ARTIFACT: str(model_dir)},
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(adapter=adapter_config.is_file()),
             registered_model_name=name,
         )
         version = str(info.registered_model_version)
         self.tags({"registered_model": f"{name}/{version}"})  # the run says which version it made
+        if adapter_config.is_file():
+            self.tags({"lora_base_model": json.loads(adapter_config.read_text())["base_model_name_or_path"]})
         return version
 
 
@@ -217,7 +223,9 @@ def pipeline_run(
 
 
 def load_registered_model(name: str, version: str | None = None, alias: str | None = None) -> Path:
-    """Download a registered model (latest version unless `version` or `alias` given) to a local folder."""
+    """Download a registered model (latest version unless `version` or `alias` given) to a local folder.
+    A LoRA adapter comes back alone; `load_causal_lm` on it finds a relative base from the working
+    directory (the project root) or, once copied into the project, from the folder's own place."""
     mlflow = _mlflow()
     if alias:
         uri = f"models:/{name}@{alias}"

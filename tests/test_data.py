@@ -5,12 +5,14 @@ import json
 
 import pytest
 
+from alignment.chat import render_prompt
 from alignment.config import PrepareConfig, Source
 from alignment.data import (
     DataError,
     clean_review,
     normalise,
     prepare,
+    prompt_key,
     read_rows,
     split_hh_transcript,
     split_words,
@@ -48,8 +50,11 @@ def test_real_hh_pairs_without_a_shared_prompt_are_dropped_and_counted():
     assert len(multi_turn) > 500  # multi-turn dialogue survives whole
     records, _ = normalise(HH_SOURCE, multi_turn[0], max_chars=10**9)
     pair = records["preference"]
-    assert pair["prompt"] + pair["chosen"] == multi_turn[0]["chosen"]
-    assert pair["prompt"] + pair["rejected"] == multi_turn[0]["rejected"]
+    # the prompt is the dialogue as messages; in the HH format (a tokenizer without a chat template) it
+    # is the transcript again, and the reply keeps its leading space
+    assert [m["role"] for m in pair["prompt"]][-2:] == ["assistant", "user"]
+    assert render_prompt(None, pair["prompt"]) + pair["chosen"] == multi_turn[0]["chosen"]
+    assert render_prompt(None, pair["prompt"]) + pair["rejected"] == multi_turn[0]["rejected"]
 
 
 @pytest.mark.parametrize(
@@ -89,7 +94,7 @@ def test_prepare_is_deterministic_and_splits_share_no_prompt():
     second, _ = prepare(cfg)
     assert first == second
     for schema, splits in first.items():
-        prompts = {split: {row["prompt"] for row in rows} for split, rows in splits.items()}
+        prompts = {split: {prompt_key(row["prompt"]) for row in rows} for split, rows in splits.items()}
         assert not prompts["train"] & prompts["eval"] and not prompts["train"] & prompts["test"]
         assert not prompts["eval"] & prompts["test"]
         assert all(rows for rows in splits.values()), schema

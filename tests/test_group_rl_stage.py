@@ -48,7 +48,7 @@ def load(folder):
     return load_causal_lm(folder), load_causal_lm(folder).eval().requires_grad_(False)
 
 
-def count_great(prompts, texts):
+def count_great(prompts, texts, finished):
     return torch.tensor([float(t.split().count("great")) for t in texts])
 
 
@@ -127,7 +127,7 @@ def test_reward_gold_scores_with_the_gold_scorer(upstream):
     reward = group_rl.reward_function(cfg, paths, rm=None)
     prompts, responses = ["The film was", "I thought"], [" great, wonderful", " awful and dull"]
     expected = GoldScorer.load(paths.gold).reward([p + r for p, r in zip(prompts, responses)])
-    np.testing.assert_allclose(reward(prompts, responses), expected)
+    np.testing.assert_allclose(reward(prompts, responses, [True] * len(prompts)), expected)
     assert parse_section("grpo", MICRO_PARAMS["grpo"]).reward == "rm"
 
 

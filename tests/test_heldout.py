@@ -118,7 +118,7 @@ def test_kl_scores_in_eval_mode_and_restores_training_mode():
 def test_compare_to_sft_texts_are_those_generate_draws_under_the_seed():
     policy, reference, tokenizer = tiny_gpt2(0), tiny_gpt2(1), word_tokenizer()
     prompts, decoding, seed = ["a", "a b", "b b a", "b"], SampleConfig(max_new_tokens=4, temperature=1.0), 7
-    judges = {"length": lambda p, r: [len(t) for t in r]}
+    judges = {"length": lambda p, r, f: [len(t) for t in r]}
     metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, decoding, seed, judges)
     for model, column in ((policy, "policy"), (reference, "sft")):
         torch.manual_seed(seed)

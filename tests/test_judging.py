@@ -109,7 +109,7 @@ def test_position_stats():
 
 
 def test_scalar_judge_compares_scores():
-    judge = ScalarJudge("len", lambda prompts, responses: [len(r) for r in responses], {"model": "length"})
+    judge = ScalarJudge("len", lambda prompts, responses, _: [len(r) for r in responses], {"model": "length"})
     judgement = judge.compare(["p"] * 3, ["long answer", "ab", "xy"], ["short", "abc", "zw"])
     assert judgement.outcomes.tolist() == [WIN, LOSS, TIE]
     assert judgement.scores.tolist() == [11, 2, 2] and judge.identity()["kind"] == "scalar"

@@ -118,7 +118,7 @@ def test_judge_model_reports_lc_next_to_each_win_rate():
     """A scalar judge that scores characters: the model's answers are longer on 3 of 4 prompts and win
     there. judge_model adds `<judge>/lc_win_rate` from the token lengths it is given, on the prompts the
     judge's limit keeps; the EOS is not counted (the first sample: 5 tokens, EOS included, is 4)."""
-    judge = ScalarJudge("chars", lambda prompts, responses: [len(r) for r in responses], {})
+    judge = ScalarJudge("chars", lambda prompts, responses, finished: [len(r) for r in responses], {})
     samples = Samples(
         ["aaaa", "bbbbbb", "cc", "dddddd"], np.array([5, 6, 2, 6]), np.array([1, 0, 0, 0], bool), []
     )

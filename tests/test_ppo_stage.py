@@ -39,7 +39,7 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
     reference = type(model).from_pretrained(tmp_path / "lm").eval().requires_grad_(False)
     critic = load_reward_model(tmp_path / "lm")
 
-    def reward(prompts, texts):
+    def reward(prompts, texts, finished):
         return torch.tensor([float(t.split().count("great")) for t in texts])
 
     cfg = parse_section(
@@ -93,7 +93,7 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
     critic = ppo.PolicyValueHead(policy)
     assert critic.base_model is policy.base_model
 
-    def reward(prompts, texts):
+    def reward(prompts, texts, finished):
         return torch.tensor([float(len(t)) / 10 for t in texts])
 
     cfg = parse_section(

@@ -183,7 +183,7 @@ def test_incoming_prompts_are_read_and_bad_rows_counted(tmp_path):
     (tmp_path / "README.md").write_text("ignored")
     prompts, skipped = load_incoming(tmp_path)
     assert prompts == ["This movie", "I watched it"]
-    assert skipped == {"no `prompt` string": 1, "duplicate": 1}
+    assert skipped == {"no `prompt` string or messages": 1, "duplicate": 1}
     assert load_incoming(tmp_path / "missing") == ([], {})
     (tmp_path / "c.jsonl").write_text('{"prompt": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"c.jsonl, line 2"):
@@ -204,7 +204,8 @@ def rest_run(upstream, tmp_path_factory):
     incoming = root / "incoming"
     incoming.mkdir()
     (incoming / "new.txt").write_text("My favourite film of\nThe acting in this\n")
-    cfg = parse_section("rest", rest_params(incoming=str(incoming)))
+    # a guard that never stops these micro iterations (the guard has tests of its own above)
+    cfg = parse_section("rest", rest_params(incoming=str(incoming), guard={"tolerance": 10.0}))
     paths = Paths(root)
     metrics = [rest_iter.run(cfg, paths, None, iteration=k) for k in (1, 2)]
     return cfg, paths, metrics, rest.run(cfg, paths, None)
@@ -293,6 +294,7 @@ def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
         "rm/reward": report["history"][0]["rm/reward"] + 1.0,
         "gold/reward": report["history"][0]["gold/reward"] - 0.2,
     }
+    cfg = cfg.model_copy(update={"guard": GuardConfig()})  # the fixture's guard never stops
     report["stopped"] = guard(report["history"], cfg.guard)
     assert report["stopped"]
     report_path.write_text(json.dumps(report))

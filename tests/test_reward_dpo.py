@@ -44,7 +44,7 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_lm):
     path, tokenizer = tiny_lm
     model = load_reward_model(path).eval()
     texts = [(p, " " + t) for p, t in zip(PROMPTS, GOOD)]
-    encoded = [encode(tokenizer, p, r, 32) for p, r in texts]  # ends in EOS == pad
+    encoded = [encode(tokenizer, p, r, 32, finished=True) for p, r in texts]  # ends in EOS == pad
     alone = torch.stack(
         [
             sequence_rewards(
@@ -77,7 +77,7 @@ def test_mean_pooled_reward_is_the_mean_token_score_over_the_response(tiny_lm, t
     path, tokenizer = tiny_lm
     model = load_reward_model(path).eval()
     model.config.reward_pooling = "mean"
-    encoded = [encode(tokenizer, p, " " + t, 32) for p, t in zip(PROMPTS, GOOD)]
+    encoded = [encode(tokenizer, p, " " + t, 32, finished=True) for p, t in zip(PROMPTS, GOOD)]
     batch = collate(tokenizer.pad_token_id)(encoded)
     with torch.no_grad():
         got = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -93,7 +93,8 @@ def test_mean_pooled_reward_is_the_mean_token_score_over_the_response(tiny_lm, t
     save_pretrained(model, tokenizer, tmp_path / "rm")
     scorer = RewardScorer(tmp_path / "rm", max_length=32)
     assert scorer.model.config.reward_pooling == "mean"
-    torch.testing.assert_close(scorer(PROMPTS, [" " + t for t in GOOD]), got, rtol=1e-4, atol=1e-5)
+    scored = scorer(PROMPTS, [" " + t for t in GOOD], [True] * len(GOOD))
+    torch.testing.assert_close(scored, got, rtol=1e-4, atol=1e-5)
     model.config.reward_pooling = "max"
     with pytest.raises(ValueError, match="reward_pooling 'max'"):
         sequence_rewards(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -256,5 +257,6 @@ def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream
     assert (config["n_layer"], config["n_embd"], config["reward_pooling"]) == (3, 48, "mean")
     sft = json.loads((root / "outputs" / "sft" / "config.json").read_text())
     assert sft["n_embd"] != 48 and config["vocab_size"] == sft["vocab_size"]  # its own body, SFT's tokens
-    scores = RewardScorer(root / "outputs" / "rm", max_length=64)(["A film", "A film"], [" good", " bad"])
+    scorer = RewardScorer(root / "outputs" / "rm", max_length=64)
+    scores = scorer(["A film", "A film"], [" good", " bad"], [True, False])
     assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -30,7 +30,7 @@ def tiny_model(tokenizer, dropout=0.0):
 
 
 def examples(tokenizer):
-    return [encode(tokenizer, p, r, max_length=64) for p, r in TEXTS]
+    return [encode(tokenizer, p, r, max_length=64, finished=True) for p, r in TEXTS]
 
 
 def run(tokenizer, cfg: TrainConfig, model=None, **kwargs):
@@ -49,7 +49,7 @@ def run(tokenizer, cfg: TrainConfig, model=None, **kwargs):
 
 def test_prompt_tokens_carry_no_loss(tokenizer):
     prompt, response = TEXTS[1]
-    example = encode(tokenizer, prompt, response, max_length=64)
+    example = encode(tokenizer, prompt, response, max_length=64, finished=True)
     n_prompt = len(tokenizer(prompt).input_ids)
     assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
@@ -59,7 +59,7 @@ def test_prompt_tokens_carry_no_loss(tokenizer):
 
 def test_overlong_examples_keep_the_latest_prompt_and_some_response(tokenizer):
     prompt, response = "\n\nHuman: " + "blah " * 100 + "\n\nAssistant:", " A reply."
-    example = encode(tokenizer, prompt, response, max_length=32)
+    example = encode(tokenizer, prompt, response, max_length=32, finished=True)
     assert len(example["input_ids"]) == 32
     assert tokenizer.decode(example["input_ids"]).endswith("Assistant: A reply.<|endoftext|>")
 

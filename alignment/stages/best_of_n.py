@@ -22,7 +22,7 @@ import numpy as np
 from alignment.config import BestOfNStageConfig
 from alignment.data import write_jsonl
 from alignment.evaluation import best_of, best_of_n_kl
-from alignment.generation import decode_responses, generate_ids, prompt_seed
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.heldout import judge_summary
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
@@ -50,17 +50,17 @@ def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int
 
 def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer, sft = load_tokenizer(paths.sft), load_causal_lm(paths.sft).eval()
-    judges = held_out_judges(paths, reward_scorer(paths, cfg.reward_model, cfg.max_length))
-    prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts)
+    judges = held_out_judges(paths, reward_scorer(paths, cfg.reward_model, cfg.max_length), cfg.source)
+    prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts, tokenizer)
     width = max(cfg.n) + 1  # the last sample of each prompt is the SFT comparison
     repeated = [p for p in prompts for _ in range(width)]
     seeds = [prompt_seed(cfg.seed, p, j) for p in prompts for j in range(width)]
     s = cfg.samples
     logger.info("best-of-n: %d SFT samples on %d held-out prompts", len(repeated), len(prompts))
     drawn = generate_ids(sft, tokenizer, repeated, s.max_new_tokens, s.temperature, s.top_p, seeds=seeds)
-    responses = decode_responses(tokenizer, drawn)
+    responses, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn)
     scores = {
-        name: np.asarray(judge(repeated, responses), dtype=float).reshape(len(prompts), width)
+        name: np.asarray(judge(repeated, responses, finished), dtype=float).reshape(len(prompts), width)
         for name, judge in judges.items()
     }
     lengths = np.array([len(r) for _, r in drawn], dtype=float).reshape(len(prompts), width)

@@ -23,9 +23,9 @@ import torch
 from alignment.batching import as_example, collate
 from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
-from alignment.generation import generate_ids
+from alignment.generation import decode_responses, ended, generate_ids
 from alignment.losses import sequence_logps
-from alignment.models import check_max_length, save_pretrained
+from alignment.models import check_max_length
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.prompts import load_prompts
@@ -37,6 +37,7 @@ from alignment.stage_helpers import (
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
+    save_model,
 )
 from alignment.tracking import Tracker
 from alignment.trainer import train, window_indices
@@ -101,8 +102,8 @@ class Sampler:
             if model is self.sft and cfg.temperature == 1.0
             else score_logps(self.sft, examples, self.pad).view(-1, k)
         )
-        texts = self.tokenizer.batch_decode([response for _, response in drawn], skip_special_tokens=True)
-        rewards = self.reward(expanded, texts).view(-1, k)
+        texts = decode_responses(self.tokenizer, drawn)
+        rewards = self.reward(expanded, texts, ended(self.tokenizer, drawn)).view(-1, k)
         for i in range(len(self.prompts)):
             store.prompt_ids[i] = drawn[i * k][0]  # as the model saw it (left-truncated if too long)
             for j, slot in enumerate(slots):
@@ -122,8 +123,8 @@ class Sampler:
                 baseline = generate_ids(
                     self.sft, self.tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.temperature
                 )
-            texts = self.tokenizer.batch_decode([r for _, r in baseline], skip_special_tokens=True)
-            store.baseline_rewards = self.reward(self.prompts, texts)
+            texts = decode_responses(self.tokenizer, baseline)
+            store.baseline_rewards = self.reward(self.prompts, texts, ended(self.tokenizer, baseline))
         return store
 
 
@@ -197,11 +198,11 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, sft = load_policy_and_reference(paths.sft)
+    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora)
     check_max_length(cfg.max_length, policy, "brain.max_length")
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
-    train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
-    eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10))
+    train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
+    eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10), tokenizer)
     fingerprint = registry_fingerprint("brain", cfg, paths.root)
     checkpoints = paths.checkpoints("brain")
     sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
@@ -263,7 +264,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         extra_state=(lambda: store_ref["store"].state_dict(), restore_store),
     )
     out = paths.out("brain")
-    save_pretrained(policy, tokenizer, out)
+    save_model(policy, tokenizer, out, cfg.lora)
 
     # step 4: policy vs SFT on held-out prompts
     held_out, rows = compare_on_held_out(policy, sft, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)

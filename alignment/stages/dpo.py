@@ -12,7 +12,7 @@ import torch
 
 from alignment.config import DPOConfig
 from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
-from alignment.models import check_max_length, save_pretrained
+from alignment.models import check_max_length
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
@@ -23,6 +23,7 @@ from alignment.stage_helpers import (
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
+    save_model,
 )
 from alignment.tracking import Tracker
 from alignment.trainer import train
@@ -120,7 +121,7 @@ def evaluation(examples: list[dict], pad, step, batch_size: int):
 
 
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
     check_max_length(cfg.max_length, policy, "dpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
@@ -152,7 +153,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log_metrics=log.metrics if log else None,
     )
     out = paths.out("dpo")
-    save_pretrained(policy, tokenizer, out)
+    save_model(policy, tokenizer, out, cfg.lora)
 
     reward = reward_scorer(paths, "rm", cfg.max_length)
     held_out, rows = compare_on_held_out(

@@ -58,7 +58,7 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
         judges.append(
             ScalarJudge(
                 "rm",
-                lambda p, r: scorer(p, r).numpy(),
+                lambda p, r, f: scorer(p, r, f).numpy(),
                 {"model": str(rm_path), "hash": hash_paths([rm_path])},
             )
         )
@@ -67,7 +67,7 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
         judges.append(
             ScalarJudge(
                 "gold",
-                lambda p, r: gold.reward([a + b for a, b in zip(p, r)]),
+                lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)]),
                 {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])},
             )
         )
@@ -92,9 +92,10 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
             f"{sorted(present)}"
         )
     tokenizer = load_tokenizer(present[reference_name])
-    prompts, references = held_out_references(
+    held_out = held_out_references(
         paths, cfg.source, cfg.split, cfg.prompts, tokenizer, cfg.reference_max_tokens
     )
+    prompts, references = held_out.prompts, held_out.responses
     reference_tokens = token_lengths(tokenizer, references)
     settings = {
         "max_new_tokens": cfg.samples.max_new_tokens,
@@ -151,6 +152,8 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
             cfg.bootstrap_resamples,
             cfg.seed,
             lengths=(content_tokens(first), reference_tokens),
+            finished=(first.ended, np.array(held_out.finished)),
+            questions=held_out.questions,
         )
         row = {
             "model": name,
@@ -177,7 +180,7 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
 
     if cfg.best_of_n.n:
         policy_samples = drawn[cfg.best_of_n.policy]
-        rows += best_of_n_rows(cfg, judges, policy_samples, prompts, references, reference_tokens, limits)
+        rows += best_of_n_rows(cfg, judges, policy_samples, held_out, reference_tokens, limits)
 
     for judge in judges:  # what a served judge cost: requests made, answers from the cache, retries, failures
         if hasattr(getattr(judge, "backend", None), "stats"):
@@ -185,15 +188,14 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     return report(cfg, paths, log, rows, per_prompt, identities, skipped, [j.name for j in judges])
 
 
-def best_of_n_rows(
-    cfg: EvaluateConfig, judges, samples, prompts, references, reference_tokens, limits
-) -> list[dict]:
+def best_of_n_rows(cfg: EvaluateConfig, judges, samples, held_out, reference_tokens, limits) -> list[dict]:
     """Best-of-n of the policy's samples, picked by the reward model (never by a judge it is scored by
     other than the RM itself, whose win rate is then optimistic by construction)."""
     rm = next((j for j in judges if j.name == "rm"), None)
     if rm is None:
         raise ValueError("evaluate.best_of_n needs the reward model (evaluate.reward_model)")
-    scores = np.stack([rm.scores(prompts, s.responses) for s in samples], axis=1)  # (prompts, N)
+    prompts, references = held_out.prompts, held_out.responses
+    scores = np.stack([rm.scores(prompts, s.responses, s.ended) for s in samples], axis=1)  # (prompts, N)
     rows = []
     for n in sorted(cfg.best_of_n.n):
         pick = best_of(scores, n)
@@ -211,6 +213,8 @@ def best_of_n_rows(
             cfg.bootstrap_resamples,
             cfg.seed,
             lengths=(content_tokens(picked), reference_tokens),
+            finished=(ended, np.array(held_out.finished)),
+            questions=held_out.questions,
         )
         rows.append(
             {

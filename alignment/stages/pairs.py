@@ -11,9 +11,10 @@ from itertools import combinations
 import numpy as np
 import torch
 
+from alignment.chat import render_prompt
 from alignment.config import PairsConfig
 from alignment.data import read_jsonl, write_jsonl
-from alignment.generation import generate
+from alignment.generation import decode_responses, ended, generate_ids
 from alignment.gold import GoldScorer
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
@@ -29,8 +30,12 @@ def label_pairs(
     rewards: list[float],
     temperature: float | None,
     rng: np.random.Generator,
+    finished: list[bool] | None = None,
 ) -> tuple[list[dict], Counter]:
-    """All pairs of one prompt's samples, labelled by reward; ties and empty responses skipped, counted."""
+    """All pairs of one prompt's samples, labelled by reward; ties and empty responses skipped, counted.
+    `finished[i]`: sample i ended with EOS (kept as `chosen_finished` / `rejected_finished`, so the RM
+    and DPO close only those with EOS); None: all finished."""
+    finished = [True] * len(responses) if finished is None else finished
     pairs, skipped = [], Counter()
     for i, j in combinations(range(len(responses)), 2):
         if not responses[i].strip() or not responses[j].strip():
@@ -49,6 +54,8 @@ def label_pairs(
                 "prompt": prompt,
                 "chosen": responses[w],
                 "rejected": responses[lose],
+                "chosen_finished": finished[w],
+                "rejected_finished": finished[lose],
                 "source": "imdb_pairs",
                 "chosen_gold": rewards[w],
                 "rejected_gold": rewards[lose],
@@ -65,7 +72,7 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     metrics: dict[str, float] = {}
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
         prompts = [
-            r["prompt"]
+            render_prompt(tokenizer, r["prompt"])
             for r in read_jsonl(paths.data / f"prompts_{split}.jsonl")
             if r["source"] == cfg.source
         ][:n]
@@ -75,7 +82,8 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             )
         k = cfg.samples_per_prompt
         expanded = [p for p in prompts for _ in range(k)]  # sample j of prompt i sits at i*k + j
-        responses = generate(model, tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
+        drawn = generate_ids(model, tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
+        responses, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn)
         rewards = gold.reward([p + r for p, r in zip(expanded, responses)]).tolist()
         pairs, skipped = [], Counter()
         for i, prompt in enumerate(prompts):
@@ -85,6 +93,7 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
                 rewards[i * k : (i + 1) * k],
                 cfg.label_temperature,
                 rng,
+                finished[i * k : (i + 1) * k],
             )
             pairs += got
             skipped += why

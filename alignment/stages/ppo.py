@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from alignment import checkpoint
 from alignment.batching import collate
 from alignment.config import PPOConfig
-from alignment.generation import generate_ids
+from alignment.generation import decode_responses, ended, generate_ids
+from alignment.heldout import evaluating
 from alignment.losses import IGNORE_INDEX, token_logps
-from alignment.models import check_max_length, save_pretrained
+from alignment.models import check_max_length
 from alignment.paths import Paths
 from alignment.plots import plt
 from alignment.ppo_loss import (
@@ -41,6 +42,7 @@ from alignment.stage_helpers import (
     load_policy_and_reference,
     log_held_out,
     reward_model_path,
+    save_model,
 )
 from alignment.tracking import Tracker
 from alignment.trainer import window_indices
@@ -111,16 +113,16 @@ def rollout(
             [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in drawn]
         ).items()
     }
-    policy.eval()
-    logps, mask, _ = policy_logps(policy, batch, cfg.temperature)
-    policy.train()
+    # the rollout's log-probs and values with dropout off, as the sampler drew (the reference is frozen)
+    with evaluating(policy, critic):
+        logps, mask, _ = policy_logps(policy, batch, cfg.temperature)
+        values = critic_values(critic, batch["input_ids"], batch["attention_mask"])
     reference_logps, _, _ = policy_logps(reference, batch, cfg.temperature)
-    values = critic_values(critic, batch["input_ids"], batch["attention_mask"])
 
     # step 2. score each prompt + response with the reward model; penalise responses cut off without EOS
-    texts = tokenizer.batch_decode([r for _, r in drawn], skip_special_tokens=True)
-    scores = reward(prompts, texts).float().to(device)
-    has_eos = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for _, r in drawn], device=device)
+    finished = ended(tokenizer, drawn)
+    scores = reward(prompts, decode_responses(tokenizer, drawn), finished).float().to(device)
+    has_eos = torch.tensor(finished, device=device)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
     if cfg.score_clip is not None:
@@ -310,7 +312,7 @@ def curves(history: list[dict]):
 
 
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
     check_max_length(cfg.max_length, policy, "ppo.max_length")
     reward_path = reward_model_path(paths, cfg.reward_model)
     reward = RewardScorer(reward_path, max_length=cfg.max_length)
@@ -318,7 +320,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference, critic = policy.to(device), reference.to(device), critic.to(device)
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     fingerprint = registry_fingerprint("ppo", cfg, paths.root)
     logger.info(
         "PPO: %d rollouts of %d prompts, kl_coef %g (%s), critic from %s",
@@ -341,7 +343,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log.metrics if log else None,
     )
     out = paths.out("ppo")
-    save_pretrained(policy, tokenizer, out)
+    save_model(policy, tokenizer, out, cfg.lora)
 
     held_out, rows = compare_on_held_out(
         policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out

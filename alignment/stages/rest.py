@@ -50,9 +50,9 @@ def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int,
         (right, "rm/win_rate_vs_sft", "d--", "tab:pink"),
         (right, "gold/win_rate_vs_sft", "d--", "tab:green"),
     ]:
-        axis.plot(
-            steps, [r[key] for r in history], style, color=color, label=f"{key}, held-out{role.get(key, '')}"
-        )
+        if key in history[0]:  # gold: the IMDb task only
+            label = f"{key}, held-out{role.get(key, '')}"
+            axis.plot(steps, [r[key] for r in history], style, color=color, label=label)
     ax.set(xlabel="ReST iteration (0: start policy)", ylabel="mean reward", xticks=steps)
     right.set_ylabel("win rate vs SFT")
     ax.axvline(best, color="grey", alpha=0.4, linewidth=6, label=f"kept: iteration {best}")
@@ -110,18 +110,18 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         "guard/stopped": int(bool(stopped)),
         "improved": int(best["iteration"] > 0),
     }
-    metrics |= {k: best[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "objective/kl")}
-    metrics |= {f"start/{k}": start[k] for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward")}
+    judged = [
+        k for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft") if k in best
+    ]
+    metrics |= {k: best[k] for k in [*judged, "objective/kl"]}
+    metrics |= {f"start/{k}": start[k] for k in judged}
     logger.info("kept %s: %s", source, why)
     for r in history:
         logger.info(
-            "  iteration %d: RM reward grown %s, held-out RM %.3f, gold %.3f, gold win rate vs SFT %.3f, "
-            "kept %s at tau %s",
+            "  iteration %d: RM reward grown %s, held-out %s, kept %s at tau %s",
             r["iteration"],
             f"{r['grow/rm_reward']:.3f}" if "grow/rm_reward" in r else "-",
-            r["rm/reward"],
-            r["gold/reward"],
-            r["gold/win_rate_vs_sft"],
+            ", ".join(f"{k} {r[k]:.3f}" for k in judged),
             f"{r['improve/kept_fraction_0']:.2f}" if "improve/kept_fraction_0" in r else "-",
             f"{r['improve/tau_0']:.3f}" if "improve/tau_0" in r else "-",
         )

@@ -23,20 +23,22 @@ import json
 import logging
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 
 from alignment.batching import as_example, collate, encode
+from alignment.chat import render_prompt, render_row
 from alignment.config import RestConfig
 from alignment.data import read_jsonl, write_jsonl, write_metrics
-from alignment.generation import generate_ids, prompt_seed
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.heldout import compare_to_sft
-from alignment.models import check_max_length, load_causal_lm, load_tokenizer, save_pretrained
+from alignment.models import check_max_length, load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.prompts import load_incoming, load_prompts
 from alignment.rest import above, guard, learning_rate, thresholds
 from alignment.reward import RewardScorer
-from alignment.stage_helpers import held_out_judges, reward_scorer
+from alignment.stage_helpers import held_out_judges, reward_scorer, save_model
 from alignment.tracking import Tracker
 from alignment.trainer import count_response_tokens, nll_step, train
 
@@ -50,12 +52,13 @@ def previous_report(paths: Paths, iteration: int) -> dict:
     return json.loads(path.read_text())
 
 
-def grow_prompts(cfg: RestConfig, paths: Paths) -> tuple[list[str], dict[str, float]]:
+def grow_prompts(cfg: RestConfig, paths: Paths, tokenizer) -> tuple[list[str], dict[str, float]]:
     """The training prompts and the new ones from the incoming folder (counted, with what was skipped)."""
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts)
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     stats: dict[str, float] = {"grow/prompts_prepared": len(prompts), "grow/prompts_incoming": 0}
     if cfg.incoming:
         incoming, skipped = load_incoming(paths.resolve(cfg.incoming))
+        incoming = [render_prompt(tokenizer, p) for p in incoming]
         known = set(prompts)
         new = [p for p in incoming if p not in known]
         stats["grow/prompts_incoming"] = len(new)
@@ -77,8 +80,8 @@ def grow(
     indices = [j for _ in prompts for j in range(g.samples_per_prompt)]
     seeds = [prompt_seed(cfg.seed * 1_000 + iteration, p, j) for p, j in zip(repeated, indices)]
     sampled = generate_ids(policy, tokenizer, repeated, g.max_new_tokens, g.temperature, g.top_p, seeds=seeds)
-    responses = tokenizer.batch_decode([r for _, r in sampled], skip_special_tokens=True)
-    rewards = reward(repeated, responses).tolist()
+    responses = decode_responses(tokenizer, sampled)
+    rewards = reward(repeated, responses, ended(tokenizer, sampled)).tolist()
     return [
         {
             "prompt": p,
@@ -103,9 +106,24 @@ def improve_examples(
         examples.append({k: v[: cfg.max_length] for k, v in example.items()})
     extra = min(round(cfg.improve.sft_mix * len(kept)), len(sft_rows))
     examples += [
-        encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in rng.sample(sft_rows, extra)
+        encode(tokenizer, row["prompt"], row["response"], cfg.max_length, True)
+        for row in (render_row(tokenizer, r) for r in rng.sample(sft_rows, extra))
     ]
     return examples
+
+
+def load_policy(start: Path, paths: Paths, cfg: RestConfig):
+    """(policy, SFT): the iteration's start policy to train, and SFT frozen. With LoRA, an adapter on SFT
+    (iteration 1's fresh one, continued by later iterations), SFT being the same weights with the adapter
+    off; a start policy with another base (a champion saved whole) needs SFT as a second copy."""
+    if cfg.lora is None:
+        return load_causal_lm(start), load_causal_lm(paths.sft).eval().requires_grad_(False)
+    from alignment.lora import AdapterDisabled, load_for_training
+
+    policy, base = load_for_training(start, cfg.lora)
+    if Path(base).resolve() == paths.sft.resolve():
+        return policy, AdapterDisabled(policy)
+    return policy, load_causal_lm(paths.sft).eval().requires_grad_(False)
 
 
 def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> dict[str, float]:
@@ -127,12 +145,11 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         return metrics
 
     tokenizer = load_tokenizer(start)
-    policy = load_causal_lm(start)
-    sft = load_causal_lm(paths.sft).eval().requires_grad_(False)
+    policy, sft = load_policy(start, paths, cfg)
     check_max_length(cfg.max_length, policy, "rest.max_length")
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
-    judges = held_out_judges(paths, reward)
-    eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts)
+    judges = held_out_judges(paths, reward, cfg.source)
+    eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts, tokenizer)
 
     def held_out(model) -> dict[str, float]:
         scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
@@ -141,15 +158,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     # step 2. the start policy is iteration 0 of the record
     if not history:
         history = [{"iteration": 0, "policy": str(cfg.iterations["1"])} | held_out(policy)]
-        logger.info(
-            "iteration 0 (%s): held-out gold reward %.3f, RM reward %.3f",
-            start,
-            history[0]["gold/reward"],
-            history[0]["rm/reward"],
-        )
+        logger.info("iteration 0 (%s): held-out %s", start, summary(history[0]))
 
     # step 3. Grow
-    prompts, prompt_stats = grow_prompts(cfg, paths)
+    prompts, prompt_stats = grow_prompts(cfg, paths, tokenizer)
     logger.info(
         "grow: %d samples for each of %d prompts from %s", cfg.grow.samples_per_prompt, len(prompts), start
     )
@@ -207,7 +219,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         record[f"improve/loss_{i}"] = result.history[-1]["loss"] if result.history else float("nan")
     record["improve/steps"] = offset
     write_jsonl(out / "kept.jsonl", kept_rows)
-    save_pretrained(policy, tokenizer, out / "policy")
+    save_model(policy, tokenizer, out / "policy", cfg.lora)
 
     # step 5. held-out judge and the guard
     record |= held_out(policy)
@@ -233,13 +245,19 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         if stopped:
             log.tags({"guard": stopped})
     logger.info(
-        "iteration %d: grown RM reward %.3f; held-out gold reward %.3f (win rate vs SFT %.2f), "
-        "RM reward %.3f, KL %.2f",
+        "iteration %d: grown RM reward %.3f; held-out %s",
         iteration,
         record["grow/rm_reward"],
-        record["gold/reward"],
-        record["gold/win_rate_vs_sft"],
-        record["rm/reward"],
-        record["objective/kl"],
+        summary(record),
     )
     return metrics
+
+
+def summary(record: dict) -> str:
+    """The held-out numbers of one iteration, gold's where the task has a gold scorer."""
+    judges = [j for j in ("gold", "rm") if f"{j}/reward" in record]
+    parts = [
+        f"{j} reward {record[f'{j}/reward']:.3f} (win rate vs SFT {record[f'{j}/win_rate_vs_sft']:.2f})"
+        for j in judges
+    ]
+    return ", ".join(parts) + f", KL {record['objective/kl']:.2f}"

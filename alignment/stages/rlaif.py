@@ -19,6 +19,7 @@ from collections import Counter
 
 import numpy as np
 
+from alignment.chat import render_prompt
 from alignment.config import RLAIFConfig
 from alignment.data import read_jsonl, write_jsonl, write_metrics
 from alignment.judging import LOSS, WIN, PairwiseJudge, build_backend, judge_template, position_stats
@@ -34,7 +35,8 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
     swap = rng.random(len(pairs)) < 0.5
     first = [p["rejected"] if s else p["chosen"] for p, s in zip(pairs, swap)]
     second = [p["chosen"] if s else p["rejected"] for p, s in zip(pairs, swap)]
-    judgement = judge.compare([p["prompt"] for p in pairs], first, second)
+    # the judge reads conversations as plain text (the HH format)
+    judgement = judge.compare([render_prompt(None, p["prompt"]) for p in pairs], first, second)
     kept, counts, agree = [], Counter(), []
     for pair, s, a, b, outcome in zip(pairs, swap, first, second, judgement.outcomes):
         if np.isnan(outcome):
@@ -45,11 +47,16 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
             chosen, rejected = (a, b) if outcome == WIN else (b, a)
             agrees = chosen == pair["chosen"]
             agree.append(agrees)
+            # sampled pairs say which reply the model finished (EOS); the flags follow the replies
+            flags = {k: pair[f"{k}_finished"] for k in ("chosen", "rejected") if f"{k}_finished" in pair}
+            if flags and not agrees:
+                flags = {"chosen": flags["rejected"], "rejected": flags["chosen"]}
             kept.append(
                 {
                     "prompt": pair["prompt"],
                     "chosen": chosen,
                     "rejected": rejected,
+                    **{f"{key}_finished": value for key, value in flags.items()},
                     "source": "rlaif",
                     "origin": pair["source"],
                     "agrees_with_label": agrees,

@@ -12,13 +12,14 @@ from transformers import AutoModelForSequenceClassification
 
 from alignment.config import RewardModelConfig
 from alignment.losses import bradley_terry_loss
-from alignment.models import check_max_length, load_tokenizer, model_config, save_pretrained
+from alignment.models import check_max_length, load_tokenizer, model_config
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.registry import fingerprint as registry_fingerprint
 from alignment.results import finish
 from alignment.reward import load_reward_model, sequence_rewards
+from alignment.stage_helpers import save_model
 from alignment.tracking import Tracker
 from alignment.trainer import train
 
@@ -86,6 +87,10 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         init = f"a fresh {cfg.model.arch} ({cfg.model.n_layer} x {cfg.model.n_embd})"
     else:
         model = load_reward_model(init)
+    if cfg.lora is not None:  # the body frozen under an adapter; the fresh head trains in full
+        from alignment.lora import add_adapter
+
+        model = add_adapter(model, cfg.lora)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.reward_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     check_max_length(cfg.max_length, model, "rm.max_length")
@@ -106,7 +111,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         evaluate=evaluation(eval_pairs, eval_examples, pad, cfg.train.batch_size, cfg),
         log_metrics=log.metrics if log else None,
     )
-    save_pretrained(model, tokenizer, paths.rm)
+    save_model(model, tokenizer, paths.rm, cfg.lora)
 
     final = result.eval_history[-1]
     metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}

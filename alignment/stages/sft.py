@@ -9,15 +9,17 @@ from itertools import zip_longest
 import torch
 
 from alignment.batching import collate, encode
+from alignment.chat import render_row
 from alignment.config import SFTConfig
 from alignment.data import read_jsonl, write_jsonl
 from alignment.generation import generate
 from alignment.losses import sft_loss
-from alignment.models import build_model, load_tokenizer, save_pretrained
+from alignment.models import build_model, load_tokenizer
 from alignment.paths import Paths
 from alignment.plots import loss_curve
 from alignment.registry import fingerprint as registry_fingerprint
 from alignment.results import finish
+from alignment.stage_helpers import save_model
 from alignment.tracking import Tracker
 from alignment.trainer import count_response_tokens, nll_step, train
 
@@ -55,10 +57,16 @@ def sample_prompts(rows: list[dict], n: int) -> list[str]:
 
 def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer = load_tokenizer(paths.tokenizer)
-    train_rows = list(read_jsonl(paths.data / "sft_train.jsonl"))
-    eval_rows = list(read_jsonl(paths.data / "sft_eval.jsonl"))[: cfg.eval_max_examples]
+    # conversations through the tokenizer's chat template (chat.py); the data's answers are finished
+    train_rows = [render_row(tokenizer, r) for r in read_jsonl(paths.data / "sft_train.jsonl")]
+    eval_rows = [render_row(tokenizer, r) for r in read_jsonl(paths.data / "sft_eval.jsonl")]
+    eval_rows = eval_rows[: cfg.eval_max_examples]
     torch.manual_seed(cfg.train.seed)  # the initial weights of a model built from a config
     model = build_model(cfg.model, tokenizer)
+    if cfg.lora is not None:
+        from alignment.lora import add_adapter  # peft: imported only for a LoRA run
+
+        model = add_adapter(model, cfg.lora)
     logger.info(
         "model: %.2fM parameters, %d train / %d eval examples",
         model.num_parameters() / 1e6,
@@ -66,8 +74,8 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         len(eval_rows),
     )
 
-    train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
-    eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in eval_rows]
+    train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length, True) for r in train_rows]
+    eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length, True) for r in eval_rows]
     pad = collate(tokenizer.pad_token_id)
     fingerprint = registry_fingerprint("sft", cfg, paths.root)
     result = train(
@@ -83,7 +91,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log_metrics=log.metrics if log else None,
     )
 
-    save_pretrained(model, tokenizer, paths.sft)
+    save_model(model, tokenizer, paths.sft, cfg.lora)
     prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
     s = cfg.samples
     responses = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from alignment.chat import render_prompt, render_row
 from alignment.config import TokenizerConfig
 from alignment.data import read_jsonl
 from alignment.models import load_tokenizer, train_tokenizer
@@ -19,13 +20,16 @@ def run(cfg: TokenizerConfig, paths: Paths, log: Tracker | None) -> dict[str, fl
         tokenizer = load_tokenizer(cfg.name_or_path, cfg.gguf_file)
     else:
         # training split only: no eval or test text shapes the vocabulary
-        texts = (row["prompt"] + row["response"] for row in read_jsonl(paths.data / "sft_train.jsonl"))
+        texts = (
+            render_prompt(None, r["prompt"]) + r["response"]
+            for r in read_jsonl(paths.data / "sft_train.jsonl")
+        )
         tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
     tokenizer.save_pretrained(paths.tokenizer)
-    sample = [
-        row["prompt"] + row["response"]
-        for _, row in zip(range(200), read_jsonl(paths.data / "sft_eval.jsonl"))
+    rows = [
+        render_row(tokenizer, row) for _, row in zip(range(200), read_jsonl(paths.data / "sft_eval.jsonl"))
     ]
+    sample = [row["prompt"] + row["response"] for row in rows]
     chars = sum(len(t) for t in sample)
     tokens = sum(len(tokenizer(t).input_ids) for t in sample)
     logger.info(
