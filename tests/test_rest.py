@@ -204,8 +204,7 @@ def rest_run(upstream, tmp_path_factory):
     incoming = root / "incoming"
     incoming.mkdir()
     (incoming / "new.txt").write_text("My favourite film of\nThe acting in this\n")
-    # a guard that never stops these micro iterations (the guard has tests of its own above)
-    cfg = parse_section("rest", rest_params(incoming=str(incoming), guard={"tolerance": 10.0}))
+    cfg = parse_section("rest", rest_params(incoming=str(incoming)))
     paths = Paths(root)
     metrics = [rest_iter.run(cfg, paths, None, iteration=k) for k in (1, 2)]
     return cfg, paths, metrics, rest.run(cfg, paths, None)
@@ -294,7 +293,7 @@ def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
         "rm/reward": report["history"][0]["rm/reward"] + 1.0,
         "gold/reward": report["history"][0]["gold/reward"] - 0.2,
     }
-    cfg = cfg.model_copy(update={"guard": GuardConfig()})  # the fixture's guard never stops
+    cfg = cfg.model_copy(update={"guard": GuardConfig()})  # the micro params' guard never stops
     report["stopped"] = guard(report["history"], cfg.guard)
     assert report["stopped"]
     report_path.write_text(json.dumps(report))
