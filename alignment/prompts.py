@@ -55,9 +55,10 @@ def load_incoming(folder: str | Path) -> tuple[list[Prompt], dict[str, int]]:
                 elif not isinstance(prompt, str) or not prompt.strip():
                     skipped["no `prompt` string or messages"] += 1
                     continue
-            if prompt_key(prompt) in seen:
+            key = prompt_key(prompt)
+            if key in seen:
                 skipped["duplicate"] += 1
                 continue
-            seen.add(prompt_key(prompt))
+            seen.add(key)
             prompts.append(prompt)
     return prompts, dict(skipped)

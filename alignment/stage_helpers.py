@@ -92,15 +92,16 @@ def compare_on_held_out(
     return metrics, rows
 
 
-def log_held_out(name: str, metrics: dict[str, float]) -> None:
+def held_out_summary(metrics: dict[str, float]) -> str:
+    """A policy's held-out numbers against SFT in one line, gold's where the task has a gold scorer."""
     judges = [j for j in ("gold", "rm") if f"{j}/reward" in metrics]
-    logger.info(
-        "held-out %s: %s; KL %.2f nats",
-        name,
-        ", ".join(
-            f"{j} reward {metrics[f'{j}/reward']:.3f} vs SFT {metrics[f'{j}/sft_reward']:.3f} "
-            f"(win rate {metrics[f'{j}/win_rate_vs_sft']:.2f})"
-            for j in judges
-        ),
-        metrics["objective/kl"],
-    )
+    parts = [
+        f"{j} reward {metrics[f'{j}/reward']:.3f} vs SFT {metrics[f'{j}/sft_reward']:.3f} "
+        f"(win rate {metrics[f'{j}/win_rate_vs_sft']:.2f})"
+        for j in judges
+    ]
+    return ", ".join(parts) + f"; KL {metrics['objective/kl']:.2f} nats"
+
+
+def log_held_out(name: str, metrics: dict[str, float]) -> None:
+    logger.info("held-out %s: %s", name, held_out_summary(metrics))

@@ -38,7 +38,7 @@ from alignment.paths import Paths
 from alignment.prompts import load_incoming, load_prompts
 from alignment.rest import above, guard, learning_rate, thresholds
 from alignment.reward import RewardScorer
-from alignment.stage_helpers import held_out_judges, reward_scorer, save_model
+from alignment.stage_helpers import held_out_judges, held_out_summary, reward_scorer, save_model
 from alignment.tracking import Tracker
 from alignment.trainer import count_response_tokens, nll_step, train
 
@@ -158,7 +158,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     # step 2. the start policy is iteration 0 of the record
     if not history:
         history = [{"iteration": 0, "policy": str(cfg.iterations["1"])} | held_out(policy)]
-        logger.info("iteration 0 (%s): held-out %s", start, summary(history[0]))
+        logger.info("iteration 0 (%s): held-out %s", start, held_out_summary(history[0]))
 
     # step 3. Grow
     prompts, prompt_stats = grow_prompts(cfg, paths, tokenizer)
@@ -248,16 +248,6 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         "iteration %d: grown RM reward %.3f; held-out %s",
         iteration,
         record["grow/rm_reward"],
-        summary(record),
+        held_out_summary(record),
     )
     return metrics
-
-
-def summary(record: dict) -> str:
-    """The held-out numbers of one iteration, gold's where the task has a gold scorer."""
-    judges = [j for j in ("gold", "rm") if f"{j}/reward" in record]
-    parts = [
-        f"{j} reward {record[f'{j}/reward']:.3f} (win rate vs SFT {record[f'{j}/win_rate_vs_sft']:.2f})"
-        for j in judges
-    ]
-    return ", ".join(parts) + f", KL {record['objective/kl']:.2f}"
