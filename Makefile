@@ -9,9 +9,18 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # the temporary Prefect server of `make pipeline` may start slowly on a busy machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup pipeline sweep test lint dvc-yaml mlflow-ui prefect-server serve clean
+.PHONY: setup setup-cuda pipeline sweep test lint dvc-yaml mlflow-ui prefect-server serve clean
 
 setup: .venv/.installed
+
+# On a GPU machine, once, before anything else: the CUDA build of the torch version pyproject.toml pins
+# (2.13.0+cu128 satisfies `torch==2.13.0`, so `make setup` keeps it). CUDA=cu126 etc. for another toolkit.
+CUDA ?= cu128
+setup-cuda:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/$(CUDA)
+	$(MAKE) setup
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

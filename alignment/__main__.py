@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import checkpoint, registry, tracking
+from alignment import checkpoint, distributed, registry, tracking
 from alignment.config import ConfigError, flatten, load_all, load_section
 from alignment.data import DataError
 from alignment.paths import Paths, hash_paths
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     keep_freed_memory()
+    # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
+    os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))
     run_stage = importlib.import_module(stage.module).run
     name = stage.name
@@ -94,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         paths.checkpoints(stage.name).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        if args.no_tracking:
+        if args.no_tracking or not distributed.is_main():  # one MLflow run per stage, whatever the launch
             metrics = run_stage(cfg, paths, None)
+            distributed.barrier()  # the main process may still be logging: leave together
         else:
             resume = run_to_continue(stage, name, cfg, paths, args.iteration)
             with (
@@ -103,16 +106,30 @@ def main(argv: list[str] | None = None) -> int:
                 run_ledger(paths, name, log.run_id),
             ):
                 log.params(flatten(cfg))
-                log.tags({"data_hash": hash_paths(registry.inputs(stage, cfg, paths.root, args.iteration))})
+                log.tags(
+                    {
+                        "data_hash": hash_paths(registry.inputs(stage, cfg, paths.root, args.iteration)),
+                        "num_processes": str(distributed.world()),
+                    }
+                )
                 metrics = run_stage(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started})
+            distributed.barrier()
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not distributed.is_main():
+        return 0
     print(
         json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2)
     )
     return 0
+
+
+def stage_device(cfg) -> str:
+    """A stage's `train.device` (ReST: `improve.train.device`); `auto` for a stage that trains nothing."""
+    train = getattr(cfg, "train", None) or getattr(getattr(cfg, "improve", None), "train", None)
+    return getattr(train, "device", "auto")
 
 
 def ledger_path(paths: Paths, name: str) -> Path:
@@ -175,14 +192,15 @@ def write_dvc_yaml(params: Path, check: bool) -> int:
     (configs/<profile>/)."""
     folder = params.resolve().parent
     path = folder / "dvc.yaml"
+    launch = load_section("launch", str(params))
     if folder == Path.cwd().resolve():
-        text = registry.dvc_yaml()
+        text = registry.dvc_yaml(launch=launch)
     else:
         stages = [s.split("@")[0] for s in load_section("pipeline", str(params)).stages]
         root = os.path.relpath(Path.cwd(), folder)
         relative = folder.relative_to(Path.cwd().resolve()).as_posix()
         text = registry.PROFILE_HEADER.format(params=params, folder=relative) + registry.dvc_yaml(
-            stages, root
+            stages, root, launch
         )
         if not check and not (folder / ".dvc").is_dir():  # a DVC subrepo: apart from the project's DAG
             subprocess.run(["dvc", "init", "--subdir", "-q"], cwd=folder, check=True)

@@ -12,7 +12,15 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 
 
@@ -152,6 +160,22 @@ class OptimizerConfig(Section):
     resume: bool = True  # continue from the latest checkpoint of the same config, if any
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu"] = "auto"  # auto: whatever accelerate finds (GPU when present)
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of keeping them: far less memory
+    for about a third more compute; for a model, batch or sequence length that does not fit otherwise"""
+    fused_adamw: Literal["auto", "on", "off"] = "auto"
+    """torch's fused AdamW kernel (one launch for all parameters); auto: on when training on a GPU, else
+    the default implementation; on: needs a GPU"""
+    compile: bool = False
+    """torch.compile the model the loop trains: faster steps on a GPU after a compilation of a minute or
+    so; on CPU it mostly costs that compilation"""
+
+    @field_validator("fused_adamw")
+    @classmethod
+    def _fused_adamw_needs_a_gpu(cls, value: str, info: ValidationInfo) -> str:
+        if value == "on" and info.data.get("device") == "cpu":  # `device` is validated before this field
+            raise ValueError("on needs a GPU, but device is cpu; use auto or off")
+        return value
 
 
 class TrainConfig(OptimizerConfig):
@@ -280,6 +304,9 @@ class DPOConfig(Section):
     same for a 5-token and a 50-token answer, so long responses are pushed far less per token."""
     unlikelihood_alpha: float = Field(default=1.0, gt=0.0)
     precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
+    padding_free: bool = False
+    """pack each batch's pairs end to end, no padding, each pair's shared prompt run once
+    (alignment/packing.py): the same loss up to float rounding, faster on ragged data; sdpa or eager only."""
     source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
     eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
     samples: SampleConfig = SampleConfig(temperature=1.0)
@@ -371,7 +398,9 @@ class PPOConfig(OnPolicyConfig):
     the SFT model with a fresh head; policy_head: a value head on the policy's own transformer; or a
     path to a model to initialise a separate critic from."""
     rollouts: int = Field(default=64, ge=1)  # rollout -> optimise iterations
-    rollout_batch_size: int = Field(default=64, ge=2)  # prompts per rollout, one response each
+    # per process, like a batch_size: N processes draw rollouts of rollout_batch_size x N prompts (one
+    # response each) and take optimizer steps on minibatches of minibatch_size x N of them
+    rollout_batch_size: int = Field(default=64, ge=2)
     minibatch_size: int = Field(default=16, ge=1)
     ppo_epochs: int = Field(default=4, ge=1)  # passes over each rollout
     kl_coef: float = Field(default=0.05, ge=0.0)  # the initial one when kl_target is set
@@ -703,7 +732,58 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
-FLOW_SECTIONS = ("sweep", "pipeline", "retrain")  # read by the flows only: never a stage's DVC param
+FLOW_SECTIONS = ("sweep", "pipeline", "retrain", "launch")  # never a stage's DVC param
+
+# the stages that run as several processes (alignment/distributed.py); the others run as one
+MULTIPROCESS_STAGES = ("sft", "pairs", "rm", "dpo", "brain", "ppo", "rest_iter", "evaluate")
+
+
+class StageLaunch(Section):
+    """How dvc.yaml's `cmd` starts one stage: `python -m alignment <stage>` (one process), or as several
+    processes through `torchrun --standalone --nproc_per_node <processes>` (one machine; gloo on CPU,
+    NCCL on GPUs) or `accelerate launch --config_file <config_file>` (configs/accelerate/: one GPU,
+    DDP, FSDP2, DeepSpeed ZeRO-2/3)."""
+
+    launcher: Literal["python", "torchrun", "accelerate"] = "python"
+    processes: int = Field(default=1, ge=1)  # torchrun only: processes on this machine
+    config_file: str | None = None  # accelerate only: a path from the project root
+
+    @model_validator(mode="after")
+    def _options_match_launcher(self) -> StageLaunch:
+        if self.launcher != "torchrun" and "processes" in self.model_fields_set:
+            raise ValueError(f"processes applies to launcher torchrun, not {self.launcher}")
+        if (self.launcher == "accelerate") != (self.config_file is not None):
+            raise ValueError("launcher accelerate needs a config_file, and only it takes one")
+        return self
+
+    def command(self, root: str = "") -> str:
+        """The command that runs `-m alignment ...` for this launch (`root`: the way up to the project)."""
+        if self.launcher == "torchrun":
+            return f"torchrun --standalone --nproc_per_node {self.processes}"
+        if self.launcher == "accelerate":
+            config = f"{root}/{self.config_file}" if root else self.config_file
+            return f"accelerate launch --config_file {config}"
+        return "python"
+
+
+class LaunchConfig(Section):
+    """Read by `python -m alignment dvc-yaml` when it writes each stage's `cmd`; a stage not named here
+    runs as one process."""
+
+    stages: dict[str, StageLaunch] = {}
+
+    @model_validator(mode="after")
+    def _stages_can_run_as_several(self) -> LaunchConfig:
+        from alignment.registry import STAGES  # the registry is plumbing: imported when validating only
+
+        for name, launch in self.stages.items():
+            if name not in STAGES:
+                raise ValueError(f"stages.{name}: not a stage; the stages: {list(STAGES)}")
+            if name not in MULTIPROCESS_STAGES and launch.launcher != "python":
+                raise ValueError(
+                    f"stages.{name}: runs as one process; these run as several: {list(MULTIPROCESS_STAGES)}"
+                )
+        return self
 
 
 class SweepMethodConfig(Section):
@@ -803,6 +883,7 @@ SECTIONS: dict[str, type[Section]] = {
     "retrain": RetrainConfig,
     "sweep": SweepConfig,
     "pipeline": PipelineConfig,
+    "launch": LaunchConfig,
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment import distributed
 from alignment.data import prompt_key, read_jsonl
 from alignment.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
 from alignment.judging import Judge, Judgement, ScalarJudge, position_stats, win_rate_summary
@@ -117,14 +118,18 @@ def sample(
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]
     missing = [key for key in wanted if "response_ids" not in cached.get(key, {})]
     if missing:
-        drawn = generate_ids(
-            model,
-            tokenizer,
-            [p for p, _ in missing],
-            settings["max_new_tokens"],
-            settings["temperature"],
-            settings["top_p"],
-            seeds=[prompt_seed(settings["seed"], p, j) for p, j in missing],
+        # several processes: each draws its block of the missing samples, and all gather
+        drawn = distributed.map_sharded(
+            lambda block: generate_ids(
+                model,
+                tokenizer,
+                [p for p, _ in block],
+                settings["max_new_tokens"],
+                settings["temperature"],
+                settings["top_p"],
+                seeds=[prompt_seed(settings["seed"], p, j) for p, j in block],
+            ),
+            missing,
         )
         finished = ended(tokenizer, drawn)
         new = [
@@ -140,7 +145,7 @@ def sample(
             for (p, j), (prompt_ids, ids), done in zip(missing, drawn, finished)
         ]
         cached |= {(r["prompt"], r["index"]): r for r in new}
-        if cache:
+        if cache and distributed.is_main():
             cache.add(model_hash, settings, new)
     out = []
     for j in range(samples_per_prompt):

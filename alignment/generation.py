@@ -49,6 +49,14 @@ def sample_next(
     return torch.searchsorted(cdf, target).squeeze(-1)
 
 
+def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+    """(len(seeds), steps) float32 uniforms for `sample_next`, row i's from a generator seeded seeds[i]:
+    drawn at once and sent to the device in one copy (a copy per token would make the host wait for the
+    GPU each time); numpy's k-th draw is the same whether drawn one by one or k at a time."""
+    draws = np.stack([np.random.default_rng(seed).random(steps) for seed in seeds])
+    return torch.from_numpy(draws).float().to(device)
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -60,6 +68,8 @@ def generate_ids(
     batch_size: int = 256,
     max_prompt_tokens: int | None = None,
     seeds: Sequence[int] | None = None,
+    *,
+    check_every: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per prompt, exactly as sampled: the response ends with EOS when the
     model emitted one (it is part of the sample's probability) and is cut at max_new_tokens otherwise.
@@ -70,6 +80,10 @@ def generate_ids(
     temperature 0 means greedy decoding. With `seeds` (one per prompt) each row draws from its own
     generator, so a prompt's sample does not depend on which prompts share its batch (what lets the
     evaluation cache generations per prompt); without, rows share the global torch RNG.
+    `check_every` k: whether every row has ended is asked every k tokens (default: 1 on a CPU, 8 on a
+    GPU, where the question makes the host wait for the GPU). A batch's samples are the same for any k:
+    a row's tokens after its EOS are discarded, and rows draw independently. With `seeds` so are all;
+    without, the shared RNG has moved on by up to k - 1 extra draws when the next batch starts.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -81,6 +95,7 @@ def generate_ids(
     device = next(model.parameters()).device
     limit = max_prompt_tokens or model.config.max_position_embeddings - max_new_tokens
     eos = tokenizer.eos_token_id
+    check_every = check_every or (8 if device.type == "cuda" else 1)
     out: list[tuple[list[int], list[int]]] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -99,17 +114,18 @@ def generate_ids(
                 torch.zeros(len(mask), dtype=torch.bool, device=device),
                 [],
             )
-            rngs = (
+            uniforms = (
                 None
                 if seeds is None
-                else [np.random.default_rng(s) for s in seeds[start : start + batch_size]]
+                else row_uniforms(seeds[start : start + batch_size], max_new_tokens, device)
             )
-            for _ in range(max_new_tokens):
-                uniforms = None if rngs is None else torch.tensor([rng.random() for rng in rngs])
-                token = sample_next(step.logits[:, -1], temperature, top_p, uniforms)
+            for t in range(max_new_tokens):
+                u = None if uniforms is None else uniforms[:, t]
+                token = sample_next(step.logits[:, -1], temperature, top_p, u)
                 tokens.append(token)
                 done |= token == eos
-                if done.all() or len(tokens) == max_new_tokens:
+                # note: done.all() is a GPU-to-host sync point, hence asked only every check_every tokens
+                if (len(tokens) % check_every == 0 and done.all()) or len(tokens) == max_new_tokens:
                     break
                 mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
                 step = model(

@@ -10,9 +10,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from alignment import distributed
 from alignment.batching import collate
 from alignment.config import SampleConfig
-from alignment.generation import decode_responses, ended, generate_ids
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.judging import bootstrap_ci
 from alignment.losses import IGNORE_INDEX, sequence_logps
 
@@ -94,6 +95,16 @@ def judge_summary(name: str, scores: np.ndarray, sft_scores: np.ndarray, seed: i
     return metrics
 
 
+def judge_sharded(judge, prompts: list[str], responses: list[str], finished: list[bool]) -> np.ndarray:
+    """judge(prompts, responses, finished) as floats, each process scoring its block of the rows."""
+
+    def score(rows: list[int]) -> list[float]:
+        picked = [prompts[i] for i in rows], [responses[i] for i in rows], [finished[i] for i in rows]
+        return [float(x) for x in judge(*picked)]
+
+    return np.asarray(distributed.map_sharded(score, list(range(len(prompts)))), dtype=float)
+
+
 def compare_to_sft(
     policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int, judges: dict
 ) -> tuple[dict[str, float], list[dict]]:
@@ -103,17 +114,30 @@ def compare_to_sft(
     (`..._ci_low`, `..._ci_high`). `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
     policy's sampled ids, `objective/kl_se` its standard error; `length/mean_tokens` and
     `length/sft_mean_tokens` are the mean response lengths in tokens (EOS included when emitted)."""
-    drawn = []
-    for model in (policy, reference):
-        torch.manual_seed(seed)  # the same seed for both: common random numbers
-        drawn.append(
-            generate_ids(
-                model, tokenizer, prompts, samples.max_new_tokens, samples.temperature, samples.top_p
-            )
+    # the same per-prompt seeds for both: common random numbers; and the same samples whichever process
+    # of several draws a prompt (each draws its block of the prompts, scores it, and all gather)
+    seeds = [prompt_seed(seed, p) for p in prompts]
+    rows_of = list(range(len(prompts)))
+
+    def draw(model, rows: list[int]) -> list:
+        return generate_ids(
+            model,
+            tokenizer,
+            [prompts[i] for i in rows],
+            samples.max_new_tokens,
+            samples.temperature,
+            samples.top_p,
+            seeds=[seeds[i] for i in rows],
         )
+
+    drawn = [
+        distributed.map_sharded(lambda rows: draw(model, rows), rows_of) for model in (policy, reference)
+    ]
     policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
     policy_finished, sft_finished = (ended(tokenizer, ids) for ids in drawn)
-    kl = kl_to_reference(policy, reference, drawn[0])
+    kl = np.asarray(
+        distributed.map_sharded(lambda part: list(kl_to_reference(policy, reference, list(part))), drawn[0])
+    )
     metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
     for name, ids in (("length/mean_tokens", drawn[0]), ("length/sft_mean_tokens", drawn[1])):
         metrics[name] = float(np.mean([len(response) for _, response in ids]))
@@ -122,8 +146,8 @@ def compare_to_sft(
         for p, r, q, k in zip(prompts, policy_responses, sft_responses, kl)
     ]
     for name, judge in judges.items():
-        policy_scores = np.asarray(judge(prompts, policy_responses, policy_finished), dtype=float)
-        sft_scores = np.asarray(judge(prompts, sft_responses, sft_finished), dtype=float)
+        policy_scores = judge_sharded(judge, prompts, policy_responses, policy_finished)
+        sft_scores = judge_sharded(judge, prompts, sft_responses, sft_finished)
         metrics |= judge_summary(name, policy_scores, sft_scores, seed)
         for row, s, t in zip(rows, policy_scores, sft_scores):
             row |= {f"policy_{name}": float(s), f"sft_{name}": float(t)}

@@ -170,10 +170,13 @@ def check_max_length(max_length: int, model: PreTrainedModel, key: str) -> None:
         raise ValueError(f"params.yaml: {key} = {max_length} exceeds the model's {limit} positions")
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """Model (safetensors) and tokenizer in one folder: everything a later stage needs to load it."""
+def save_pretrained(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, state_dict: dict | None = None
+) -> None:
+    """Model (safetensors) and tokenizer in one folder: everything a later stage needs to load it.
+    `state_dict`: the weights, when the model in memory holds only this process's shard of them."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
 
 

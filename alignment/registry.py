@@ -357,10 +357,13 @@ def _without_resume(value):
     return value
 
 
-def fingerprint(name: str, cfg, root: Path, iteration: str | None = None, world_size: int = 1) -> str:
+def fingerprint(
+    name: str, cfg, root: Path, iteration: str | None = None, world_size: int | None = None
+) -> str:
     """Identifies the run a checkpoint belongs to: the stage's settings (less `resume`), the content of
     what it reads, the package's code and the number of processes. A checkpoint of anything else is
-    never resumed."""
+    never resumed (`world_size`: this launch's number of processes by default)."""
+    from alignment.distributed import world
     from alignment.paths import hash_paths
 
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(PACKAGE.rglob("*.py")))).hexdigest()
@@ -370,7 +373,7 @@ def fingerprint(name: str, cfg, root: Path, iteration: str | None = None, world_
         _without_resume(cfg.model_dump()),
         hash_paths(inputs(get(name), cfg, root, iteration)),
         code,
-        world_size,
+        world() if world_size is None else world_size,
     ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -386,17 +389,19 @@ class _Entry:
     plots: list = field(default_factory=list)
 
 
-def dvc_stage(stage: Stage, selected: Sequence[str] | None = None, root: str = "") -> dict:
+def dvc_stage(stage: Stage, selected: Sequence[str] | None = None, root: str = "", launch=None) -> dict:
     """The dvc.yaml entry of one stage. For a profile's dvc.yaml (a folder of its own below the project,
     `root` the way back up, e.g. `../..`), the code and data deps are paths from the profile's folder,
-    its outputs stay in that folder, and it reads only the `selected` stages' outputs."""
+    its outputs stay in that folder, and it reads only the `selected` stages' outputs. `launch` (a
+    config.StageLaunch) starts the command: torchrun or accelerate for several processes."""
     key = "${key}" if stage.foreach else ""
     up = (lambda path: f"{root}/{path}") if root else (lambda path: path)
     reads = [s for s in stage.reads if selected is None or s in selected]
     entry: dict[str, Any] = {}
     if stage.desc:
         entry["desc"] = stage.desc
-    entry["cmd"] = f"python -m alignment {stage.name}" + (f" --iteration {key}" if stage.foreach else "")
+    python = "python" if launch is None else launch.command(root)
+    entry["cmd"] = f"{python} -m alignment {stage.name}" + (f" --iteration {key}" if stage.foreach else "")
     deps = (
         [up(path) for path in code_deps(stage.module) + list(stage.data)]
         + [STAGES[s].output for s in reads]
@@ -436,9 +441,10 @@ PROFILE_HEADER = """\
 """
 
 
-def dvc_yaml(stages: Sequence[str] | None = None, root: str = "") -> str:
+def dvc_yaml(stages: Sequence[str] | None = None, root: str = "", launch=None) -> str:
     """dvc.yaml as text: every stage of the registry, then the multi-curve plots; or, for a profile,
-    only `stages` (from its `pipeline.stages`), from a folder `root` below the project root."""
+    only `stages` (from its `pipeline.stages`), from a folder `root` below the project root. `launch`
+    (a config.LaunchConfig, the params' `launch` section) says how each stage's command starts."""
     import io
 
     from ruamel.yaml import YAML
@@ -448,7 +454,8 @@ def dvc_yaml(stages: Sequence[str] | None = None, root: str = "") -> str:
     yaml.width = 4096
     out = io.StringIO()
     chosen = {name: stage for name, stage in STAGES.items() if stages is None or name in stages}
-    entries = {name: dvc_stage(stage, stages, root) for name, stage in chosen.items()}
+    launches = {} if launch is None else launch.stages
+    entries = {name: dvc_stage(stage, stages, root, launches.get(name)) for name, stage in chosen.items()}
     plots = PLOTS if stages is None else [p for p in PLOTS if _plot_stages(p) <= set(chosen)]
     yaml.dump({"stages": entries, "plots": plots}, out)
     return out.getvalue() if stages is not None else HEADER + out.getvalue()

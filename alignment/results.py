@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alignment import distributed
 from alignment.data import write_metrics
 from alignment.paths import Paths
 from alignment.plots import plt, write_csv
@@ -30,7 +31,11 @@ def finish(
     """The end of a stage: `metrics/<stage>.json` (NaN-safe), `plots/<stage>/<file>` for each of `csvs`
     ({file: (rows, columns)}), and with a tracker: `curves` (metrics, step) as a last point of the curves,
     `figures` ({artifact name: figure}) and `tables` ({name: rows}) in MLflow, and the model registered
-    as `register_as`. Returns `metrics`."""
+    as `register_as`. Returns `metrics`. Under several processes only the main one writes and logs."""
+    if not distributed.is_main():
+        for figure in (figures or {}).values():
+            plt.close(figure)
+        return metrics
     write_metrics(paths.metrics(stage), metrics)
     for file, (rows, columns) in (csvs or {}).items():
         write_csv(paths.plots(stage) / file, rows, columns)

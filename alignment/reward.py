@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from alignment import distributed
 from alignment.batching import collate, encode
 from alignment.losses import IGNORE_INDEX, gather_last
 from alignment.models import load_sequence_classifier, load_tokenizer
@@ -51,11 +52,8 @@ def sequence_rewards(
     and its EOS, as `batching.encode` builds them), so the prompt, which chosen and rejected share,
     does not dilute the comparison; it needs `labels`.
     """
-    # a LoRA reward model (peft wrapper): its parts are those of the transformers model inside
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    scores = model.score(hidden).squeeze(-1).float()
-    if pooling(model) == "last":
+    scores = token_scores(model, input_ids, attention_mask)
+    if pooling(_inner(model)) == "last":
         return gather_last(scores, attention_mask)
     if labels is None:
         raise ValueError("a mean-pooled reward model needs `labels` to find the response tokens")
@@ -65,11 +63,35 @@ def sequence_rewards(
     return (scores * response).sum(1) / response.sum(1)
 
 
+def _inner(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside the wrappers of training: DDP / FSDP (`.module`), torch.compile
+    (`._orig_mod`), a LoRA adapter (peft's `get_base_model`)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def token_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) the head's score at every position, read from the head's output during the model's own
+    forward: through the forward of whatever wraps it (DDP's gradient hooks, FSDP's gathered shards, a
+    LoRA adapter), where calling the body and the head by hand would go around them."""
+    captured: list[torch.Tensor] = []
+    hook = _inner(model).score.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        hook.remove()
+    return captured[0].squeeze(-1).float()
+
+
 class RewardScorer:
     """Scores (prompt, response) texts with a saved reward model, in batches."""
 
     def __init__(self, path: str | Path, max_length: int = 256, batch_size: int = 64):
-        self.tokenizer, self.model = load_tokenizer(path), load_reward_model(path).eval()
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_reward_model(path).eval().requires_grad_(False).to(distributed.device())
         self.max_length, self.batch_size = max_length, batch_size
         self.pad = collate(self.tokenizer.pad_token_id)
 
@@ -86,8 +108,13 @@ class RewardScorer:
         ]
         scores = []
         for start in range(0, len(encoded), self.batch_size):
-            batch = self.pad(encoded[start : start + self.batch_size])
+            batch = {
+                k: v.to(self.model.device)
+                for k, v in self.pad(encoded[start : start + self.batch_size]).items()
+            }
             scores.append(
-                sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                sequence_rewards(
+                    self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                ).cpu()
             )
         return torch.cat(scores) if scores else torch.empty(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alignment import distributed
 from alignment.data import write_jsonl
 from alignment.paths import Paths
 
@@ -17,29 +18,36 @@ logger = logging.getLogger(__name__)
 def load_policy_and_reference(path: Path, lora=None):
     """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
     mode (no dropout, no gradients); with `lora` (a LoraConfig), one copy: the policy is the model with a
-    fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`)."""
+    fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`).
+    Both on this process's device (`distributed.device()`)."""
     from alignment.models import load_causal_lm, load_tokenizer
 
+    device = distributed.device()
     if lora is not None:
         from alignment.lora import AdapterDisabled, add_adapter
 
-        policy = add_adapter(load_causal_lm(path), lora)
+        policy = add_adapter(load_causal_lm(path), lora).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
-    reference = load_causal_lm(path).eval().requires_grad_(False)
-    return load_tokenizer(path), load_causal_lm(path), reference
+    reference = load_causal_lm(path).eval().requires_grad_(False).to(device)
+    return load_tokenizer(path), load_causal_lm(path).to(device), reference
 
 
 def save_model(model, tokenizer, out: Path, lora=None) -> None:
     """A trained model as every later stage loads it: safetensors and tokenizer, or with `lora` the
-    adapter alone (and the merged model too with `lora.merge_on_save`)."""
-    if lora is None:
-        from alignment.models import save_pretrained
+    adapter alone (and the merged model too with `lora.merge_on_save`). Several processes hold the same
+    weights (or, under FSDP / ZeRO-3, a shard each, gathered first): the main one writes them, the others
+    wait until they are there."""
+    state_dict = distributed.full_state_dict(model)
+    if distributed.is_main():
+        if lora is None:
+            from alignment.models import save_pretrained
 
-        save_pretrained(model, tokenizer, out)
-    else:
-        from alignment.lora import save_adapter
+            save_pretrained(model, tokenizer, out, state_dict)
+        else:
+            from alignment.lora import save_adapter
 
-        save_adapter(model, tokenizer, out, merge=lora.merge_on_save)
+            save_adapter(model, tokenizer, out, merge=lora.merge_on_save)
+    distributed.barrier()
 
 
 def reward_model_path(paths: Paths, name: str) -> Path:
@@ -87,7 +95,7 @@ def compare_on_held_out(
     metrics, rows = compare_to_sft(
         policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward, cfg.source)
     )
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_jsonl(out / "held_out_generations.jsonl", rows)
     return metrics, rows
 

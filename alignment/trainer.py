@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignment import checkpoint
-from alignment.config import TrainConfig
+from alignment.config import OptimizerConfig, TrainConfig
+from alignment.distributed import parameters_sharded, reduce_mean, use_cpu
 from alignment.losses import IGNORE_INDEX, sft_loss
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,34 @@ def window_indices(
     return [order[i : i + size] for i in range(0, num_examples - size + 1, size)]
 
 
+def prepare_model(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.nn.Module:
+    """`model` as a loop trains it, before accelerate wraps it: with `gradient_checkpointing` its layers
+    recompute their activations in the backward pass; with `compile`, a torch.compile wrapper over it
+    (same parameters, so the model is still trained in place). Both off: `model` itself."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        # under a frozen base (LoRA) no layer input needs a gradient: reentrant checkpointing would then
+        # drop the adapters' gradients, hence peft's hook on the embeddings' output; non-reentrant (asked
+        # for here) does not need it, but a model that ignores the kwargs might
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "peft_config"):
+            model.enable_input_require_grads()
+    return torch.compile(model) if cfg.compile else model
+
+
+def make_optimizer(params: Iterable, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at `cfg`'s learning rate and weight decay over `params` (parameters, or torch's parameter
+    groups: dicts with "params" and their own "lr"), which train on `device`. `fused_adamw` auto: torch's
+    fused kernel (one launch for every tensor) on a GPU, else the default implementation."""
+    on_gpu = torch.device(device).type == "cuda"
+    if cfg.fused_adamw == "on" and not on_gpu:
+        raise ValueError(f"fused_adamw: on needs a GPU, but the parameters train on {device}")
+    # fused None, not False, when off: torch's own default (foreach on a GPU), as before the knob
+    fused = True if cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and on_gpu) else None
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def train(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -80,7 +109,14 @@ def train(
     checkpoint, so a checkpoint at step k holds the state after step k's refresh. `extra_state` is a
     `(get, set)` pair: `get()` returns a dict of tensors, numbers, strings, lists and dicts (loaded back
     with weights_only=True), the same on every process (the main process writes it)."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    if parameters_sharded() and hasattr(model, "peft_config"):
+        raise NotImplementedError("a LoRA adapter under FSDP / ZeRO-3: launch with DDP (multi_gpu.yaml)")
+    # step_scheduler_with_optimizer off: accelerate would otherwise step the schedule once per process at
+    # every optimizer step (it assumes each process's data loader is 1/N as long), and N processes would
+    # follow another learning-rate curve than one
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=use_cpu(cfg.device), step_scheduler_with_optimizer=False
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     windows_per_epoch = len(
         window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0)
@@ -94,7 +130,8 @@ def train(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model = prepare_model(model, cfg)  # the returned model shares `model`'s parameters: trained in place
+    optimizer = make_optimizer(model.parameters(), cfg, accelerator.device)
     scheduler = get_scheduler(
         cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
     )
@@ -123,31 +160,36 @@ def train(
             collate([examples[i] for i in mine[j : j + cfg.batch_size]])
             for j in range(0, len(mine), cfg.batch_size)
         ]
+        # counted on the host before the move: no device sync (a GPU waits for nothing until a logged step)
+        tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
         batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
 
         # The window's unit count over all processes: every micro-batch is divided by it, and DDP's
         # gradient mean over processes is undone by the factor `world`.
         units = accelerator.reduce(sum(count(b) for b in batches).to(accelerator.device).float(), "sum")
-        loss_total, metrics_total = 0.0, {}
+        loss_total, metrics_total = torch.zeros((), device=accelerator.device), {}
         for batch in batches:
             loss_sum, metrics = step(model, batch)
             accelerator.backward(loss_sum * world / units)
-            loss_total += loss_sum.item() / units.item()
+            loss_total += loss_sum.detach() / units
             for key, value in metrics.items():
                 metrics_total[key] = metrics_total.get(key, 0.0) + value / len(batches)
-            tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step_index + 1
-        loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
-        pending.append({"loss": loss_total, "grad_norm": float(grad_norm), **metrics_total})
+        pending.append(
+            {"loss": accelerator.reduce(loss_total, "sum"), "grad_norm": grad_norm, **metrics_total}
+        )
         progress.update(1)
-        progress.set_postfix(loss=f"{pending[-1]['loss']:.3f}", refresh=False)
         if done % cfg.log_every == 0 or done == total_steps:
-            row = {key: sum(p[key] for p in pending) / len(pending) for key in pending[0]}
+            # the logged step's one host sync; the stage's metrics are means over the processes (each
+            # process's share of a window is the same size)
+            row = {key: float(sum(p[key] for p in pending)) / len(pending) for key in pending[0]}
+            row = reduce_mean(row)
+            progress.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
             row |= {"learning_rate": scheduler.get_last_lr()[0], "step": done}
             elapsed = time.perf_counter() - started
             row["tokens_per_second"] = tokens_seen * world / elapsed if elapsed > 0 else 0.0

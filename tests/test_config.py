@@ -91,6 +91,22 @@ def test_yaml_1_2_floats_as_dvc_reads_them(tmp_path, micro_params):
         ),
         ("rloo", {"reward": "gold", "source": "hh"}, "reward: gold is the IMDb gold scorer"),
         ("rloo", {"train": {"mixed_precision": "fp16"}}, "fp16 would need a loss scaler; use bf16"),
+        (
+            "sft",
+            {"train": {"fused_adamw": True}},
+            "sft.train.fused_adamw: Input should be 'auto', 'on' or 'off'",
+        ),
+        (
+            "ppo",
+            {"train": {"device": "cpu", "fused_adamw": "on"}},
+            "ppo.train.fused_adamw: Value error, on needs a GPU, but device is cpu",
+        ),
+        ("dpo", {"train": {"compile": "maybe"}}, "dpo.train.compile: Input should be a valid boolean"),
+        (
+            "rm",
+            {"train": {"gradient_checkpointing": "sometimes"}},
+            "rm.train.gradient_checkpointing: Input should be a valid boolean",
+        ),
     ],
 )
 def test_invalid_values_name_file_and_key(section, patch, message, micro_params):
@@ -101,6 +117,13 @@ def test_invalid_values_name_file_and_key(section, patch, message, micro_params)
         parse_section(section, raw, "some/params.yaml")
     assert "some/params.yaml" in str(error.value)
     assert message in str(error.value)
+
+
+def test_gpu_knobs_are_off_or_auto_by_default(micro_params):
+    """What a CPU run did before the knobs: no checkpointing, no compilation, AdamW as torch picks it."""
+    for section in ("sft", "rm", "dpo", "brain", "ppo", "rloo"):
+        train = parse_section(section, micro_params[section]).train
+        assert (train.gradient_checkpointing, train.fused_adamw, train.compile) == (False, "auto", False)
 
 
 def test_unknown_section_and_missing_file(tmp_path, micro_params):

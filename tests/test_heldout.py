@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from alignment.config import SampleConfig
 from alignment.evaluation import GenerationCache, sample
-from alignment.generation import generate, generate_ids
+from alignment.generation import generate, generate_ids, prompt_seed
 from alignment.heldout import compare_to_sft, kl_summary, kl_to_reference
 
 EOS, A = 0, 1
@@ -120,9 +120,9 @@ def test_compare_to_sft_texts_are_those_generate_draws_under_the_seed():
     prompts, decoding, seed = ["a", "a b", "b b a", "b"], SampleConfig(max_new_tokens=4, temperature=1.0), 7
     judges = {"length": lambda p, r, f: [len(t) for t in r]}
     metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, decoding, seed, judges)
+    seeds = [prompt_seed(seed, p) for p in prompts]  # per prompt, the same for both models
     for model, column in ((policy, "policy"), (reference, "sft")):
-        torch.manual_seed(seed)
-        assert [r[column] for r in rows] == generate(model, tokenizer, prompts, 4, 1.0)
+        assert [r[column] for r in rows] == generate(model, tokenizer, prompts, 4, 1.0, seeds=seeds)
     assert metrics["objective/kl"] == pytest.approx(np.mean([r["kl"] for r in rows]))
     assert {"objective/kl_se", "length/reward", "length/win_rate_vs_sft"} <= set(metrics)
 

@@ -100,3 +100,57 @@ def test_fingerprint_follows_settings_inputs_and_world_size(tmp_path):
     assert registry.fingerprint("sft", cfg, tmp_path, world_size=2) != first
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("2\n")
     assert registry.fingerprint("sft", cfg, tmp_path) != first
+
+
+def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
+    """`launch.stages.<stage>` turns the stage's dvc.yaml cmd into a torchrun or accelerate launch; the
+    stages it does not name stay `python -m alignment`."""
+    from alignment.config import parse_section
+
+    launch = parse_section(
+        "launch",
+        {
+            "stages": {
+                "sft": {"launcher": "torchrun", "processes": 2},
+                "dpo": {"launcher": "accelerate", "config_file": "configs/accelerate/multi_gpu.yaml"},
+            }
+        },
+    )
+    stages = YAML(typ="safe").load(registry.dvc_yaml(launch=launch))["stages"]
+    assert stages["sft"]["cmd"] == "torchrun --standalone --nproc_per_node 2 -m alignment sft"
+    assert stages["dpo"]["cmd"] == (
+        "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m alignment dpo"
+    )
+    assert stages["rm"]["cmd"] == "python -m alignment rm"
+    assert stages["rest_iter"]["do"]["cmd"] == "python -m alignment rest_iter --iteration ${key}"
+    profile = YAML(typ="safe").load(registry.dvc_yaml(["sft", "dpo"], "../..", launch))["stages"]
+    assert profile["dpo"]["cmd"].startswith("accelerate launch --config_file ../../configs/accelerate/")
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (
+            {"gold": {"launcher": "torchrun", "processes": 2}},
+            "stages.gold: runs as one process",
+        ),
+        ({"sftt": {"launcher": "python"}}, "not a stage"),
+        ({"sft": {"launcher": "accelerate"}}, "needs a config_file"),
+        ({"sft": {"launcher": "python", "processes": 2}}, "processes applies to launcher torchrun"),
+    ],
+)
+def test_launch_section_refuses_what_cannot_run(stages, message):
+    from alignment.config import ConfigError, parse_section
+
+    with pytest.raises(ConfigError, match=message):
+        parse_section("launch", {"stages": stages})
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_shipped_accelerate_configs_load(name):
+    """Each file under configs/accelerate/ is a config `accelerate launch --config_file` reads."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    assert config.use_cpu is False

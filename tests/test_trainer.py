@@ -7,7 +7,7 @@ from alignment.batching import collate, encode
 from alignment.config import ModelConfig, TrainConfig
 from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, train_tokenizer
-from alignment.trainer import count_response_tokens, train, window_indices
+from alignment.trainer import count_response_tokens, make_optimizer, prepare_model, train, window_indices
 from alignment.trainer import nll_step as step
 
 TEXTS = [
@@ -149,3 +149,64 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tokenizer, tmp_path):
 def test_too_little_data_for_one_step_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         run(tokenizer, TrainConfig(batch_size=64))
+
+
+def test_gradient_checkpointing_and_compile_train_to_the_same_weights(tokenizer, monkeypatch):
+    """The GPU knobs change how a step is computed, not what it computes (dropout off: the recomputed
+    forward is the same one). torch.compile through `aot_eager`: dynamo and AOTAutograd trace the model,
+    forward and backward, as on a GPU, without inductor's minutes of C++ compilation on a CPU."""
+    import functools
+
+    compiled = []
+    compile_ = functools.partial(torch.compile, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile_(model))
+    base = dict(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_steps=0, log_every=1)
+    plain, plain_result = run(tokenizer, TrainConfig(**base))
+    for knob in ("gradient_checkpointing", "compile"):
+        model, result = run(tokenizer, TrainConfig(**base, **{knob: True}))
+        assert model.is_gradient_checkpointing == (knob == "gradient_checkpointing")
+        assert compiled == ([model] if knob == "compile" else [])
+        for a, b in zip(plain.parameters(), model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert [r["loss"] for r in result.history] == pytest.approx([r["loss"] for r in plain_result.history])
+    assert not torch.allclose(next(plain.parameters()), next(tiny_model(tokenizer).parameters()))
+
+
+def test_gradient_checkpointing_trains_a_lora_adapter(tokenizer):
+    """Under a frozen base no layer input needs a gradient: the adapter must still get its gradients."""
+    from alignment.config import LoraConfig
+    from alignment.lora import add_adapter
+
+    cfg = dict(batch_size=4, max_steps=1, learning_rate=1e-2, warmup_steps=0)
+    lora = LoraConfig(r=2, alpha=4)
+    plain, _ = run(tokenizer, TrainConfig(**cfg), model=add_adapter(tiny_model(tokenizer), lora))
+    checkpointed, _ = run(
+        tokenizer,
+        TrainConfig(**cfg, gradient_checkpointing=True),
+        model=add_adapter(tiny_model(tokenizer), lora),
+    )
+    assert checkpointed.is_gradient_checkpointing
+    moved = 0
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        moved += "lora_B" in name and bool(a.abs().sum() > 0)  # lora_B starts at zero
+    assert moved > 0
+
+
+def test_a_model_without_gradient_checkpointing_is_a_clear_error():
+    with pytest.raises(ValueError, match="gradient_checkpointing: Linear does not support it"):
+        prepare_model(torch.nn.Linear(2, 2), TrainConfig(gradient_checkpointing=True))
+
+
+def test_fused_adamw_follows_the_device():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # auto: torch's default on a CPU (what every run did before the knob), the fused kernel on a GPU
+    assert make_optimizer(params, TrainConfig(), cpu).defaults["fused"] is None
+    assert make_optimizer(params, TrainConfig(), cuda).defaults["fused"] is True
+    assert make_optimizer(params, TrainConfig(fused_adamw="off"), cuda).defaults["fused"] is None
+    with pytest.raises(ValueError, match="fused_adamw: on needs a GPU, but the parameters train on cpu"):
+        make_optimizer(params, TrainConfig(fused_adamw="on"), cpu)
+    # parameter groups with their own learning rate (PPO's policy and critic)
+    groups = make_optimizer([{"params": params, "lr": 0.5}], TrainConfig(learning_rate=0.1), cpu).param_groups
+    assert groups[0]["lr"] == 0.5

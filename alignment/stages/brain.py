@@ -3,7 +3,9 @@ p(y|x) ∝ p_sft(y|x) L(x, y) defined by the reward model.
 
 The outer loop, in numbered steps:
   1. Draw n samples per training prompt from the proposal (the SFT model at first) and keep, per
-     sample, its tokens, log q (of the model that drew it), log p_sft and the reward-model score.
+     sample, its tokens, log q (of the model that drew it), log p_sft and the reward-model score. Each
+     sample has its own seed (prompt, slot, step); several processes draw and score a block each and
+     all gather the same samples.
   2. Train with the shared loop: each step's prompts bring their n samples; `brain_loss` turns
      log pi_theta, log q and log p_sft + log L into the self-normalised objective.
   3. Every `proposal.refresh_every` steps, redraw a `policy_fraction` of each prompt's samples from
@@ -16,14 +18,16 @@ The outer loop, in numbered steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from alignment import distributed
 from alignment.batching import as_example, collate
 from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
-from alignment.generation import decode_responses, ended, generate_ids
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.losses import sequence_logps
 from alignment.models import check_max_length
 from alignment.paths import Paths
@@ -83,48 +87,53 @@ class SampleStore:
 
 
 class Sampler:
-    """Draws samples from a model into given slots of the store and scores them."""
+    """Draws samples from a model into given slots of the store and scores them. Sample `slot` of a prompt
+    drawn at step s has its own seed (`prompt_seed`), so a sample does not depend on the batch or the
+    process that drew it: the processes each draw and score a block of the samples and all gather the
+    same store, whatever their number."""
 
-    def __init__(self, cfg: BRAInConfig, tokenizer, prompts: list[str], sft, reward: RewardScorer):
+    def __init__(self, cfg: BRAInConfig, tokenizer, prompts: list[str], sft, reward: RewardScorer, seed: int):
         self.cfg, self.tokenizer, self.prompts, self.sft, self.reward = cfg, tokenizer, prompts, sft, reward
-        self.pad = collate(tokenizer.pad_token_id)
+        self.pad, self.seed = collate(tokenizer.pad_token_id), seed
 
-    def draw(self, model, store: SampleStore, slots: range, step: int, seed: int) -> None:
-        cfg, k = self.cfg, len(slots)
-        expanded = [p for p in self.prompts for _ in range(k)]  # sample j of prompt i sits at i*k + j
-        with torch.random.fork_rng():  # the training RNG stream stays as if no sampling happened
-            torch.manual_seed(seed)
-            drawn = generate_ids(model, self.tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
+    def sample(self, model, items: Sequence[tuple[int, int]], step: int) -> list[tuple]:
+        """(prompt ids, response ids, log q, log p_sft, reward) of sample `slot` of prompt `i` drawn from
+        `model` at `step`, for each (i, slot) of `items`."""
+        if not items:  # more processes than samples
+            return []
+        cfg, prompts = self.cfg, [self.prompts[i] for i, _ in items]
+        seeds = [prompt_seed(self.seed * 1_000_003 + step, p, slot) for p, (_, slot) in zip(prompts, items)]
+        drawn = generate_ids(model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, seeds=seeds)
         examples = [as_example(prompt, response) for prompt, response in drawn]
-        proposal = score_logps(model, examples, self.pad, cfg.temperature).view(-1, k)
+        proposal = score_logps(model, examples, self.pad, cfg.temperature)
         sft = (
             proposal
             if model is self.sft and cfg.temperature == 1.0
-            else score_logps(self.sft, examples, self.pad).view(-1, k)
+            else score_logps(self.sft, examples, self.pad)
         )
-        texts = decode_responses(self.tokenizer, drawn)
-        rewards = self.reward(expanded, texts, ended(self.tokenizer, drawn)).view(-1, k)
-        for i in range(len(self.prompts)):
-            store.prompt_ids[i] = drawn[i * k][0]  # as the model saw it (left-truncated if too long)
-            for j, slot in enumerate(slots):
-                store.response_ids[i][slot] = drawn[i * k + j][1]
-        store.proposal_logps[:, slots] = proposal
-        store.sft_logps[:, slots] = sft
-        store.rewards[:, slots] = rewards
-        store.drawn_at[:, slots] = step
+        rewards = self.reward(prompts, decode_responses(self.tokenizer, drawn), ended(self.tokenizer, drawn))
+        scores = torch.stack([proposal, sft, rewards], dim=1).tolist()
+        return [(prompt, response, *row) for (prompt, response), row in zip(drawn, scores)]
 
-    def fresh_store(self, seed: int) -> SampleStore:
-        """n SFT samples per prompt, plus (for the Bradley-Terry likelihood) one more as y_bar."""
+    def draw(self, model, store: SampleStore, slots: range, step: int) -> None:
+        items = [(i, slot) for i in range(len(self.prompts)) for slot in slots]
+        scored = distributed.map_sharded(lambda part: self.sample(model, part, step), items)
+        for (i, slot), (prompt, response, proposal, sft, reward) in zip(items, scored):
+            store.prompt_ids[i] = prompt  # as the model saw it (left-truncated if too long)
+            store.response_ids[i][slot] = response
+            store.proposal_logps[i, slot] = proposal
+            store.sft_logps[i, slot] = sft
+            store.rewards[i, slot] = reward
+            store.drawn_at[i, slot] = step
+
+    def fresh_store(self) -> SampleStore:
+        """n SFT samples per prompt, plus (for the Bradley-Terry likelihood) one more, slot n, as y_bar."""
         store = SampleStore(len(self.prompts), self.cfg.samples_per_prompt)
-        self.draw(self.sft, store, range(store.n), step=0, seed=seed)
+        self.draw(self.sft, store, range(store.n), step=0)
         if self.cfg.likelihood == "bradley_terry":
-            with torch.random.fork_rng():
-                torch.manual_seed(seed + 1)
-                baseline = generate_ids(
-                    self.sft, self.tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.temperature
-                )
-            texts = decode_responses(self.tokenizer, baseline)
-            store.baseline_rewards = self.reward(self.prompts, texts, ended(self.tokenizer, baseline))
+            items = [(i, store.n) for i in range(len(self.prompts))]
+            baseline = distributed.map_sharded(lambda part: self.sample(self.sft, part, 0), items)
+            store.baseline_rewards = torch.tensor([reward for *_, reward in baseline])
         return store
 
 
@@ -199,17 +208,19 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora)
+    policy, sft = distributed.to_device(policy), distributed.to_device(sft)
     check_max_length(cfg.max_length, policy, "brain.max_length")
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
     train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10), tokenizer)
     fingerprint = registry_fingerprint("brain", cfg, paths.root)
     checkpoints = paths.checkpoints("brain")
-    sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward)
+    sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward, cfg.train.seed)
     store_ref: dict = {}
     state = {"step": 0}
+    prompts_per_window = cfg.train.batch_size * distributed.world()  # batch_size is per process
     windows = len(
-        window_indices(len(train_prompts), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, 0)
+        window_indices(len(train_prompts), prompts_per_window, cfg.train.grad_accum, cfg.train.seed, 0)
     )
     total_steps = min(cfg.train.epochs * windows, cfg.train.max_steps or 10**12)
     refresh, n = cfg.proposal.refresh_every, cfg.samples_per_prompt
@@ -224,7 +235,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         state["step"] = step
         if "store" not in store_ref:
             logger.info("step 1: %d SFT samples for each of %d prompts", n, len(train_prompts))
-            store_ref["store"] = sampler.fresh_store(cfg.train.seed)
+            store_ref["store"] = sampler.fresh_store()
 
     def on_step(done: int) -> None:
         """Step 3: redraw the policy's share of the samples."""
@@ -233,11 +244,9 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             logger.info(
                 "step %d: redrawing %d of %d samples per prompt from the policy", done, len(policy_slots), n
             )
-            sampler.draw(
-                policy, store_ref["store"], policy_slots, step=done, seed=cfg.train.seed * 1_000_003 + done
-            )
+            sampler.draw(policy, store_ref["store"], policy_slots, step=done)
 
-    eval_store = Sampler(cfg, tokenizer, eval_prompts, sft, reward).fresh_store(cfg.train.seed + 7)
+    eval_store = Sampler(cfg, tokenizer, eval_prompts, sft, reward, cfg.train.seed + 7).fresh_store()
     step = make_step(cfg, state)
     logger.info(
         "BRAIn (%s baseline, self_normalize=%s, L=%s, beta_r %g): %d prompts x %d samples",

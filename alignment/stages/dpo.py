@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from alignment import distributed, packing
 from alignment.config import DPOConfig
 from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
 from alignment.models import check_max_length
@@ -33,26 +34,66 @@ logger = logging.getLogger(__name__)
 
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) summed response log-probs of the stacked chosen and rejected rows."""
+    if "logit_positions" in batch:
+        return response_token_logps(model, batch)[0].sum(-1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"])
+
+
+def response_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, T) per-token response log-probs and their float mask, chosen rows then rejected, from a padded
+    batch or a padding-free one (alignment/packing.py; there T = R * K, most entries 0)."""
+    if "logit_positions" not in batch:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_logps(logits, batch["labels"])
+    mask = packing.attention_mask(batch["group"], batch["branch"])
+    implementation = getattr(model, "module", model).config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"dpo.padding_free needs sdpa or eager attention (a mask), not {implementation}")
+    if implementation == "eager":  # eager adds its mask to the scores
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    # logits only where a response token is predicted: the LM head and log-softmax skip the prompt
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=mask,
+        logits_to_keep=batch["logit_positions"],
+    ).logits
+    tokens = packing.token_logps(logits, batch["targets"], batch["target_mask"])
+    num_sequences = batch["sequence_lengths"].shape[0]
+    return packing.per_sequence(tokens, batch["target_sequence"], batch["target_mask"], num_sequences)
 
 
 @torch.no_grad()
 def precompute_reference(reference, examples: list[dict], pad, batch_size: int) -> None:
     """Reference log-probs once, before training: the reference never changes, so every later epoch
-    and step reads them from the example instead of running a second model."""
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        logps = policy_logps(reference, pad(chunk))
-        for i, example in enumerate(chunk):
-            example["reference_logps"] = (logps[i].item(), logps[len(chunk) + i].item())
+    and step reads them from the example instead of running a second model. Several processes each
+    compute a block of the examples and all gather."""
+
+    def logps_of(block: list[dict]) -> list[tuple[float, float]]:
+        out = []
+        for start in range(0, len(block), batch_size):
+            chunk = block[start : start + batch_size]
+            batch = {k: v.to(distributed.device()) for k, v in pad(chunk).items()}
+            logps = policy_logps(reference, batch).cpu()
+            out += [(logps[i].item(), logps[len(chunk) + i].item()) for i in range(len(chunk))]
+        return out
+
+    for example, logps in zip(examples, distributed.map_sharded(logps_of, examples)):
+        example["reference_logps"] = logps
 
 
-def collate_with_reference(pad_token_id: int):
+def collate_with_reference(pad_token_id: int, padding_free: bool = False, capacity: int = 512):
+    """Pairs as one batch: padded (chosen rows then rejected), or with `padding_free` packed into rows of
+    about `capacity` tokens, each pair's shared prompt once (alignment/packing.py)."""
     pad = collate_pairs(pad_token_id)
 
     def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad(examples)
+        if padding_free:
+            rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+            batch = packing.pack(rows, capacity, pairs=[(i, len(examples) + i) for i in range(len(examples))])
+        else:
+            batch = pad(examples)
         if all("reference_logps" in e for e in examples):
             chosen, rejected = zip(*(e["reference_logps"] for e in examples))
             batch["reference_logps"] = torch.tensor(chosen + rejected)
@@ -61,10 +102,16 @@ def collate_with_reference(pad_token_id: int):
     return collate_fn
 
 
+def pairs_in(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pairs of a padded or padding-free batch (count_pairs reads the padded row count)."""
+    if "sequence_lengths" in batch:
+        return torch.tensor(batch["sequence_lengths"].shape[0] // 2)
+    return count_pairs(batch)
+
+
 def make_step(reference, cfg: DPOConfig):
     def step(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        tokens, mask = token_logps(logits, batch["labels"])
+        tokens, mask = response_token_logps(model, batch)
         logps = tokens.sum(-1)
         if "reference_logps" in batch:
             reference_logps = batch["reference_logps"]
@@ -93,14 +140,16 @@ def make_step(reference, cfg: DPOConfig):
         elif cfg.loss_type == "unlikelihood":
             losses = unlikelihood_loss(logps[:half], tokens[half:], mask[half:], cfg.unlikelihood_alpha)
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": logps[:half].mean().item(),
-            "logps/rejected": logps[half:].mean().item(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": logps[:half].detach().mean(),
+            "logps/rejected": logps[half:].detach().mean(),
         }
-        return losses.sum(), metrics
+        # one host sync for all six, not one each
+        values = torch.stack(list(metrics.values())).tolist()
+        return losses.sum(), dict(zip(metrics, values))
 
     return step
 
@@ -126,7 +175,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
     eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
-    pad = collate_with_reference(tokenizer.pad_token_id)
+    pad = collate_with_reference(tokenizer.pad_token_id, cfg.padding_free)
     if cfg.precompute_reference:
         precompute_reference(
             reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64
@@ -145,7 +194,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         train_examples,
         pad,
         step,
-        count_pairs,
+        pairs_in,
         cfg.train,
         checkpoint_dir=paths.checkpoints("dpo"),
         fingerprint=registry_fingerprint("dpo", cfg, paths.root),

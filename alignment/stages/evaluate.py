@@ -21,6 +21,7 @@ import logging
 
 import numpy as np
 
+from alignment import distributed
 from alignment.config import EvaluateConfig
 from alignment.data import write_jsonl, write_metrics
 from alignment.evaluation import (
@@ -125,14 +126,14 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         [j.name for j in judges],
     )
 
-    reference_model = load_causal_lm(present[reference_name]).eval()
+    # several processes draw the samples and score the KL, each a block of the prompts; the main process
+    # alone judges (LLM judges keep caches: one writer) and reports
+    device = distributed.device()
+    reference_model = load_causal_lm(present[reference_name]).eval().to(device)
     rows, per_prompt = [], {"prompt": prompts, "reference": references}
     drawn = {}
     for name, path in present.items():
-        model, model_hash = (
-            load_causal_lm(path).eval(),
-            hash_paths([path]),
-        )  # the model is needed for KL anyway
+        model, model_hash = load_causal_lm(path).eval().to(device), hash_paths([path])  # needed for KL anyway
         if model.config.vocab_size != reference_model.config.vocab_size:
             raise ValueError(
                 f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
@@ -142,7 +143,13 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         samples, new = sample(model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
         drawn[name] = samples
         first = samples[0]
-        kl = kl_to_reference(model, reference_model, first.ids)
+        kl = np.asarray(
+            distributed.map_sharded(
+                lambda part: list(kl_to_reference(model, reference_model, part)), first.ids
+            )
+        )
+        if not distributed.is_main():
+            continue
         metrics, judgements = judge_model(
             judges,
             prompts,
@@ -178,6 +185,8 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
             new,
         )
 
+    if not distributed.is_main():
+        return {}
     if cfg.best_of_n.n:
         policy_samples = drawn[cfg.best_of_n.policy]
         rows += best_of_n_rows(cfg, judges, policy_samples, held_out, reference_tokens, limits)

@@ -9,12 +9,12 @@ from collections import Counter
 from itertools import combinations
 
 import numpy as np
-import torch
 
+from alignment import distributed
 from alignment.chat import render_prompt
 from alignment.config import PairsConfig
 from alignment.data import read_jsonl, write_jsonl
-from alignment.generation import decode_responses, ended, generate_ids
+from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.gold import GoldScorer
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
@@ -65,9 +65,8 @@ def label_pairs(
 
 
 def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, model = load_tokenizer(paths.sft), load_causal_lm(paths.sft)
+    tokenizer, model = load_tokenizer(paths.sft), load_causal_lm(paths.sft).to(distributed.device())
     gold = GoldScorer.load(paths.gold)
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
@@ -82,9 +81,25 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             )
         k = cfg.samples_per_prompt
         expanded = [p for p in prompts for _ in range(k)]  # sample j of prompt i sits at i*k + j
-        drawn = generate_ids(model, tokenizer, expanded, cfg.max_new_tokens, cfg.temperature)
-        responses, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn)
-        rewards = gold.reward([p + r for p, r in zip(expanded, responses)]).tolist()
+        # one seed per (prompt, sample): the same samples whichever process of several draws them
+        seeds = [prompt_seed(cfg.seed, p, j) for p in prompts for j in range(k)]
+
+        def draw_and_score(rows: list[int]) -> list:
+            drawn = generate_ids(
+                model,
+                tokenizer,
+                [expanded[i] for i in rows],
+                cfg.max_new_tokens,
+                cfg.temperature,
+                seeds=[seeds[i] for i in rows],
+            )
+            texts = decode_responses(tokenizer, drawn)
+            rewards = gold.reward([expanded[i] + r for i, r in zip(rows, texts)]).tolist()
+            return list(zip(texts, ended(tokenizer, drawn), rewards))
+
+        responses, finished, rewards = map(
+            list, zip(*distributed.map_sharded(draw_and_score, list(range(len(expanded)))))
+        )
         pairs, skipped = [], Counter()
         for i, prompt in enumerate(prompts):
             got, why = label_pairs(
@@ -97,9 +112,10 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             )
             pairs += got
             skipped += why
-        write_jsonl(paths.pairs / f"{split}.jsonl", pairs)
         samples = [{"prompt": p, "response": r, "gold": g} for p, r, g in zip(expanded, responses, rewards)]
-        write_jsonl(paths.pairs / f"samples_{split}.jsonl", samples)
+        if distributed.is_main():
+            write_jsonl(paths.pairs / f"{split}.jsonl", pairs)
+            write_jsonl(paths.pairs / f"samples_{split}.jsonl", samples)
         agree = np.mean([p["chosen_gold"] > p["rejected_gold"] for p in pairs]) if pairs else float("nan")
         metrics |= {
             f"{split}/prompts": len(prompts),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment import distributed
 from alignment.batching import as_example, collate, encode
 from alignment.chat import render_prompt, render_row
 from alignment.config import RestConfig
@@ -79,9 +80,22 @@ def grow(
     repeated = [p for p in prompts for _ in range(g.samples_per_prompt)]
     indices = [j for _ in prompts for j in range(g.samples_per_prompt)]
     seeds = [prompt_seed(cfg.seed * 1_000 + iteration, p, j) for p, j in zip(repeated, indices)]
-    sampled = generate_ids(policy, tokenizer, repeated, g.max_new_tokens, g.temperature, g.top_p, seeds=seeds)
-    responses = decode_responses(tokenizer, sampled)
-    rewards = reward(repeated, responses, ended(tokenizer, sampled)).tolist()
+
+    def draw_and_score(rows: list[int]) -> list:  # several processes: each its block, then all gather
+        picked = [repeated[i] for i in rows]
+        drawn = generate_ids(
+            policy,
+            tokenizer,
+            picked,
+            g.max_new_tokens,
+            g.temperature,
+            g.top_p,
+            seeds=[seeds[i] for i in rows],
+        )
+        texts = decode_responses(tokenizer, drawn)
+        return list(zip(drawn, texts, reward(picked, texts, ended(tokenizer, drawn)).tolist()))
+
+    sampled, responses, rewards = zip(*distributed.map_sharded(draw_and_score, list(range(len(repeated)))))
     return [
         {
             "prompt": p,
@@ -116,32 +130,41 @@ def load_policy(start: Path, paths: Paths, cfg: RestConfig):
     """(policy, SFT): the iteration's start policy to train, and SFT frozen. With LoRA, an adapter on SFT
     (iteration 1's fresh one, continued by later iterations), SFT being the same weights with the adapter
     off; a start policy with another base (a champion saved whole) needs SFT as a second copy."""
+    device = distributed.device()
+
+    def sft():
+        return load_causal_lm(paths.sft).eval().requires_grad_(False).to(device)
+
     if cfg.lora is None:
-        return load_causal_lm(start), load_causal_lm(paths.sft).eval().requires_grad_(False)
+        return load_causal_lm(start).to(device), sft()
     from alignment.lora import AdapterDisabled, load_for_training
 
     policy, base = load_for_training(start, cfg.lora)
+    policy = policy.to(device)
     if Path(base).resolve() == paths.sft.resolve():
         return policy, AdapterDisabled(policy)
-    return policy, load_causal_lm(paths.sft).eval().requires_grad_(False)
+    return policy, sft()
 
 
 def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> dict[str, float]:
     out, start = paths.rest(iteration), paths.resolve(cfg.iterations[str(iteration)])
-    if out.exists():
+    main = distributed.is_main()  # several processes: the main one writes, the others wait
+    if out.exists() and main:
         shutil.rmtree(out)
+    distributed.barrier()
     report = previous_report(paths, iteration)
     history = report["history"]
 
     # step 1. an earlier iteration stopped the run: this one does not train
     if report["stopped"]:
         logger.warning("iteration %d skipped: %s", iteration, report["stopped"])
-        shutil.copytree(start, out / "policy")
-        (out / "report.json").write_text(
-            json.dumps(report | {"skipped": [*report.get("skipped", []), iteration]}, indent=2)
-        )
         metrics = {"iteration": iteration, "skipped": 1}
-        write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
+        if main:
+            shutil.copytree(start, out / "policy")
+            (out / "report.json").write_text(
+                json.dumps(report | {"skipped": [*report.get("skipped", []), iteration]}, indent=2)
+            )
+            write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
         return metrics
 
     tokenizer = load_tokenizer(start)
@@ -167,7 +190,8 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     )
     grown = grow(policy, tokenizer, reward, prompts, cfg, iteration)
     rewards = np.array([row["reward"] for row in grown])
-    write_jsonl(out / "grown.jsonl", grown)
+    if main:
+        write_jsonl(out / "grown.jsonl", grown)
 
     # step 4. Improve steps on the samples above a rising threshold
     lr = learning_rate(cfg.improve.train.learning_rate, cfg.improve.lr_decay, iteration)
@@ -218,7 +242,8 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         offset += result.steps
         record[f"improve/loss_{i}"] = result.history[-1]["loss"] if result.history else float("nan")
     record["improve/steps"] = offset
-    write_jsonl(out / "kept.jsonl", kept_rows)
+    if main:
+        write_jsonl(out / "kept.jsonl", kept_rows)
     save_model(policy, tokenizer, out / "policy", cfg.lora)
 
     # step 5. held-out judge and the guard
@@ -227,12 +252,12 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     stopped = guard(history, cfg.guard)
     if stopped:
         logger.warning("ReST stops: %s", stopped)
-    (out / "report.json").write_text(json.dumps({"history": history, "stopped": stopped}, indent=2))
-
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))} | {
         "guard/stopped": int(bool(stopped))
     }
-    write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
+    if main:
+        (out / "report.json").write_text(json.dumps({"history": history, "stopped": stopped}, indent=2))
+        write_metrics(paths.metrics(f"rest_iter@{iteration}"), metrics)
     if log is not None:
         log.metrics({k: v for k, v in metrics.items() if not k.startswith("improve/loss")}, step=offset)
         log.table(

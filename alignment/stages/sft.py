@@ -8,6 +8,7 @@ from itertools import zip_longest
 
 import torch
 
+from alignment import distributed
 from alignment.batching import collate, encode
 from alignment.chat import render_row
 from alignment.config import SFTConfig
@@ -98,7 +99,8 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
     )
     generations = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
-    write_jsonl(paths.sft / "generations.jsonl", generations)
+    if distributed.is_main():
+        write_jsonl(paths.sft / "generations.jsonl", generations)
 
     final_eval = result.eval_history[-1]
     metrics = {
