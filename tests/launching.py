@@ -105,7 +105,10 @@ def launch(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    env.pop("KILL_WHEN_OPENING", None)
+    # the project's own MLflow store and device: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so an
+    # earlier in-process test may have left another store in this process's environment
+    for key in ("KILL_WHEN_OPENING", "MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID", "ALIGNMENT_DEVICE"):
+        env.pop(key, None)
     if kill_when_opening:
         env["KILL_WHEN_OPENING"] = kill_when_opening
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), str(hooks / "chain.py")]

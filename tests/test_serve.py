@@ -152,8 +152,9 @@ def test_served_retraining_runs_from_the_api(upstream_project, micro_params, ser
             )
             [schedule] = deployment.schedules
             assert schedule.schedule.cron == cron and schedule.active
-            assert client.read_deployment_by_name("alignment-pipeline/alignment-pipeline")  # served beside it
-            assert client.read_deployment_by_name("alignment-sweep/sweep")  # on demand, no schedule
+            # served beside it, and on demand (no schedule): serve() registers them one after another
+            for name in ("alignment-pipeline/alignment-pipeline", "alignment-sweep/sweep"):
+                assert wait_for(lambda n=name: client.read_deployment_by_name(n), 30, name, log)
 
             run = client.create_flow_run_from_deployment(
                 deployment.id, parameters={"overrides": {"rest.improve.train.learning_rate": 0.002}}
