@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,37 @@ def keep_freed_memory() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+CHECKPOINTS_ENV = "ALIGNMENT_CHECKPOINTS_DIR"
+
+
+def link_checkpoints(folder: Path, shared: str | None = None) -> Path:
+    """Make `checkpoints/<stage>` (a DVC out, kept across runs) ready for a stage: a folder, or, when
+    `shared` (default: $ALIGNMENT_CHECKPOINTS_DIR: storage every worker mounts, one per project) is
+    set, a link to `<shared>/<stage>`, so a stage re-run on another worker resumes from the checkpoint a
+    lost one left there (its fingerprint still decides whether it fits). A local folder already there
+    moves to the shared place when that is empty, and otherwise gives way to it."""
+    shared = os.environ.get(CHECKPOINTS_ENV) if shared is None else shared
+    if not shared:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    target = Path(shared).resolve() / folder.name
+    if not (folder.is_symlink() and folder.resolve() == target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.is_dir() and not target.exists():
+            shutil.move(str(folder), str(target))
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.symlink_to(target, target_is_directory=True)
+        except FileExistsError:  # another process of the same launch made it first
+            pass
+    target.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{stage.name}@{args.iteration}",
         )
     if stage.checkpoints:  # a declared DVC out: it must exist even when the run was too short to save one
-        paths.checkpoints(stage.name).mkdir(parents=True, exist_ok=True)
+        link_checkpoints(paths.checkpoints(stage.name))  # or a link into $ALIGNMENT_CHECKPOINTS_DIR
     started = time.perf_counter()
     try:
         if args.no_tracking or not distributed.is_main():  # one MLflow run per stage, whatever the launch

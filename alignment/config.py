@@ -615,6 +615,8 @@ class RetrainConfig(Section):
     champion_dir: str = "outputs/champion"  # where the champion is downloaded to start from
     retrain_rm: bool = False  # re-run the reward model stage first (DVC runs it only if its inputs changed)
     min_improvement: float = Field(default=0.0, ge=0.0)  # on the guard's held-out score
+    # the Prefect global concurrency limit (1 slot) a run holds: no two runs at once, on any machine
+    lock: str = Field(default="alignment-retrain", min_length=1)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -732,7 +734,7 @@ class RLAIFConfig(Section):
 
 
 # ---------------------------------------------------------------------------------- orchestration
-FLOW_SECTIONS = ("sweep", "pipeline", "retrain", "launch")  # never a stage's DVC param
+FLOW_SECTIONS = ("sweep", "pipeline", "retrain", "launch", "workers")  # never a stage's DVC param
 
 # the stages that run as several processes (alignment/distributed.py); the others run as one
 MULTIPROCESS_STAGES = ("sft", "pairs", "rm", "dpo", "brain", "ppo", "rest_iter", "evaluate")
@@ -863,6 +865,46 @@ class PipelineConfig(Section):
         return self
 
 
+class WorkersConfig(Section):
+    """Where the pipeline flow runs each stage (flows/pipeline.py, flows/stage.py); not a DVC param.
+
+    With no pool (the default) every stage runs in the flow's own process and folder, as `make pipeline`
+    does. With pools, each stage is a flow run of the deployment `alignment-stage/<stage>` on its Prefect
+    work pool, executed by a worker in its own checkout (`python -m flows.workers start --pool <pool>`);
+    files move only through the DVC remote and every run logs to the MLflow server of
+    `MLFLOW_TRACKING_URI`."""
+
+    pools: dict[str, str] = {}  # stage (a foreach stage by its name: rest_iter) -> work pool
+    default_pool: str | None = None  # the pool of a stage not in `pools`; null with `pools` empty: local
+    max_parallel: int = Field(
+        default=2, ge=1
+    )  # stage runs at once (only stages that do not depend on each other)
+    stage_timeout_minutes: float | None = Field(
+        default=None, gt=0
+    )  # a child run still going then fails the flow
+    poll_seconds: float = Field(default=5.0, gt=0)  # how often the flow reads its children's states
+    pull_outputs: bool = True  # the flow's folder pulls every out from the remote at the end (dvc pull)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pools) or self.default_pool is not None
+
+    def pool(self, stage: str) -> str | None:
+        return self.pools.get(stage.split("@")[0], self.default_pool)
+
+    @model_validator(mode="after")
+    def _stages_and_pools(self) -> WorkersConfig:
+        from alignment.registry import STAGES
+
+        unknown = [s for s in self.pools if s not in STAGES]
+        if unknown:
+            raise ValueError(f"pools: unknown stage(s) {unknown}; the registry has {list(STAGES)}")
+        empty = [s for s, pool in self.pools.items() if not pool.strip()]
+        if empty or (self.default_pool is not None and not self.default_pool.strip()):
+            raise ValueError(f"a work pool name is empty (stages {empty or ['default_pool']})")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "tokenizer": TokenizerConfig,
@@ -884,6 +926,7 @@ SECTIONS: dict[str, type[Section]] = {
     "sweep": SweepConfig,
     "pipeline": PipelineConfig,
     "launch": LaunchConfig,
+    "workers": WorkersConfig,
 }
 
 

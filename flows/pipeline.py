@@ -19,7 +19,8 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from alignment import registry, tracking
-from alignment.config import SECTIONS, ConfigError, flatten, parse_section, read_params
+from alignment.config import SECTIONS, ConfigError, WorkersConfig, flatten, parse_section, read_params
+from flows.workers import check_deployments, collect, dispatch, revision
 from tasks.dvc import run_stage
 
 
@@ -80,6 +81,24 @@ def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
     return order
 
 
+def check_pools(stages: list[str], workers: WorkersConfig, project: Path) -> None:
+    """Stages on work pools need a pool each, a deployment on it, a shared MLflow server and a commit
+    the workers can check out."""
+    homeless = [stage for stage in stages if workers.pool(stage) is None]
+    if homeless:
+        raise ConfigError(
+            f"workers: no pool for {homeless}; set workers.pools.<stage> or workers.default_pool"
+        )
+    uri = tracking.tracking_uri(project)
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"workers: stages on work pools log to one MLflow server; MLFLOW_TRACKING_URI is {uri!r} "
+            "(start `mlflow server` and export MLFLOW_TRACKING_URI=http://<host>:<port>)"
+        )
+    revision(project)
+    check_deployments(stages, workers)
+
+
 @flow(name="alignment-pipeline")
 def pipeline(
     stages: list[str] | None = None,
@@ -111,15 +130,22 @@ def pipeline(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; dvc.yaml has {list(groups)}")
     chosen = {member for stage in chosen for member in groups.get(stage, [stage])}
+    chosen = [stage for stage in order if stage in chosen]
+    workers = config["workers"]
+    if workers.enabled:  # each stage a flow run on its work pool: pools, deployments, services, commit
+        check_pools(chosen, workers, project)
 
     # step 2. make the overrides visible to DVC, which re-runs exactly the stages whose params changed
     if overrides:
         write_overrides(params_path, overrides)
 
     # step 3. one MLflow parent run; every stage process logs a nested run under it
-    chosen = [stage for stage in order if stage in chosen]
     record = {"stages": ",".join(chosen), "overrides": json.dumps(overrides)}
     with tracking.pipeline_run(config["pipeline"].experiment, flow_run.name, record, project) as parent:
+        if workers.enabled:
+            results = dispatch(chosen, project, workers, overrides, parent)
+            collect(project, results, workers.pull_outputs)
+            return results
         stage_task = run_stage.with_options(retries=retries)
         results = {}
         for stage in chosen:

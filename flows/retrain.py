@@ -5,9 +5,10 @@
 
 Each run, in numbered steps:
   1. Validates params with the overrides applied: a typo fails before any compute.
-  2. Takes the project's retraining lock: runs share the DVC workspace, so a second run started while
-     one is going fails at once instead of overwriting its outputs (the served deployment also runs
-     one at a time). What each finished run made stays: its DVC experiment (`dvc exp show`,
+  2. Takes the retraining lock, a Prefect global concurrency limit of one slot (params `retrain.lock`):
+     a second run started while one is going, on this machine or another, fails at once instead of
+     overwriting its outputs or racing it to the registry alias (the served deployment also runs one
+     at a time). What each finished run made stays: its DVC experiment (`dvc exp show`,
      `dvc exp apply <name>`), its MLflow run and, when promoted, its registered version.
   3. Downloads the champion (the registry alias `retrain.alias` of `retrain.model_name`) into
      `retrain.champion_dir`, where ReST iteration 1 starts; without a champion it starts from
@@ -33,11 +34,14 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from alignment import tracking
@@ -46,16 +50,28 @@ from alignment.paths import Paths
 from alignment.rest import beats_champion
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed, workspace_lock
+from tasks.dvc import BIN, StageFailed
 
 
 class RetrainBusy(RuntimeError):
     """Another retraining run holds the project's lock."""
 
 
-def project_lock(root: Path):
-    """The retraining lock of the workspace at `root` (`.dvc/tmp/retrain.lock`)."""
-    return workspace_lock(root, "retrain", RetrainBusy, "retraining run")
+@contextmanager
+def retraining_lock(name: str, wait_seconds: float = 5.0) -> Iterator[None]:
+    """The one slot of the Prefect global concurrency limit `name` (made with one slot when missing):
+    no two retraining runs overlap, on this machine or on any other that talks to the same server. A
+    second run does not queue: after `wait_seconds` it raises RetrainBusy."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=wait_seconds, strict=True))
+        except TimeoutError:
+            raise RetrainBusy(
+                f"another retraining run holds the Prefect concurrency limit {name!r}"
+            ) from None
+        yield
 
 
 @task(task_run_name="champion {cfg.model_name}@{cfg.alias}", cache_policy=NO_CACHE)
@@ -129,8 +145,8 @@ def retrain(
     retrain_rm = cfg.retrain_rm if retrain_rm is None else retrain_rm
     logger = get_run_logger()
 
-    # step 2. one run at a time per workspace
-    with project_lock(project):
+    # step 2. one run at a time, wherever it runs
+    with retraining_lock(cfg.lock):
         name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.name or 'local'}"
         record = {"experiment": name, "overrides": json.dumps(overrides), "retrain_rm": retrain_rm}
         with tracking.pipeline_run(

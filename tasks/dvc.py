@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +47,23 @@ def workspace_lock(root: Path, name: str, busy: type[Exception], what: str) -> I
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def stream(command: list[str], cwd: Path, env: dict[str, str], logger) -> list[str]:
+    """Run `command`, each line of its output into `logger` as it comes; its lines, or StageFailed with
+    the last 40 of them when it exits non-zero."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
+        for line in process.stdout:
+            if line := line.rstrip():
+                logger.info(line)
+                lines.append(line)
+    if process.returncode:
+        tail = "\n".join(lines[-40:])
+        raise StageFailed(f"{' '.join(command[:2])} {command[-1]} exited with {process.returncode}:\n{tail}")
+    return lines
+
+
 # retries=0: a failed training stage is expensive to repeat and usually fails the same way again;
 # the flow's `retries` parameter raises it for flaky environments. NO_CACHE: DVC is the only cache.
 @task(task_run_name="dvc repro {stage}", retries=0, cache_policy=NO_CACHE)
@@ -58,24 +74,8 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[s
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
-    tail: deque[str] = deque(maxlen=40)
-    ran = False
-    with subprocess.Popen(
-        ["dvc", "repro", stage],
-        cwd=root,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    ) as process:
-        for line in process.stdout:
-            line = line.rstrip()
-            if line:
-                logger.info(line)
-                tail.append(line)
-                ran = ran or line.startswith(f"Running stage '{stage}'")
-    if process.returncode:
-        raise StageFailed(f"dvc repro {stage} exited with {process.returncode}:\n" + "\n".join(tail))
+    lines = stream(["dvc", "repro", stage], Path(root), env, logger)
+    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     metrics = Paths(Path(root)).metrics(stage)
     return {
         "stage": stage,

@@ -208,3 +208,22 @@ def test_trainer_extra_state_is_saved_after_on_step_and_restored_before_on_start
     _, result = run(tokenizer, cfg, on_step=lambda done: stage["refreshed_at"].append(done), **kwargs)
     assert result.resumed_from == 2 and stage["started_with"] == (2, [1, 2])
     assert stage["refreshed_at"] == [1, 2, 3, 4]
+
+
+def test_checkpoints_on_shared_storage_link_and_move(tmp_path, monkeypatch):
+    """ALIGNMENT_CHECKPOINTS_DIR: checkpoints/<stage> becomes a link into the shared folder; a local
+    checkpoint moves there when the shared one is empty, and a second checkout finds it."""
+    from alignment.__main__ import link_checkpoints
+
+    local = tmp_path / "a" / "checkpoints" / "dpo"
+    assert link_checkpoints(local, shared="").is_dir() and not local.is_symlink()  # unset: a folder
+    (local / "latest.json").write_text("{}")
+    monkeypatch.setenv("ALIGNMENT_CHECKPOINTS_DIR", str(tmp_path / "shared"))
+    link_checkpoints(local)
+    assert local.is_symlink() and (tmp_path / "shared" / "dpo" / "latest.json").read_text() == "{}"
+    other = tmp_path / "b" / "checkpoints" / "dpo"  # another worker's checkout
+    other.mkdir(parents=True)
+    (other / "stale.json").write_text("{}")
+    link_checkpoints(other)
+    assert sorted(p.name for p in other.iterdir()) == ["latest.json"]  # the shared one wins
+    assert link_checkpoints(other) == other and other.is_symlink()  # idempotent

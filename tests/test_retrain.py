@@ -13,7 +13,7 @@ from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_setting
 from prefect.testing.utilities import prefect_test_harness
 
 from alignment import tracking
-from flows.retrain import RetrainBusy, project_lock, retrain
+from flows.retrain import RetrainBusy, retrain, retraining_lock
 from tasks.dvc import StageFailed
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,12 @@ def test_champion_moves_only_on_improvement_and_survives_failure(upstream_projec
 
 
 def test_a_second_run_cannot_start_while_one_holds_the_project(upstream_project):
-    with project_lock(upstream_project), pytest.raises(RetrainBusy, match="another retraining run"):
+    # the lock is the server's (a global concurrency limit), not the folder's: held from anywhere, it
+    # stops a run in this folder; released, the next run can take it
+    with retraining_lock("alignment-retrain"), pytest.raises(RetrainBusy, match="another retraining run"):
         retrain(root=str(upstream_project))
+    with retraining_lock("alignment-retrain"):
+        pass
     assert registry(upstream_project) == ([], None)
 
 

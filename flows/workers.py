@@ -1,0 +1,261 @@
+"""Stages on Prefect work pools: the deployments, the workers, and the flow's dispatch of stage runs.
+
+    python -m flows.workers deploy                 # once per params change: pools, one deployment per stage,
+                                                   # the retraining lock (a global concurrency limit)
+    python -m flows.workers start --pool gpu       # in a worker's own checkout; runs that pool's stage runs
+
+Every stage has a deployment `alignment-stage/<stage>` on the work pool params `workers` gives it. Its
+pull step moves a flow run into the worker's checkout (`ALIGNMENT_WORKSPACE`, set by `start`), where
+flows/stage.py reproduces the stage with data in and out through the DVC remote. The pipeline flow
+(flows/pipeline.py) starts the stage runs in DAG order, at most `workers.max_parallel` at once, waits on
+each, merges what each reports into its dvc.lock, and fails with a child's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_client, get_run_logger
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.deployments import run_deployment
+from prefect.states import Crashed
+
+from alignment import registry
+from alignment.config import ConfigError, RetrainConfig, WorkersConfig, load_section
+from alignment.paths import Paths
+from flows.stage import RESULT_KEY, WORKSPACE_ENV, parse_result, read_lock, stage_run, write_lock
+from tasks.dvc import BIN, StageFailed
+
+FLOW_NAME = "alignment-stage"
+ENTRYPOINT = "flows/stage.py:stage_run"
+# resolved by each worker when a run starts, from its own environment: its checkout
+PULL_STEPS = [
+    {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $" + WORKSPACE_ENV + " }}"}}
+]
+
+
+def stage_graph(root: Path, chosen: list[str]) -> dict[str, set[str]]:
+    """Each chosen stage's direct upstream stages among the chosen, from DVC's own graph of dvc.yaml."""
+    from dvc.repo import Repo  # heavy: only the dispatching flow needs it
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        upstream = {s.addressing: {d.addressing for d in graph.successors(s)} for s in graph.nodes}
+    return {stage: upstream.get(stage, set()) & set(chosen) for stage in chosen}
+
+
+def revision(root: Path) -> str:
+    """The commit the workers check out. The flow's folder may differ from it only in what the pipeline
+    writes (dvc.lock, metrics/, plots/) and in params.yaml (the overrides travel with each stage run)."""
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+    ).stdout.split("\n")
+    written = ("dvc.lock", "params.yaml", "metrics/", "plots/")
+    dirty = [line[3:] for line in changed if line and not line[3:].startswith(written)]
+    if dirty:
+        raise ConfigError(f"{root}: commit and push {dirty} first: the workers check out the flow's commit")
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def check_deployments(stages: list[str], cfg: WorkersConfig) -> None:
+    """Every stage has a deployment on the pool params give it: otherwise fail before anything runs."""
+    wrong = []
+    with get_client(sync_client=True) as client:
+        for stage in stages:
+            name = stage.split("@")[0]
+            try:
+                deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{name}")
+            except Exception:  # ObjectNotFound, or no server: both mean "deploy first"
+                wrong.append(f"{name} (no deployment)")
+                continue
+            if deployment.work_pool_name != cfg.pool(stage):
+                wrong.append(f"{name} (on pool {deployment.work_pool_name}, params say {cfg.pool(stage)})")
+    if wrong:
+        raise ConfigError(f"stage deployments out of date: {wrong}; run `python -m flows.workers deploy`")
+
+
+def read_result(client, flow_run_id) -> dict[str, Any]:
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[RESULT_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+        )
+    )
+    if not artifacts:
+        raise StageFailed(f"flow run {flow_run_id} completed without its {RESULT_KEY} artifact")
+    return parse_result(artifacts[0].data)
+
+
+def dispatch(
+    stages: list[str],
+    root: Path,
+    cfg: WorkersConfig,
+    overrides: dict[str, Any],
+    parent_run_id: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Run `stages` (DAG order) as flow runs of their deployments; their results, in that order.
+
+    A stage starts once its upstream stages have completed; a failed or timed-out stage stops new
+    starts, the running ones are waited for (their results are kept in dvc.lock), and StageFailed
+    names every failure."""
+    logger = get_run_logger()
+    commit = revision(root)
+    upstream = stage_graph(root, stages)
+    lock = read_lock(root)
+    lock.setdefault("stages", {})
+    pending, running, results, failures = list(stages), {}, {}, []
+    timeout = None if cfg.stage_timeout_minutes is None else 60 * cfg.stage_timeout_minutes
+    with get_client(sync_client=True) as client:
+        while running or (pending and not failures):
+            # start every stage whose upstream is done, up to max_parallel at once
+            for stage in [s for s in pending if upstream[s] <= results.keys()]:
+                if len(running) >= cfg.max_parallel or failures:
+                    break
+                parameters = {
+                    "stage": stage,
+                    "revision": commit,
+                    "lock": lock,
+                    "overrides": overrides,
+                    "parent_run_id": parent_run_id,
+                }
+                child = run_deployment(
+                    f"{FLOW_NAME}/{stage.split('@')[0]}", parameters=parameters, timeout=0, as_subflow=True
+                )
+                logger.info("%s -> pool %s: flow run %s", stage, cfg.pool(stage), child.name)
+                running[stage] = (child.id, time.monotonic())
+                pending.remove(stage)
+            if not running:
+                break  # nothing can start: an upstream stage failed
+            time.sleep(cfg.poll_seconds)
+            for stage, (run_id, started) in list(running.items()):
+                state = client.read_flow_run(run_id).state
+                if state.is_final():
+                    del running[stage]
+                    if not state.is_completed():
+                        failures.append(f"{stage} ({state.name}): {state.message}")
+                        continue
+                    results[stage] = read_result(client, run_id)
+                    lock["stages"][stage] = results[stage]["lock"]
+                    write_lock(root, lock)  # every finished stage counts, even if a later one fails
+                    logger.info(
+                        "%s %s on %s",
+                        stage,
+                        "ran" if results[stage]["ran"] else "was up to date",
+                        results[stage]["workspace"],
+                    )
+                elif timeout is not None and time.monotonic() - started > timeout:
+                    del running[stage]
+                    message = (
+                        f"still {state.name} after workers.stage_timeout_minutes="
+                        f"{cfg.stage_timeout_minutes}: its worker on pool {cfg.pool(stage)} "
+                        "was lost or is stuck"
+                    )
+                    client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+                    failures.append(f"{stage}: {message}")
+    if failures:
+        not_started = f"; not started: {pending}" if pending else ""
+        raise StageFailed("stage run(s) failed: " + "; ".join(failures) + not_started)
+    return {stage: results[stage] for stage in stages}
+
+
+def collect(root: Path, results: dict[str, dict[str, Any]], pull: bool) -> None:
+    """The flow's folder after the stage runs: each stage's metrics file (not in the remote: DVC does
+    not cache metrics) and, with `pull`, every out from the remote."""
+    paths = Paths(root)
+    for stage, result in results.items():
+        if not result["metrics"]:  # not run by its worker: this folder's metrics file stays as it is
+            continue
+        path = paths.metrics(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result["metrics"], indent=2, sort_keys=True) + "\n")
+    if pull:
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        done = subprocess.run(
+            ["dvc", "pull", "--allow-missing", *results], cwd=root, env=env, capture_output=True, text=True
+        )
+        if done.returncode:
+            raise StageFailed(
+                f"dvc pull in {root} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
+            )
+
+
+def deploy(params: str = "params.yaml") -> list[str]:
+    """The work pools (process type, created when missing), one deployment per stage on its pool, and
+    the retraining lock; returns the deployment names."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.utilities.callables import parameter_schema
+
+    cfg: WorkersConfig = load_section("workers", params)
+    retraining: RetrainConfig = load_section("retrain", params)
+    if not cfg.enabled:
+        raise ConfigError(f"{params}: workers.pools and workers.default_pool are empty: nothing to deploy")
+    names = []
+    with get_client(sync_client=True) as client:
+        for pool in sorted({p for p in [*cfg.pools.values(), cfg.default_pool] if p}):
+            try:
+                client.read_work_pool(pool)
+            except Exception:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = client.create_flow_from_name(FLOW_NAME)
+        schema = parameter_schema(stage_run).model_dump()
+        for stage in registry.STAGES:
+            pool = cfg.pool(stage)
+            if pool is None:
+                continue
+            client.create_deployment(  # an upsert: the same name replaces the old one
+                flow_id=flow_id,
+                name=stage,
+                work_pool_name=pool,
+                entrypoint=ENTRYPOINT,
+                pull_steps=PULL_STEPS,
+                parameter_openapi_schema=schema,
+                parameters={"stage": stage},
+                description=f"dvc repro --single-item {stage} on a worker of pool {pool}",
+                tags=["alignment", "dvc", "stage"],
+            )
+            names.append(f"{FLOW_NAME}/{stage}")
+        client.upsert_global_concurrency_limit_by_name(retraining.lock, 1)
+    return names
+
+
+def start(pool: str, name: str | None) -> int:
+    """A process worker on `pool` whose stage runs work in this checkout (the working directory)."""
+    env = {**os.environ, WORKSPACE_ENV: str(Path.cwd().resolve())}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # --limit 1: one checkout, one DVC workspace, one stage at a time (more at once: more workers)
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
+    if name:
+        command += ["--name", name]
+    return subprocess.call(command, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.workers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    deploying = sub.add_parser("deploy", help="work pools, one deployment per stage, the retraining lock")
+    deploying.add_argument("--params", default="params.yaml")
+    starting = sub.add_parser("start", help="a process worker for this checkout")
+    starting.add_argument("--pool", required=True)
+    starting.add_argument("--name", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        return start(args.pool, args.name)
+    try:
+        for name in deploy(args.params):
+            print(name)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
