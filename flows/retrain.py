@@ -30,10 +30,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -50,7 +48,7 @@ from alignment.paths import Paths
 from alignment.rest import beats_champion
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed
+from tasks.dvc import BIN, stream
 
 
 class RetrainBusy(RuntimeError):
@@ -107,16 +105,7 @@ def run_experiment(
     for key, value in settings.items():
         command += ["-S", f"++{key}={json.dumps(value)}"]  # ++: set, whether or not params has the key
     logger.info("%s", " ".join([*command, *targets]))
-    tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        [*command, *targets], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as process:
-        for line in process.stdout:
-            if line := line.rstrip():
-                logger.info(line)
-                tail.append(line)
-    if process.returncode:
-        raise StageFailed(f"dvc exp run {name} exited with {process.returncode}:\n" + "\n".join(tail))
+    stream([*command, *targets], Path(root), env, logger, f"dvc exp run {name}")
 
 
 @flow(name="rest-retraining")

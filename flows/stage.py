@@ -104,7 +104,7 @@ def done_before(root: Path, env: dict[str, str], stage: str, lock: dict[str, Any
 
 def dvc(root: Path, env: dict[str, str], *args: str) -> list[str]:
     """A dvc command, its output in the run log; StageFailed with the tail of it when it fails."""
-    return stream(["dvc", *args], root, env, get_run_logger())
+    return stream(["dvc", *args], root, env, get_run_logger(), f"dvc {' '.join(args)}")
 
 
 @flow(name="alignment-stage", flow_run_name="{stage}")

@@ -36,7 +36,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from alignment import sweep as analysis
 from alignment.config import FLOW_SECTIONS, ConfigError, SweepConfig, read_params
 from alignment.tracking import PARENT_RUN_ENV
 from flows.pipeline import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed, workspace_lock
+from tasks.dvc import BIN, StageFailed, stream, workspace_lock
 
 
 class SweepBusy(RuntimeError):
@@ -125,18 +124,8 @@ def run_point(
             command += ["-s", *point["stages"]]
             logger.info("%s", " ".join(command))
             env = dvc_env({PARENT_RUN_ENV: run_id, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project)})
-            tail: deque[str] = deque(maxlen=40)
             started = time.perf_counter()
-            with subprocess.Popen(
-                command, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            ) as process:
-                for line in process.stdout:
-                    if line := line.rstrip():
-                        tail.append(line)
-                        if not line.startswith(("train:", "\r")):  # progress bars stay in the stage's log
-                            logger.info(line)
-            if process.returncode:
-                raise StageFailed(f"{name} exited with {process.returncode}:\n" + "\n".join(tail))
+            stream(command, Path(root), env, logger, name, hide=("train:", "\r"))
             logger.info("%s: %.0f s", name, time.perf_counter() - started)
             recorded = finished_experiments(project).get(name)
             if recorded is None:

@@ -47,20 +47,24 @@ def workspace_lock(root: Path, name: str, busy: type[Exception], what: str) -> I
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def stream(command: list[str], cwd: Path, env: dict[str, str], logger) -> list[str]:
-    """Run `command`, each line of its output into `logger` as it comes; its lines, or StageFailed with
-    the last 40 of them when it exits non-zero."""
+def stream(
+    command: list[str], cwd: Path, env: dict[str, str], logger, what: str, hide: tuple[str, ...] = ()
+) -> list[str]:
+    """Run `command`, each line of its output into `logger` as it comes (but lines starting with one of
+    `hide`: progress bars stay in the stage's own log); its lines, or StageFailed("<what> exited with
+    <code>") and the last 40 of them."""
     lines: list[str] = []
     with subprocess.Popen(
         command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as process:
         for line in process.stdout:
             if line := line.rstrip():
-                logger.info(line)
                 lines.append(line)
+                if not (hide and line.startswith(hide)):
+                    logger.info(line)
     if process.returncode:
         tail = "\n".join(lines[-40:])
-        raise StageFailed(f"{' '.join(command[:2])} {command[-1]} exited with {process.returncode}:\n{tail}")
+        raise StageFailed(f"{what} exited with {process.returncode}:\n{tail}")
     return lines
 
 
@@ -74,7 +78,7 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[s
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
-    lines = stream(["dvc", "repro", stage], Path(root), env, logger)
+    lines = stream(["dvc", "repro", stage], Path(root), env, logger, f"dvc repro {stage}")
     ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     metrics = Paths(Path(root)).metrics(stage)
     return {
