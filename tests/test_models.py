@@ -1,16 +1,20 @@
 """Models and tokenizers: trained BPE, models built from a config, and a real GGUF checkpoint."""
 
+import json
 from importlib.util import find_spec
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from alignment.config import ModelConfig
+from alignment.config import LoraConfig, ModelConfig
 from alignment.generation import generate
+from alignment.lora import add_adapter, save_adapter
 from alignment.models import (
     build_model,
+    flash_attention_usable,
     load_causal_lm,
+    load_sequence_classifier,
     load_tokenizer,
     save_pretrained,
     smollm2_gguf,
@@ -77,6 +81,33 @@ def test_load_options_reach_the_model(tmp_path):
     loaded = build_model(cfg, tokenizer)
     assert loaded.dtype == torch.float16 and loaded.config._attn_implementation == "eager"
     assert load_causal_lm(tmp_path, dtype="auto").dtype == torch.float32  # as saved
+
+
+def test_the_attention_implementation_follows_the_saved_model(tmp_path):
+    """SFT's attn_implementation is what every later stage loads its folder with (causal LM, reward model,
+    an adapter on it); an explicit choice at load wins; flash attention saved on a GPU machine loads with
+    sdpa where it cannot run (no flash_attn, or no CUDA), instead of failing the stage."""
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
+    small = dict(n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32)
+    save_pretrained(
+        build_model(ModelConfig(**small, attn_implementation="eager"), tokenizer), tokenizer, tmp_path
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == "eager"
+    loaded = load_causal_lm(tmp_path)
+    assert loaded.config._attn_implementation == "eager"
+    assert load_sequence_classifier(tmp_path).config._attn_implementation == "eager"
+    assert load_causal_lm(tmp_path, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    save_pretrained(loaded, tokenizer, tmp_path / "dpo")  # a later stage's output keeps it
+    assert load_causal_lm(tmp_path / "dpo").config._attn_implementation == "eager"
+    adapter = add_adapter(load_causal_lm(tmp_path), LoraConfig(r=2, alpha=4))
+    save_adapter(adapter, tokenizer, tmp_path / "lora")
+    assert load_causal_lm(tmp_path / "lora").config._attn_implementation == "eager"
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attn_implementation": "flash_attention_2"}))
+    assert not flash_attention_usable()  # this machine: no flash_attn, no CUDA
+    assert load_causal_lm(tmp_path).config._attn_implementation == "sdpa"
+    assert load_sequence_classifier(tmp_path).config._attn_implementation == "sdpa"
 
 
 @pytest.mark.slow
