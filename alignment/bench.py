@@ -79,11 +79,14 @@ def stage_parts(args, model, tokenizer, pairs: list[dict]):
     return examples, collate_fn, dpo.make_step(None, DPOConfig()), dpo.pairs_in, tokens
 
 
-def timed_windows(num_examples: int, args) -> list[list[int]]:
+def timed_windows(tokens: list[int], args) -> list[list[int]]:
     """The example indices of each timed step, in the trainer's order (seed 0, one process)."""
-    per_epoch = len(window_indices(num_examples, args.batch_size, 1, 0, 0))
+    n, group = len(tokens), args.group_by_length
+    per_epoch = len(window_indices(n, args.batch_size, 1, 0, 0))
     steps = range(args.warmup, args.warmup + args.steps)
-    return [window_indices(num_examples, args.batch_size, 1, 0, i // per_epoch)[i % per_epoch] for i in steps]
+    return [
+        window_indices(n, args.batch_size, 1, 0, i // per_epoch, tokens, group)[i % per_epoch] for i in steps
+    ]
 
 
 def bench(args) -> dict:
@@ -103,6 +106,7 @@ def bench(args) -> dict:
         device=device,
         resume=False,
         log_every=args.warmup + args.steps,
+        group_by_length=args.group_by_length,
     )
     ended = []  # the clock at each optimizer step's end; the warmup steps (allocator, caches) are not timed
 
@@ -113,13 +117,14 @@ def bench(args) -> dict:
 
     train(model, examples, collate_fn, step, count, cfg, on_step=clock)
     seconds = ended[-1] - ended[args.warmup - 1]
-    real_tokens = sum(tokens[i] for window in timed_windows(len(examples), args) for i in window)
+    real_tokens = sum(tokens[i] for window in timed_windows(tokens, args) for i in window)
     params = sum(p.numel() for p in model.parameters())
     result = {
         "stage": args.stage,
         "model": args.model,
         "parameters": params,
         "padding_free": args.padding_free,
+        "group_by_length": args.group_by_length,
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
@@ -148,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     parser.add_argument("--padding-free", action="store_true", help="DPO: packed pairs (dpo.padding_free)")
     parser.add_argument("--capacity", type=int, default=512, help="padding-free: tokens per packed row")
+    parser.add_argument(
+        "--group-by-length", type=int, default=None, metavar="K", help="length-grouped runs of K windows"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU peak; default: by GPU name")

@@ -189,6 +189,11 @@ class TrainConfig(OptimizerConfig):
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     log_every: int = Field(default=10, ge=1)
     eval_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: at the end only
+    group_by_length: int | None = Field(default=None, ge=2)
+    """k: length-grouped windows. Each run of k windows of the epoch's shuffled order is sorted by example
+    length and cut into windows again, and the windows are shuffled: a micro-batch holds examples of
+    similar length, so the padded batches waste less compute on padding (most with long-tailed lengths
+    such as HH dialogue), at the price of windows that are no longer uniform draws. None: off"""
 
 
 class SampleConfig(Section):
@@ -367,6 +372,12 @@ class BRAInConfig(OnPolicyConfig):
     proposal: ProposalConfig = ProposalConfig()
     train: TrainConfig = TrainConfig(batch_size=8, learning_rate=1e-4)  # batch_size: prompts per micro-batch
     register_as: str | None = "alignment-brain"
+
+    @model_validator(mode="after")
+    def _no_length_groups(self) -> BRAInConfig:
+        if self.train.group_by_length is not None:
+            raise ValueError("train.group_by_length: BRAIn's windows are of prompts, whose samples change")
+        return self
 
 
 class BrainVarianceConfig(Section):
@@ -883,6 +894,10 @@ class WorkersConfig(Section):
         default=None, gt=0
     )  # a child run still going then fails the flow
     poll_seconds: float = Field(default=5.0, gt=0)  # how often the flow reads its children's states
+    heartbeat_seconds: int | None = Field(default=30, ge=30)
+    """a stage run's heartbeat (Prefect's minimum: 30 s); `deploy` adds the automation that marks a run
+    Crashed after 3 missed ones, so a lost worker fails the flow in minutes; null: no automation, only
+    `stage_timeout_minutes` tells"""
     pull_outputs: bool = True  # the flow's folder pulls every out from the remote at the end (dvc pull)
 
     @property

@@ -50,13 +50,42 @@ class TrainResult:
 
 
 def window_indices(
-    num_examples: int, micro_batch: int, accumulation: int, seed: int, epoch: int
+    num_examples: int,
+    micro_batch: int,
+    accumulation: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
+    group: int | None = None,
 ) -> list[list[int]]:
-    """Example indices of each optimizer step of an epoch, in order; an incomplete last window is dropped."""
+    """Example indices of each optimizer step of an epoch, in order; an incomplete last window is dropped.
+
+    With `group` k (and each example's `lengths`): every run of k windows is sorted by length, longest
+    first, and cut into windows again, and the windows of the epoch are shuffled, so that the examples of
+    a micro-batch are of similar length. The same examples are trained on as without grouping, and the
+    windows are the same for any number of processes with the same total batch."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
     size = micro_batch * accumulation
-    return [order[i : i + size] for i in range(0, num_examples - size + 1, size)]
+    windows = [order[i : i + size] for i in range(0, num_examples - size + 1, size)]
+    if group is None:
+        return windows
+    if lengths is None or len(lengths) != num_examples:
+        raise ValueError("length-grouped windows need one length per example")
+    grouped = []
+    for start in range(0, len(windows), group):
+        run = sorted(
+            (i for window in windows[start : start + group] for i in window), key=lambda i: -lengths[i]
+        )
+        grouped += [run[i : i + size] for i in range(0, len(run), size)]
+    return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
+
+
+def example_length(example: dict) -> int:
+    """The tokens of an encoded example: its input_ids, or those of its rows (a pair's chosen, rejected)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return sum(example_length(value) for value in example.values() if isinstance(value, dict))
 
 
 def prepare_model(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.nn.Module:
@@ -118,6 +147,11 @@ def train(
         mixed_precision=cfg.mixed_precision, cpu=use_cpu(cfg.device), step_scheduler_with_optimizer=False
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    lengths = None
+    if cfg.group_by_length is not None:
+        lengths = [example_length(example) for example in examples]
+        if not any(lengths):
+            raise ValueError("train.group_by_length: these examples carry no input_ids to group by")
     windows_per_epoch = len(
         window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, 0)
     )
@@ -152,9 +186,15 @@ def train(
     started, tokens_seen, pending = time.perf_counter(), 0, []
     for step_index in range(result.resumed_from, total_steps):
         epoch, position = divmod(step_index, windows_per_epoch)
-        window = window_indices(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.seed, epoch)[
-            position
-        ]
+        window = window_indices(
+            len(examples),
+            cfg.batch_size * world,
+            cfg.grad_accum,
+            cfg.seed,
+            epoch,
+            lengths,
+            cfg.group_by_length,
+        )[position]
         mine = window[rank::world]  # this process's share of the window
         batches = [
             collate([examples[i] for i in mine[j : j + cfg.batch_size]])

@@ -1,7 +1,7 @@
 """Stages on Prefect work pools: the deployments, the workers, and the flow's dispatch of stage runs.
 
     python -m flows.workers deploy                 # once per params change: pools, one deployment per stage,
-                                                   # the retraining lock (a global concurrency limit)
+                                                   # the lost-worker automation, the retraining lock
     python -m flows.workers start --pool gpu       # in a worker's own checkout; runs that pool's stage runs
 
 Every stage has a deployment `alignment-stage/<stage>` on the work pool params `workers` gives it. Its
@@ -187,9 +187,54 @@ def collect(root: Path, results: dict[str, dict[str, Any]], pull: bool) -> None:
             )
 
 
+LOST_RUNS = "alignment: stage runs whose worker was lost"
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+MISSED_HEARTBEATS = 3  # a stage run silent this many heartbeats long is taken for lost
+
+
+def lost_runs_automation(heartbeat_seconds: int):
+    """The Prefect automation that marks a stage run Crashed when its heartbeats stop (its worker's machine
+    went away, or the process was killed without a word): after a heartbeat, the server expects the next
+    one, or a final state, within MISSED_HEARTBEATS heartbeats. Prefect's recipe for zombie flow runs,
+    restricted to the flow `alignment-stage`; the pipeline flow sees the Crashed child and fails at once,
+    without waiting for `workers.stage_timeout_minutes`."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    within = MISSED_HEARTBEATS * heartbeat_seconds
+    finals = ("Completed", "Failed", "Cancelled", "Crashed")
+    return AutomationCore(
+        name=LOST_RUNS,
+        description=f"a stage run with no heartbeat for {within} s: its worker was lost",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in finals)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within} s: its worker was lost (machine down or process killed)",
+            )
+        ],
+    )
+
+
 def deploy(params: str = "params.yaml") -> list[str]:
-    """The work pools (process type, created when missing), one deployment per stage on its pool, and
-    the retraining lock; returns the deployment names."""
+    """The work pools (process type, created when missing), one deployment per stage on its pool (its
+    runs send a heartbeat every `workers.heartbeat_seconds`), the automation that crashes a run whose
+    heartbeats stop, and the retraining lock; returns the deployment names."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.utilities.callables import parameter_schema
 
@@ -198,6 +243,8 @@ def deploy(params: str = "params.yaml") -> list[str]:
     if not cfg.enabled:
         raise ConfigError(f"{params}: workers.pools and workers.default_pool are empty: nothing to deploy")
     names = []
+    # Prefect's own default (180 s) when off: the heartbeats then drive nothing of ours
+    heartbeat_env = {} if cfg.heartbeat_seconds is None else {HEARTBEAT_ENV: str(cfg.heartbeat_seconds)}
     with get_client(sync_client=True) as client:
         for pool in sorted({p for p in [*cfg.pools.values(), cfg.default_pool] if p}):
             try:
@@ -220,8 +267,13 @@ def deploy(params: str = "params.yaml") -> list[str]:
                 parameters={"stage": stage},
                 description=f"dvc repro --single-item {stage} on a worker of pool {pool}",
                 tags=["alignment", "dvc", "stage"],
+                job_variables={"env": heartbeat_env},
             )
             names.append(f"{FLOW_NAME}/{stage}")
+        for old in client.read_automations_by_name(LOST_RUNS):  # re-created: params may have changed
+            client.delete_automation(old.id)
+        if cfg.heartbeat_seconds is not None:
+            client.create_automation(lost_runs_automation(cfg.heartbeat_seconds))
         client.upsert_global_concurrency_limit_by_name(retraining.lock, 1)
     return names
 

@@ -74,6 +74,7 @@ def test_flow_runs_stages_then_finds_them_up_to_date(project):
         ({"overrides": {"workers.default_pool": "gpu"}}, "MLFLOW_TRACKING_URI"),
         ({"overrides": {"workers.pools": {"sft": "gpu"}}}, "no pool for"),
         ({"overrides": {"workers.pools": {"rlhf": "gpu"}}}, "pools: unknown stage"),
+        ({"overrides": {"workers.heartbeat_seconds": 10}}, "heartbeat_seconds"),  # Prefect's minimum: 30
     ],
 )
 def test_invalid_input_fails_before_any_stage(project, kwargs, message):

@@ -7,7 +7,14 @@ from alignment.batching import collate, encode
 from alignment.config import ModelConfig, TrainConfig
 from alignment.losses import IGNORE_INDEX
 from alignment.models import build_model, train_tokenizer
-from alignment.trainer import count_response_tokens, make_optimizer, prepare_model, train, window_indices
+from alignment.trainer import (
+    count_response_tokens,
+    example_length,
+    make_optimizer,
+    prepare_model,
+    train,
+    window_indices,
+)
 from alignment.trainer import nll_step as step
 
 TEXTS = [
@@ -69,6 +76,52 @@ def test_windows_are_a_pure_function_of_seed_and_epoch():
     assert window_indices(10, 2, 2, seed=1, epoch=0) != window_indices(10, 2, 2, seed=1, epoch=1)
     windows = window_indices(10, 2, 2, seed=1, epoch=0)
     assert len(windows) == 2 and all(len(w) == 4 for w in windows)  # the incomplete window is dropped
+
+
+def test_length_grouped_windows_train_the_same_examples_with_less_padding():
+    """Hand-worked: 8 examples of lengths 10, 11, ..., 17 in windows of 2, grouped in runs of 2 windows:
+    each run's 4 examples sorted longest first and cut into 2 windows again; the 4 windows shuffled."""
+    lengths = [10 + i for i in range(8)]
+    plain = window_indices(8, 2, 1, seed=3, epoch=0)
+    grouped = window_indices(8, 2, 1, seed=3, epoch=0, lengths=lengths, group=2)
+    expected = set()
+    for run in (plain[0] + plain[1], plain[2] + plain[3]):
+        run = sorted(run, reverse=True)  # length = 10 + index: longest first is the largest index first
+        expected |= {tuple(run[:2]), tuple(run[2:])}
+    assert {tuple(w) for w in grouped} == expected and len(grouped) == 4
+    assert grouped == window_indices(8, 2, 1, seed=3, epoch=0, lengths=lengths, group=2)  # pure
+
+    # long-tailed lengths, as HH's: far less padding (each window padded to its longest), same examples
+    torch.manual_seed(0)
+    lengths = (torch.distributions.Exponential(0.02).sample((2000,)) + 8).long().tolist()
+
+    def padding(windows):
+        return sum(len(w) * max(lengths[i] for i in w) - sum(lengths[i] for i in w) for w in windows)
+
+    plain = window_indices(2000, 8, 1, seed=0, epoch=0)
+    grouped = window_indices(2000, 8, 1, seed=0, epoch=0, lengths=lengths, group=50)
+    assert sorted(i for w in grouped for i in w) == sorted(i for w in plain for i in w)
+    assert padding(grouped) < 0.2 * padding(plain)
+    with pytest.raises(ValueError, match="one length per example"):
+        window_indices(8, 2, 1, seed=0, epoch=0, lengths=[1, 2], group=2)
+
+
+def test_group_by_length_needs_examples_with_tokens(tokenizer):
+    from alignment.config import BRAInConfig
+
+    with pytest.raises(ValueError, match="group_by_length"):
+        BRAInConfig(train={"group_by_length": 4})
+    with pytest.raises(ValueError, match="no input_ids"):
+        train(
+            tiny_model(tokenizer),
+            [{"index": i} for i in range(8)],
+            None,
+            step,
+            count_response_tokens,
+            TrainConfig(batch_size=2, group_by_length=2),
+        )
+    # a pair's length is both rows'
+    assert example_length({"chosen": {"input_ids": [1, 2, 3]}, "rejected": {"input_ids": [1, 2]}}) == 5
 
 
 def test_batch_8_x_accumulation_1_equals_batch_1_x_accumulation_8(tokenizer):
