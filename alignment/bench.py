@@ -28,7 +28,7 @@ from alignment.data import split_hh_transcript
 from alignment.models import build_model, load_causal_lm, load_tokenizer, train_tokenizer
 from alignment.preference import collate_pairs, encode_pair
 from alignment.stages import dpo
-from alignment.trainer import count_response_tokens, nll_step, train, window_indices
+from alignment.trainer import count_response_tokens, example_length, nll_step, train, window_indices
 
 HH_PAIRS = Path(__file__).resolve().parent.parent / "data" / "embedded" / "hh_pairs.jsonl.gz"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per GPU, from the datasheets
@@ -67,16 +67,14 @@ def peak_tflops(device: str, given: float | None) -> float | None:
 
 
 def stage_parts(args, model, tokenizer, pairs: list[dict]):
-    """(examples, collate, step, count, tokens of each example) of the stage as the pipeline builds them."""
+    """(examples, collate, step, count) of the stage as the pipeline builds them."""
     if args.stage == "sft":
         examples = [encode(tokenizer, p["prompt"], p["chosen"], args.max_length, True) for p in pairs]
-        tokens = [len(e["input_ids"]) for e in examples]
-        return examples, collate(tokenizer.pad_token_id), nll_step, count_response_tokens, tokens
+        return examples, collate(tokenizer.pad_token_id), nll_step, count_response_tokens
     examples = [encode_pair(tokenizer, p, args.max_length) for p in pairs]
     dpo.precompute_reference(copy.deepcopy(model).eval(), examples, collate_pairs(tokenizer.pad_token_id), 64)
     collate_fn = dpo.collate_with_reference(tokenizer.pad_token_id, args.padding_free, args.capacity)
-    tokens = [len(e["chosen"]["input_ids"]) + len(e["rejected"]["input_ids"]) for e in examples]
-    return examples, collate_fn, dpo.make_step(None, DPOConfig()), dpo.pairs_in, tokens
+    return examples, collate_fn, dpo.make_step(None, DPOConfig()), dpo.pairs_in
 
 
 def timed_windows(tokens: list[int], args) -> list[list[int]]:
@@ -95,7 +93,8 @@ def bench(args) -> dict:
     model, tokenizer = model_and_tokenizer(args.model, pairs, args.vocab_size)  # BPE on every pair
     pairs = pairs[: args.pairs]
     model.to(args.device)
-    examples, collate_fn, step, count, tokens = stage_parts(args, model, tokenizer, pairs)
+    examples, collate_fn, step, count = stage_parts(args, model, tokenizer, pairs)
+    tokens = [example_length(example) for example in examples]  # real tokens: a pair's both rows
     precision = "bf16" if args.dtype == "bf16" else "no"
     device = "cpu" if args.device == "cpu" else "auto"
 

@@ -184,17 +184,23 @@ def train(
 
     model.train()
     started, tokens_seen, pending = time.perf_counter(), 0, []
+    windows, windows_epoch = [], None  # the current epoch's windows, drawn once per epoch
     for step_index in range(result.resumed_from, total_steps):
         epoch, position = divmod(step_index, windows_per_epoch)
-        window = window_indices(
-            len(examples),
-            cfg.batch_size * world,
-            cfg.grad_accum,
-            cfg.seed,
-            epoch,
-            lengths,
-            cfg.group_by_length,
-        )[position]
+        if epoch != windows_epoch:
+            windows, windows_epoch = (
+                window_indices(
+                    len(examples),
+                    cfg.batch_size * world,
+                    cfg.grad_accum,
+                    cfg.seed,
+                    epoch,
+                    lengths,
+                    cfg.group_by_length,
+                ),
+                epoch,
+            )
+        window = windows[position]
         mine = window[rank::world]  # this process's share of the window
         batches = [
             collate([examples[i] for i in mine[j : j + cfg.batch_size]])
