@@ -14,17 +14,17 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import checkpoint, distributed, registry, tracking
-from alignment.config import ConfigError, flatten, load_all, load_section
-from alignment.data import DataError
+from alignment import registry, tracking
+from alignment.config import ConfigError, flatten
+from alignment.data.io import DataError
 from alignment.paths import Paths, hash_paths
+from alignment.training import checkpoint, distributed
 
 
 def keep_freed_memory() -> None:
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "stage",
         choices=[*registry.STAGES, "check", "dvc-yaml"],
-        help="a stage to run; `check` validates params; `dvc-yaml` writes dvc.yaml from the registry",
+        help="a stage to run; `check` validates the stages' params; `dvc-yaml` writes dvc.yaml from the "
+        "registry (flows/dvc_yaml.py)",
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="dvc-yaml: fail if dvc.yaml differs instead of writing it"
     )
     args = parser.parse_args(argv)
-    if args.stage == "dvc-yaml":
-        return write_dvc_yaml(Path(args.params), args.check)
+    if args.stage == "dvc-yaml":  # DVC's file is the orchestration's: written by flows/dvc_yaml.py
+        from flows import dvc_yaml
+
+        return dvc_yaml.write(Path(args.params), args.check)
     stage = registry.STAGES.get(args.stage)
     if stage is not None and (stage.foreach is not None) != (args.iteration is not None):
         parser.error(
@@ -99,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.stage == "check":
-            load_all(args.params)
-            print(f"{args.params}: ok")
+            registry.load_stage_sections(args.params)
+            print(
+                f"{args.params}: every stage's section is valid (the flows' sections: python -m flows.config)"
+            )
             return 0
-        cfg = load_section(stage.params_section, args.params)
-        pipeline = load_section("pipeline", args.params)
+        cfg = registry.load_section(stage.params_section, args.params)
+        experiment = registry.load_section("tracking", args.params).experiment
         if args.iteration is not None and str(args.iteration) not in cfg.iterations:
             raise ConfigError(
                 f"{args.params}: rest.iterations has no iteration {args.iteration!r}; "
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             resume = run_to_continue(stage, name, cfg, paths, args.iteration)
             with (
-                tracking.stage_run(name, pipeline.experiment, resume_run_id=resume) as log,
+                tracking.stage_run(name, experiment, resume_run_id=resume) as log,
                 run_ledger(paths, name, log.run_id),
             ):
                 log.params(flatten(cfg))
@@ -196,7 +201,7 @@ def run_to_continue(stage: registry.Stage, name: str, cfg, paths: Paths, iterati
     found = None
     if stage.checkpoints:
         found = checkpoint.load(
-            paths.checkpoints(name), registry.fingerprint(stage.name, cfg, paths.root, iteration)
+            paths.checkpoints(name), checkpoint.fingerprint(stage.name, cfg, paths.root, iteration)
         )
     if found is not None and found[1].get("run_id") == dead["run_id"]:
         logging.getLogger(__name__).info(
@@ -216,35 +221,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def write_dvc_yaml(params: Path, check: bool) -> int:
-    """dvc.yaml beside `params`: the project's (every stage) for ./params.yaml, a profile's (its
-    `pipeline.stages`, run in its folder, a DVC subrepo) for a params file in a folder of its own
-    (configs/<profile>/)."""
-    folder = params.resolve().parent
-    path = folder / "dvc.yaml"
-    launch = load_section("launch", str(params))
-    if folder == Path.cwd().resolve():
-        text = registry.dvc_yaml(launch=launch)
-    else:
-        stages = [s.split("@")[0] for s in load_section("pipeline", str(params)).stages]
-        root = os.path.relpath(Path.cwd(), folder)
-        relative = folder.relative_to(Path.cwd().resolve()).as_posix()
-        text = registry.PROFILE_HEADER.format(params=params, folder=relative) + registry.dvc_yaml(
-            stages, root, launch
-        )
-        if not check and not (folder / ".dvc").is_dir():  # a DVC subrepo: apart from the project's DAG
-            subprocess.run(["dvc", "init", "--subdir", "-q"], cwd=folder, check=True)
-    if check:
-        if path.exists() and path.read_text() == text:
-            print(f"{path}: up to date")
-            return 0
-        print(f"{path}: differs from the registry; run `python -m alignment dvc-yaml`", file=sys.stderr)
-        return 1
-    path.write_text(text)
-    print(f"{path}: written from alignment/registry.py")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python -m alignment.bench --stage dpo --model gpt2:4x256 --batch-size 8 --max-length 256 --steps 20
     python -m alignment.bench --stage dpo --model gpt2:4x256 --padding-free --device cuda --dtype bf16
 
-It runs the shared training loop (alignment/trainer.py) with the stage's collate and step, DPO with its
+It runs the shared training loop (alignment/training/trainer.py) with the stage's collate and step, DPO
+with its
 reference log-probs precomputed, on real HH-RLHF pairs (the embedded copy) and a BPE tokenizer trained
 on them, so it measures what `dvc repro` runs. tokens/s counts the real tokens of the sequences a step
 trains on (prompt + response of each chosen and rejected row), whatever the layout: padded and
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from alignment.batching import collate, encode
 from alignment.config import DPOConfig, ModelConfig, TrainConfig
-from alignment.data import split_hh_transcript
-from alignment.models import build_model, load_causal_lm, load_tokenizer, train_tokenizer
-from alignment.preference import collate_pairs, encode_pair
+from alignment.data.batching import collate, encode
+from alignment.data.preference_data import collate_pairs, encode_pair
+from alignment.data.sources import split_hh_transcript
+from alignment.models.loading import build_model, load_causal_lm, load_tokenizer, train_tokenizer
 from alignment.stages import dpo
-from alignment.trainer import count_response_tokens, example_length, nll_step, train, window_indices
+from alignment.training.trainer import count_response_tokens, example_length, nll_step, train, window_indices
 
 HH_PAIRS = Path(__file__).resolve().parent.parent / "data" / "embedded" / "hh_pairs.jsonl.gz"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per GPU, from the datasheets

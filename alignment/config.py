@@ -311,7 +311,8 @@ class DPOConfig(Section):
     precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
     padding_free: bool = False
     """pack each batch's pairs end to end, no padding, each pair's shared prompt run once
-    (alignment/packing.py): the same loss up to float rounding, faster on ragged data; sdpa or eager only."""
+    (alignment/data/packing.py): the same loss up to float rounding, faster on ragged data; sdpa or eager
+    only."""
     source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
     eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
     samples: SampleConfig = SampleConfig(temperature=1.0)
@@ -324,6 +325,25 @@ class DPOConfig(Section):
         if "ipo_length_normalize" in self.model_fields_set and self.loss_type != "ipo":
             raise ValueError(f"ipo_length_normalize applies to loss_type ipo only, not {self.loss_type}")
         return self
+
+
+class SimPOConfig(Section):
+    """SimPO (Meng et al. 2024): no reference model; the implicit reward is the policy's average log-prob
+    of a response times beta, and the chosen one must win by a target margin gamma."""
+
+    data: PreferenceData = PreferenceData(sources=("imdb_pairs",))
+    lora: LoraConfig | None = None  # None: train every weight
+    train: TrainConfig = TrainConfig()
+    max_length: int = Field(default=256, ge=8)
+    beta: float = Field(default=2.0, gt=0.0)  # scales the length-normalised log-probs (the paper: 2 to 2.5)
+    gamma: float = Field(default=1.0, ge=0.0)  # target reward margin (the paper: gamma / beta about 0.5)
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, lt=0.5
+    )  # as cDPO: labels flipped with this probability
+    source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
+    eval_prompts: int = Field(default=200, ge=1)
+    samples: SampleConfig = SampleConfig(temperature=1.0)
+    register_as: str | None = "alignment-simpo"
 
 
 # --------------------------------------------------------------------------------- on-policy stages
@@ -497,7 +517,8 @@ class GRPOConfig(GroupRLConfig):
     as a loss term. Defaults as TRL's GRPOTrainer."""
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token losses are averaged (alignment/group_rl_loss.py `aggregate`): grpo, each completion's
+    """how per-token losses are averaged (alignment/losses/group_rl_loss.py `aggregate`): grpo, each
+    completion's
     token mean; bnpo and dapo, the token mean of the minibatch; dr_grpo, sum / (B x max_new_tokens)"""
     scale_rewards: bool = True  # divide by the group's std; False: Dr. GRPO's unscaled advantages
     register_as: str | None = "alignment-grpo"
@@ -514,11 +535,6 @@ class RLOOConfig(GroupRLConfig):
 
 
 # --------------------------------------------------------------------------------------------- ReST
-class ScheduleConfig(Section):
-    cron: str | None = None  # e.g. "0 3 * * *"; None: the deployment runs only when triggered
-    timezone: str = "UTC"
-
-
 class ThresholdConfig(Section):
     """tau of Improve step i (0-based) = start + i * increment: a reward value, or a percentile of the
     iteration's grown rewards. Only samples with reward strictly above tau are kept."""
@@ -616,20 +632,6 @@ class RestConfig(PolicyStageConfig):
         return self
 
 
-class RetrainConfig(Section):
-    """The scheduled retraining flow (flows/retrain.py): ReST rounds from the champion as a DVC experiment."""
-
-    deployment: str = Field(default="rest-retraining", min_length=1)
-    schedule: ScheduleConfig = ScheduleConfig()
-    model_name: str = Field(default="alignment-rest", min_length=1)  # the registered model
-    alias: str = Field(default="champion", min_length=1)  # moves only when a new policy beats it
-    champion_dir: str = "outputs/champion"  # where the champion is downloaded to start from
-    retrain_rm: bool = False  # re-run the reward model stage first (DVC runs it only if its inputs changed)
-    min_improvement: float = Field(default=0.0, ge=0.0)  # on the guard's held-out score
-    # the Prefect global concurrency limit (1 slot) a run holds: no two runs at once, on any machine
-    lock: str = Field(default="alignment-retrain", min_length=1)
-
-
 # --------------------------------------------------------------------------------------- evaluation
 class OpenAIJudgeConfig(Section):
     """A judge served behind any OpenAI-compatible chat-completions endpoint (vLLM, Ollama, TGI, OpenAI)."""
@@ -709,9 +711,10 @@ class EvaluateConfig(Section):
     """Every policy and the reference (gold) responses on the same held-out prompts, judged by the RM,
     the gold scorer and optionally an LLM; leaderboard, reward-KL frontier, win-rate chart."""
 
-    models: dict[str, str] = Field(default_factory=lambda: {"sft": "outputs/sft"}, min_length=1)
-    """name -> a saved policy folder; the first is the reference for KL. A folder that does not exist
-    is skipped and reported (a pipeline without PPO still gets its leaderboard)."""
+    models: dict[str, str] | None = Field(default=None, min_length=1)
+    """name -> a saved policy folder; the first is the reference for KL. None: the SFT model and every
+    policy stage of the registry (alignment/registry.py, `policy=True`), in its order. A folder that does
+    not exist is skipped and reported (a pipeline without PPO still gets its leaderboard)."""
     source: str = "imdb"  # which prepared prompts, with the held-out SFT response as the reference
     split: Literal["eval", "test"] = "test"
     prompts: int = Field(default=200, ge=1)
@@ -744,205 +747,12 @@ class RLAIFConfig(Section):
     seed: int = 0
 
 
-# ---------------------------------------------------------------------------------- orchestration
-FLOW_SECTIONS = ("sweep", "pipeline", "retrain", "launch", "workers")  # never a stage's DVC param
+# ------------------------------------------------------------------------------------------ tracking
+class TrackingConfig(Section):
+    """Where every stage process records its MLflow run (alignment/tracking.py); not a DVC param of any
+    stage. The server comes from MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db in the project)."""
 
-# the stages that run as several processes (alignment/distributed.py); the others run as one
-MULTIPROCESS_STAGES = ("sft", "pairs", "rm", "dpo", "brain", "ppo", "rest_iter", "evaluate")
-
-
-class StageLaunch(Section):
-    """How dvc.yaml's `cmd` starts one stage: `python -m alignment <stage>` (one process), or as several
-    processes through `torchrun --standalone --nproc_per_node <processes>` (one machine; gloo on CPU,
-    NCCL on GPUs) or `accelerate launch --config_file <config_file>` (configs/accelerate/: one GPU,
-    DDP, FSDP2, DeepSpeed ZeRO-2/3)."""
-
-    launcher: Literal["python", "torchrun", "accelerate"] = "python"
-    processes: int = Field(default=1, ge=1)  # torchrun only: processes on this machine
-    config_file: str | None = None  # accelerate only: a path from the project root
-
-    @model_validator(mode="after")
-    def _options_match_launcher(self) -> StageLaunch:
-        if self.launcher != "torchrun" and "processes" in self.model_fields_set:
-            raise ValueError(f"processes applies to launcher torchrun, not {self.launcher}")
-        if (self.launcher == "accelerate") != (self.config_file is not None):
-            raise ValueError("launcher accelerate needs a config_file, and only it takes one")
-        return self
-
-    def command(self, root: str = "") -> str:
-        """The command that runs `-m alignment ...` for this launch (`root`: the way up to the project)."""
-        if self.launcher == "torchrun":
-            return f"torchrun --standalone --nproc_per_node {self.processes}"
-        if self.launcher == "accelerate":
-            config = f"{root}/{self.config_file}" if root else self.config_file
-            return f"accelerate launch --config_file {config}"
-        return "python"
-
-
-class LaunchConfig(Section):
-    """Read by `python -m alignment dvc-yaml` when it writes each stage's `cmd`; a stage not named here
-    runs as one process."""
-
-    stages: dict[str, StageLaunch] = {}
-
-    @model_validator(mode="after")
-    def _stages_can_run_as_several(self) -> LaunchConfig:
-        from alignment.registry import STAGES  # the registry is plumbing: imported when validating only
-
-        for name, launch in self.stages.items():
-            if name not in STAGES:
-                raise ValueError(f"stages.{name}: not a stage; the stages: {list(STAGES)}")
-            if name not in MULTIPROCESS_STAGES and launch.launcher != "python":
-                raise ValueError(
-                    f"stages.{name}: runs as one process; these run as several: {list(MULTIPROCESS_STAGES)}"
-                )
-        return self
-
-
-class SweepMethodConfig(Section):
-    """One method of a sweep: the DVC stage(s) each point runs (alone: shared upstream outputs are
-    never re-run), its strength knob and values, the params key of its seed, and fixed settings."""
-
-    stages: tuple[str, ...] = Field(min_length=1)  # e.g. [dpo]; ReST: [rest_iter@1, rest_iter@2]
-    knob: str | None = None  # a dotted params key, e.g. dpo.beta; None: one point per seed
-    values: tuple[float | int | str, ...] = ()
-    seed: str = Field(min_length=3)  # the dotted params key the sweep's seeds go to, e.g. dpo.train.seed
-    set: dict[str, Any] = Field(default_factory=dict)  # fixed dotted settings, e.g. {brain.baseline: none}
-
-    @model_validator(mode="after")
-    def _knob_and_values(self) -> SweepMethodConfig:
-        if (self.knob is None) != (not self.values):
-            raise ValueError("knob and values go together: a knob needs values, values need a knob")
-        return self
-
-
-class SweepConfig(Section):
-    """Seeded sweeps (flows/sweep.py): every method x strength x seed a DVC experiment of its own stage,
-    reported as a reward-KL frontier with intervals over seeds, matched-KL comparisons and the papers'
-    claims. Read by the flow only; not a DVC param of any stage."""
-
-    seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
-    methods: dict[str, SweepMethodConfig] = Field(default_factory=dict)
-    matched_kl: tuple[float, ...] = Field(default=(2.0, 5.0), min_length=1)  # nats, for the comparisons
-    level: float = Field(default=0.95, gt=0.5, lt=1.0)
-    out: str = "outputs/sweep"
-
-    @model_validator(mode="after")
-    def _stages_and_keys(self) -> SweepConfig:
-        from alignment.registry import STAGES
-
-        for name, method in self.methods.items():
-            for stage in method.stages:
-                if stage.split("@")[0] not in STAGES:
-                    raise ValueError(f"methods.{name}.stages: unknown stage {stage!r}")
-            for key in [method.seed, *method.set, *([method.knob] if method.knob else [])]:
-                if key.split(".")[0] not in SECTIONS or key.split(".")[0] in FLOW_SECTIONS:
-                    raise ValueError(f"methods.{name}: {key!r} is not a key of a stage's params section")
-        return self
-
-
-class PipelineConfig(Section):
-    """Read by the Prefect flow and the serve script; not a DVC param of any stage."""
-
-    stages: tuple[str, ...] = (
-        "prepare",
-        "tokenizer",
-        "sft",
-        "gold",
-        "pairs",
-        "rm",
-        "dpo",
-        "brain_variance",
-        "brain",
-        "ppo",
-        "grpo",
-        "rloo",
-        "rest_iter",
-        "rest",
-        "best_of_n",
-        "evaluate",
-    )
     experiment: str = Field(default="alignment", min_length=1)  # MLflow experiment name
-    deployment: str = Field(default="alignment-pipeline", min_length=1)
-    schedule: ScheduleConfig = ScheduleConfig()
-
-    @model_validator(mode="after")
-    def _stages_are_registered(self) -> PipelineConfig:
-        from alignment.registry import STAGES  # the registry is plumbing: imported when validating only
-
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; the registry has {list(STAGES)}")
-        return self
-
-
-class WorkersConfig(Section):
-    """Where the pipeline flow runs each stage (flows/pipeline.py, flows/stage.py); not a DVC param.
-
-    With no pool (the default) every stage runs in the flow's own process and folder, as `make pipeline`
-    does. With pools, each stage is a flow run of the deployment `alignment-stage/<stage>` on its Prefect
-    work pool, executed by a worker in its own checkout (`python -m flows.workers start --pool <pool>`);
-    files move only through the DVC remote and every run logs to the MLflow server of
-    `MLFLOW_TRACKING_URI`."""
-
-    pools: dict[str, str] = {}  # stage (a foreach stage by its name: rest_iter) -> work pool
-    default_pool: str | None = None  # the pool of a stage not in `pools`; null with `pools` empty: local
-    max_parallel: int = Field(
-        default=2, ge=1
-    )  # stage runs at once (only stages that do not depend on each other)
-    stage_timeout_minutes: float | None = Field(
-        default=None, gt=0
-    )  # a child run still going then fails the flow
-    poll_seconds: float = Field(default=5.0, gt=0)  # how often the flow reads its children's states
-    heartbeat_seconds: int | None = Field(default=30, ge=30)
-    """a stage run's heartbeat (Prefect's minimum: 30 s); `deploy` adds the automation that marks a run
-    Crashed after 3 missed ones, so a lost worker fails the flow in minutes; null: no automation, only
-    `stage_timeout_minutes` tells"""
-    pull_outputs: bool = True  # the flow's folder pulls every out from the remote at the end (dvc pull)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.pools) or self.default_pool is not None
-
-    def pool(self, stage: str) -> str | None:
-        return self.pools.get(stage.split("@")[0], self.default_pool)
-
-    @model_validator(mode="after")
-    def _stages_and_pools(self) -> WorkersConfig:
-        from alignment.registry import STAGES
-
-        unknown = [s for s in self.pools if s not in STAGES]
-        if unknown:
-            raise ValueError(f"pools: unknown stage(s) {unknown}; the registry has {list(STAGES)}")
-        empty = [s for s, pool in self.pools.items() if not pool.strip()]
-        if empty or (self.default_pool is not None and not self.default_pool.strip()):
-            raise ValueError(f"a work pool name is empty (stages {empty or ['default_pool']})")
-        return self
-
-
-SECTIONS: dict[str, type[Section]] = {
-    "prepare": PrepareConfig,
-    "tokenizer": TokenizerConfig,
-    "sft": SFTConfig,
-    "gold": GoldConfig,
-    "pairs": PairsConfig,
-    "rm": RewardModelConfig,
-    "dpo": DPOConfig,
-    "brain": BRAInConfig,
-    "brain_variance": BrainVarianceConfig,
-    "ppo": PPOConfig,
-    "grpo": GRPOConfig,
-    "rloo": RLOOConfig,
-    "rest": RestConfig,
-    "best_of_n": BestOfNStageConfig,
-    "evaluate": EvaluateConfig,
-    "rlaif": RLAIFConfig,
-    "retrain": RetrainConfig,
-    "sweep": SweepConfig,
-    "pipeline": PipelineConfig,
-    "launch": LaunchConfig,
-    "workers": WorkersConfig,
-}
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -956,16 +766,17 @@ def read_params(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
     return data
 
 
-def parse_section(name: str, raw: dict[str, Any] | None, path: str | Path = "params.yaml") -> Section:
-    """Validate one section; errors name the file and each offending dotted key."""
+def parse_section(
+    schema: type[Section], name: str, raw: dict[str, Any] | None, path: str | Path = "params.yaml"
+) -> Section:
+    """Validate section `name` of params file `path` against `schema`; errors name the file and each
+    offending dotted key. (Which schema a section has: alignment/registry.py for the stages,
+    flows/config.py for the flows.)"""
     try:
-        return SECTIONS[name].model_validate(raw or {})
+        return schema.model_validate(raw or {})
     except ValidationError as error:
         problems = []
         for e in error.errors():
@@ -973,16 +784,6 @@ def parse_section(name: str, raw: dict[str, Any] | None, path: str | Path = "par
             got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
             problems.append(f"{key}: {e['msg']}{got}")
         raise ConfigError(f"{path}: invalid params\n  " + "\n  ".join(problems)) from None
-
-
-def load_section(name: str, path: str | Path = "params.yaml") -> Section:
-    return parse_section(name, read_params(path).get(name), path)
-
-
-def load_all(path: str | Path = "params.yaml") -> dict[str, Section]:
-    """Every section, validated: what the flow checks before it starts any stage."""
-    raw = read_params(path)
-    return {name: parse_section(name, raw.get(name), path) for name in SECTIONS}
 
 
 def flatten(config: BaseModel | dict, prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignment.registry import get
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -14,8 +16,6 @@ class Paths:
 
     def out(self, stage: str, iteration: int | str | None = None) -> Path:
         """The output folder of `stage` (of its item `iteration`, for a foreach stage)."""
-        from alignment.registry import get  # the registry is plumbing: not a code dep of the stages
-
         return self.root / get(stage).output.replace("${key}", str(iteration))
 
     @property

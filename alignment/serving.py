@@ -9,13 +9,13 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
     """`predict(prompts)` -> greedy continuations (params: max_new_tokens)."""
 
     def load_context(self, context) -> None:
-        from alignment.models import load_causal_lm, load_tokenizer
+        from alignment.models.loading import load_causal_lm, load_tokenizer
 
         path = context.artifacts["hf_model"]
         self.tokenizer, self.model = load_tokenizer(path), load_causal_lm(path).eval()
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        from alignment.generation import generate
+        from alignment.models.generation import generate
 
         prompts = list(model_input["prompt"] if hasattr(model_input, "columns") else model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", 48))
@@ -27,7 +27,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
     complete answers (closed with EOS) unless a `finished` column says which were cut off."""
 
     def load_context(self, context) -> None:
-        from alignment.reward import RewardScorer
+        from alignment.models.reward_model import RewardScorer
 
         self.scorer = RewardScorer(context.artifacts["hf_model"])
 

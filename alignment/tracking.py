@@ -139,7 +139,7 @@ class Tracker:
         """
         from alignment.serving import PYFUNCS
 
-        adapter_config = Path(model_dir) / "adapter_config.json"  # alignment.models.ADAPTER_CONFIG
+        adapter_config = Path(model_dir) / "adapter_config.json"  # alignment.models.loading.ADAPTER_CONFIG
         info = self._mlflow.pyfunc.log_model(
             name="model",
             python_model=PYFUNCS[kind](),

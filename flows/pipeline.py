@@ -16,52 +16,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from ruamel.yaml import YAML
 
 from alignment import registry, tracking
-from alignment.config import SECTIONS, ConfigError, WorkersConfig, flatten, parse_section, read_params
+from alignment.config import ConfigError, flatten
+from flows.config import WorkersConfig
+from flows.overrides import parse_overrides, validated, write_overrides
 from flows.workers import check_deployments, collect, dispatch, revision
 from tasks.dvc import run_stage
-
-
-def set_dotted(params: dict, key: str, value: Any) -> None:
-    """`set_dotted(p, "sft.train.learning_rate", 3e-4)`; a number indexes a list
-    (`prepare.sources.0.limit`)."""
-    *parents, last = key.split(".")
-    node = params
-    try:
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    except (AttributeError, IndexError, TypeError, ValueError):  # through a scalar, or a bad list index
-        raise ConfigError(f"override {key}: no such key") from None
-
-
-def validated(params_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Every section of params (with overrides applied), validated: a bad key fails before any stage."""
-    params = read_params(params_path)
-    for key, value in overrides.items():
-        if key.split(".")[0] not in SECTIONS:
-            raise ConfigError(f"override {key}: unknown section; known: {sorted(SECTIONS)}")
-        set_dotted(params, key, value)
-    return {name: parse_section(name, params.get(name), params_path) for name in SECTIONS}
-
-
-def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
-    """Round-trip edit of params.yaml, so that its comments and key order survive."""
-    yaml = YAML()  # round-trip mode
-    yaml.indent(mapping=2, sequence=4, offset=2)  # the file's own layout: list items indented under their key
-    yaml.width = 4096  # never re-wrap a long flow-style list
-    yaml.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    params = yaml.load(params_path)
-    for key, value in overrides.items():
-        set_dotted(params, key, value)
-    yaml.dump(params, params_path)
 
 
 def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -141,7 +102,7 @@ def pipeline(
 
     # step 3. one MLflow parent run; every stage process logs a nested run under it
     record = {"stages": ",".join(chosen), "overrides": json.dumps(overrides)}
-    with tracking.pipeline_run(config["pipeline"].experiment, flow_run.name, record, project) as parent:
+    with tracking.pipeline_run(config["tracking"].experiment, flow_run.name, record, project) as parent:
         if workers.enabled:
             results = dispatch(chosen, project, workers, overrides, parent)
             collect(project, results, workers.pull_outputs)
@@ -172,17 +133,6 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
             "look at: mlflow ui --backend-store-uri sqlite:///mlflow.db | dvc dag | dvc metrics show",
         ]
     )
-
-
-def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` arguments as overrides, each value parsed as YAML (`3e-4`, `null`, `[a, b]`)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item}: expected KEY=VALUE")
-        overrides[key] = YAML(typ="safe").load(value)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,11 +43,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from alignment import tracking
-from alignment.config import ConfigError, RestConfig, RetrainConfig
+from alignment.config import ConfigError, RestConfig
 from alignment.paths import Paths
-from alignment.rest import beats_champion
 from alignment.tracking import PARENT_RUN_ENV
-from flows.pipeline import parse_overrides, validated
+from alignment.training.rest_rules import beats_champion
+from flows.config import RetrainConfig
+from flows.overrides import parse_overrides, validated
 from tasks.dvc import BIN, stream
 
 
@@ -139,7 +140,7 @@ def retrain(
         name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.name or 'local'}"
         record = {"experiment": name, "overrides": json.dumps(overrides), "retrain_rm": retrain_rm}
         with tracking.pipeline_run(
-            config["pipeline"].experiment, name, record, project, kind="retrain"
+            config["tracking"].experiment, name, record, project, kind="retrain"
         ) as parent:
             # step 3. start from the champion
             champion = fetch_champion(cfg, str(project))

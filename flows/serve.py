@@ -20,7 +20,7 @@ import argparse
 from prefect import serve
 from prefect.schedules import Cron
 
-from alignment.config import PipelineConfig, RetrainConfig, ScheduleConfig, load_section
+from flows.config import PipelineConfig, RetrainConfig, ScheduleConfig, load_section
 from flows.pipeline import pipeline
 from flows.retrain import retrain
 from flows.sweep import sweep

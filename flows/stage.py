@@ -34,6 +34,7 @@ from ruamel.yaml import YAML
 
 from alignment.paths import Paths
 from alignment.tracking import PARENT_RUN_ENV
+from flows.overrides import write_overrides
 from tasks.dvc import BIN, StageFailed, stream
 
 WORKSPACE_ENV = "ALIGNMENT_WORKSPACE"  # the worker's checkout; the deployments' pull step moves there
@@ -127,7 +128,6 @@ def stage_run(
         remote: a DVC remote name (default: the checkout's default remote).
     Returns: the stage, whether it ran, its dvc.lock entry, its metrics and where it ran.
     """
-    from flows.pipeline import write_overrides  # the flow module imports this one
 
     logger = get_run_logger()
     root = workspace()

@@ -44,10 +44,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from alignment import registry, tracking
-from alignment import sweep as analysis
-from alignment.config import FLOW_SECTIONS, ConfigError, SweepConfig, read_params
+from alignment.config import ConfigError, read_params
+from alignment.evaluation import sweep_stats as analysis
 from alignment.tracking import PARENT_RUN_ENV
-from flows.pipeline import parse_overrides, validated
+from flows.config import FLOW_SECTIONS, SweepConfig
+from flows.overrides import parse_overrides, validated
 from tasks.dvc import BIN, StageFailed, stream, workspace_lock
 
 
@@ -187,7 +188,7 @@ def sweep(
 
     # step 2. one sweep at a time per workspace
     with workspace_lock(project, "sweep", SweepBusy, "sweep"):
-        tracking.end_stale_runs(config["pipeline"].experiment, ("sweep", "sweep_point"), project)
+        tracking.end_stale_runs(config["tracking"].experiment, ("sweep", "sweep_point"), project)
         record = {
             "methods": ",".join(chosen),
             "seeds": json.dumps(list(cfg.seeds)),
@@ -195,7 +196,7 @@ def sweep(
         }
         name = f"sweep-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
         with tracking.pipeline_run(
-            config["pipeline"].experiment, name, record, project, kind="sweep"
+            config["tracking"].experiment, name, record, project, kind="sweep"
         ) as parent:
             # step 3. the points, one DVC experiment each
             points, failed = [], []

@@ -28,8 +28,9 @@ from prefect.deployments import run_deployment
 from prefect.states import Crashed
 
 from alignment import registry
-from alignment.config import ConfigError, RetrainConfig, WorkersConfig, load_section
+from alignment.config import ConfigError
 from alignment.paths import Paths
+from flows.config import RetrainConfig, WorkersConfig, load_section
 from flows.stage import RESULT_KEY, WORKSPACE_ENV, parse_result, read_lock, stage_run, write_lock
 from tasks.dvc import BIN, StageFailed
 

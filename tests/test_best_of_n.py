@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from alignment.config import parse_section
-from alignment.evaluation import best_of_n_kl
+from alignment.evaluation.leaderboard import best_of_n_kl
 from alignment.paths import Paths
 from alignment.stages import best_of_n
 from tests.conftest import MICRO_PARAMS

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from alignment.brain_loss import brain_loss, log_likelihood
-from alignment.losses import dpo_loss
+from alignment.losses.brain_loss import brain_loss, log_likelihood
+from alignment.losses.preference_loss import dpo_loss
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 MODES = [  # (self_normalize, baseline)

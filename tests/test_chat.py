@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from alignment.batching import collate, encode, prompt_ids
-from alignment.chat import hh_messages, render_prompt, render_row
 from alignment.config import PrepareConfig, Source
-from alignment.data import DataError, prepare
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.losses import IGNORE_INDEX
-from alignment.models import load_causal_lm, load_tokenizer, smollm2_gguf
+from alignment.data.batching import collate, encode, prompt_ids
+from alignment.data.chat import hh_messages, render_prompt, render_row
+from alignment.data.io import DataError
+from alignment.data.sources import prepare
+from alignment.losses.logprobs import IGNORE_INDEX
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import load_causal_lm, load_tokenizer, smollm2_gguf
 from tests.conftest import ROOT
 
 HH = ROOT / "data" / "embedded" / "hh_pairs.jsonl.gz"
@@ -114,7 +115,7 @@ def test_smollm2_samples_are_trained_on_token_for_token(smollm2, chat_tokenizer)
 def test_a_cut_response_is_scored_without_eos_and_a_finished_one_with_it(chat_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from alignment.reward import RewardScorer, sequence_rewards
+    from alignment.models.reward_model import RewardScorer, sequence_rewards
 
     tokenizer = chat_tokenizer
     torch.manual_seed(0)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from alignment import checkpoint
 from alignment.config import ModelConfig, TrainConfig
-from alignment.models import build_model, train_tokenizer
-from alignment.ppo_loss import AdaptiveKLController
+from alignment.losses.ppo_loss import AdaptiveKLController
+from alignment.models.loading import build_model, train_tokenizer
 from alignment.stages import ppo
+from alignment.training import checkpoint
 from tests.test_trainer import TEXTS, run
 
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from alignment.chat import render_prompt
 from alignment.config import PrepareConfig, Source
-from alignment.data import (
-    DataError,
+from alignment.data.chat import render_prompt
+from alignment.data.io import DataError
+from alignment.data.sources import (
     clean_review,
     normalise,
     prepare,

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from alignment import distributed
 from alignment.config import LoraConfig, ModelConfig
-from alignment.generation import generate_ids, prompt_seed
-from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.models.generation import generate_ids, prompt_seed
+from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.paths import Paths
+from alignment.training import distributed
 
 META = torch.device("meta")
 TEXTS = ["The film was a joy from start to finish.", "I hated every minute of it.", "Blue, like the sky."]
@@ -85,7 +85,7 @@ def on_meta_only(model) -> bool:
 
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=2, alpha=4)])
 def test_policy_and_reference_load_onto_the_device(on_meta, paths, lora):
-    from alignment.stage_helpers import load_policy_and_reference
+    from alignment.stages.common import load_policy_and_reference
 
     _, policy, reference = load_policy_and_reference(paths.sft, lora)
     assert on_meta_only(policy) and on_meta_only(reference)
@@ -100,7 +100,7 @@ def test_rest_policy_and_sft_load_onto_the_device(on_meta, paths):
 
 
 def test_reward_model_scores_on_the_device(on_meta, paths):
-    from alignment.reward import RewardScorer
+    from alignment.models.reward_model import RewardScorer
 
     scorer = RewardScorer(paths.sft)
     assert on_meta_only(scorer.model)
@@ -112,7 +112,7 @@ def test_reward_model_scores_on_the_device(on_meta, paths):
 
 
 def test_kl_to_reference_scores_on_the_models_device(tokenizer):
-    from alignment.heldout import kl_to_reference
+    from alignment.evaluation.heldout import kl_to_reference
 
     policy, reference = tiny(tokenizer).to(META), tiny(tokenizer).to(META)
     seen = called_on(policy, reference)
@@ -125,7 +125,7 @@ def test_kl_to_reference_scores_on_the_models_device(tokenizer):
 
 
 def test_dpo_reference_logps_are_computed_on_the_device(on_meta, tokenizer):
-    from alignment.preference import collate_pairs, encode_pair
+    from alignment.data.preference_data import collate_pairs, encode_pair
     from alignment.stages.dpo import precompute_reference
 
     reference = tiny(tokenizer).to(META)

@@ -8,7 +8,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from alignment import registry, tracking
-from alignment.models import load_causal_lm
+from alignment.models.loading import load_causal_lm
 from alignment.paths import Paths
 from tests.conftest import ROOT
 

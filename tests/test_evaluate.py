@@ -13,9 +13,9 @@ import torch
 
 from alignment import tracking
 from alignment.config import flatten, parse_section
-from alignment.judging import PairwiseJudge, Template
-from alignment.local_judge import TransformersJudgeBackend
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.evaluation.judging import PairwiseJudge, Template
+from alignment.evaluation.local_judge import TransformersJudgeBackend
+from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.stages import evaluate, rlaif
 from tests import fake_openai as fake

@@ -10,7 +10,8 @@ from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_setting
 from prefect.testing.utilities import prefect_test_harness
 
 from alignment.config import ConfigError
-from flows.pipeline import pipeline, set_dotted, write_overrides
+from flows.overrides import set_dotted, write_overrides
+from flows.pipeline import pipeline
 from tasks.dvc import StageFailed
 from tests.conftest import MICRO_PARAMS
 

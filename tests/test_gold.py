@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 FIT = """
 import sys
 from pathlib import Path
-from alignment.gold import GoldScorer
+from alignment.evaluation.gold_scorer import GoldScorer
 texts = ["a great film", "great acting", "an awful film", "awful, boring"] * 5
 GoldScorer.fit(texts, [1, 1, 0, 0] * 5).save(Path(sys.argv[1]))
 """

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from alignment.group_rl_loss import (
+from alignment.losses.group_rl_loss import (
     aggregate,
     clipped_surrogate,
     group_zero_std,

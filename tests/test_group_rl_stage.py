@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from alignment import group_rl
 from alignment.config import ModelConfig, parse_section
-from alignment.gold import GoldScorer
-from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.evaluation.gold_scorer import GoldScorer
+from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.paths import Paths
 from alignment.stages import grpo, rloo
+from alignment.training import online as group_rl
 from tests.conftest import MICRO_PARAMS
 
 WORDS = ["good", "bad", "fine", "dull", "great", "poor", "nice", "odd"]
@@ -43,7 +43,7 @@ def word_lm(tmp_path_factory):
 
 
 def load(folder):
-    from alignment.models import load_causal_lm
+    from alignment.models.loading import load_causal_lm
 
     return load_causal_lm(folder), load_causal_lm(folder).eval().requires_grad_(False)
 

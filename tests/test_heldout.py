@@ -14,9 +14,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from alignment.config import SampleConfig
-from alignment.evaluation import GenerationCache, sample
-from alignment.generation import generate, generate_ids, prompt_seed
-from alignment.heldout import compare_to_sft, kl_summary, kl_to_reference
+from alignment.evaluation.heldout import compare_to_sft, kl_summary, kl_to_reference
+from alignment.evaluation.leaderboard import GenerationCache, sample
+from alignment.models.generation import generate, generate_ids, prompt_seed
 
 EOS, A = 0, 1
 

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.evaluation import best_of, best_of_n_kl, prompt_seed
-from alignment.generation import sample_next
-from alignment.judging import (
+from alignment.evaluation.judging import (
     LOSS,
     TIE,
     WIN,
@@ -25,6 +23,8 @@ from alignment.judging import (
     rates,
     win_rate_summary,
 )
+from alignment.evaluation.leaderboard import best_of, best_of_n_kl, prompt_seed
+from alignment.models.generation import sample_next
 from tests.conftest import ROOT
 
 

@@ -8,9 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from alignment.evaluation import Samples, content_tokens, judge_model
-from alignment.judging import LOSS, TIE, WIN, ScalarJudge, rates, win_rate_summary
-from alignment.length_control import fit_length_model, lc_win_rate, lc_win_rate_summary, length_feature
+from alignment.evaluation.judging import LOSS, TIE, WIN, ScalarJudge, rates, win_rate_summary
+from alignment.evaluation.leaderboard import Samples, content_tokens, judge_model
+from alignment.evaluation.length_control import (
+    fit_length_model,
+    lc_win_rate,
+    lc_win_rate_summary,
+    length_feature,
+)
 
 
 def test_length_feature_is_tanh_of_the_standardised_difference():

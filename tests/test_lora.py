@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from alignment.config import ConfigError, LoraConfig, ModelConfig, parse_section
-from alignment.generation import generate_ids
-from alignment.lora import add_adapter, reference_model, save_adapter, unwrap
-from alignment.losses import IGNORE_INDEX, dpo_loss, sequence_logps
-from alignment.models import (
+from alignment.losses.logprobs import IGNORE_INDEX, sequence_logps
+from alignment.losses.preference_loss import dpo_loss
+from alignment.models.generation import generate_ids
+from alignment.models.loading import (
     build_model,
     load_causal_lm,
     load_sequence_classifier,
@@ -20,6 +20,7 @@ from alignment.models import (
     save_pretrained,
     train_tokenizer,
 )
+from alignment.models.lora import add_adapter, reference_model, save_adapter, unwrap
 
 TEXTS = ["The film was wonderful.", "A dull, lifeless plot.", "\n\nHuman: hi\n\nAssistant: hello"] * 20
 LORA = LoraConfig(r=4, alpha=8, dropout=0.1)  # dropout: the reference must still be deterministic

@@ -5,17 +5,15 @@ import math
 import pytest
 import torch
 
-from alignment.losses import (
+from alignment.losses.logprobs import (
     IGNORE_INDEX,
-    bradley_terry_loss,
-    dpo_loss,
     gather_last,
     last_token_index,
     sequence_logps,
     sft_loss,
     token_logps,
-    unlikelihood_loss,
 )
+from alignment.losses.preference_loss import bradley_terry_loss, dpo_loss, unlikelihood_loss
 
 LN2 = math.log(2.0)
 

@@ -8,9 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignment.config import LoraConfig, ModelConfig
-from alignment.generation import generate
-from alignment.lora import add_adapter, save_adapter
-from alignment.models import (
+from alignment.models.generation import generate
+from alignment.models.loading import (
     build_model,
     flash_attention_usable,
     load_causal_lm,
@@ -20,6 +19,7 @@ from alignment.models import (
     smollm2_gguf,
     train_tokenizer,
 )
+from alignment.models.lora import add_adapter, save_adapter
 
 TEXTS = ["The film was wonderful.", "A dull, lifeless plot.", "\n\nHuman: hi\n\nAssistant: hello"] * 20
 

@@ -21,7 +21,13 @@ import torch
 from launching import max_abs_difference, relative_difference
 
 from alignment.config import ModelConfig, parse_section
-from alignment.models import build_model, load_causal_lm, load_tokenizer, save_pretrained, train_tokenizer
+from alignment.models.loading import (
+    build_model,
+    load_causal_lm,
+    load_tokenizer,
+    save_pretrained,
+    train_tokenizer,
+)
 from alignment.stages import ppo
 
 pytestmark = pytest.mark.slow
@@ -101,7 +107,7 @@ _WORKER = textwrap.dedent(
 
     import torch
 
-    from alignment import distributed
+    from alignment.training import distributed
     from test_multiprocess_ppo import train_tiny
 
     history, state = train_tiny(Path(sys.argv[1]), 4, 2)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from alignment.judging import PairwiseJudge, load_template, position_stats, rates, win_rate_summary
-from alignment.openai_judge import JudgeBackendError, OpenAIChatBackend
+from alignment.evaluation.judging import PairwiseJudge, load_template, position_stats, rates, win_rate_summary
+from alignment.evaluation.openai_judge import JudgeBackendError, OpenAIChatBackend
 from tests import fake_openai as fake
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI
@@ -142,7 +142,7 @@ def test_the_api_key_is_sent_and_never_leaks(monkeypatch, caplog, tmp_path):
 
 def test_a_missing_key_variable_is_logged_by_name_only(monkeypatch, caplog):
     monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
-    caplog.set_level(logging.INFO, logger="alignment.openai_judge")
+    caplog.set_level(logging.INFO, logger="alignment.evaluation.openai_judge")
     with FakeOpenAI(fake.sensible()) as server:
         backend = OpenAIChatBackend(server.base_url, "judge", **{**FAST, "api_key_env": "JUDGE_TEST_KEY"})
         assert backend.complete([SENTIMENT.messages("q", "a", "b")])

@@ -1,4 +1,4 @@
-"""Padding-free DPO batches: the worked layout of alignment/packing.py, and the invariant that a packed
+"""Padding-free DPO batches: the worked layout of alignment/data/packing.py, and the invariant that a packed
 batch gives the padded batch's log-probs, DPO loss and gradients on tiny models built from a config."""
 
 import copy
@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from alignment import packing
 from alignment.config import DPOConfig
+from alignment.data import packing
 from alignment.stages import dpo
 
 X = -100  # IGNORE_INDEX

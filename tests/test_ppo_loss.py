@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from alignment.ppo_loss import (
+from alignment.losses.ppo_loss import (
     AdaptiveKLController,
     FixedKLController,
     gae,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from alignment.config import ModelConfig, parse_section
-from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.models.loading import build_model, save_pretrained, train_tokenizer
+from alignment.models.reward_model import load_reward_model
 from alignment.paths import Paths
-from alignment.reward import load_reward_model
 from alignment.stages import ppo
 from tests.conftest import MICRO_PARAMS
 

@@ -12,6 +12,7 @@ from ruamel.yaml import YAML
 from alignment import registry
 from alignment.config import SECTIONS
 from alignment.paths import Paths
+from alignment.training import checkpoint
 from tests.conftest import MICRO_PARAMS, ROOT
 
 
@@ -89,17 +90,17 @@ def test_fingerprint_follows_settings_inputs_and_world_size(tmp_path):
     cfg = parse_section("sft", MICRO_PARAMS["sft"])
     (tmp_path / "outputs" / "data").mkdir(parents=True)
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("1\n")
-    first = registry.fingerprint("sft", cfg, tmp_path)
-    assert registry.fingerprint("sft", cfg, tmp_path) == first
+    first = checkpoint.fingerprint("sft", cfg, tmp_path)
+    assert checkpoint.fingerprint("sft", cfg, tmp_path) == first
     resumed_off = parse_section(
         "sft", MICRO_PARAMS["sft"] | {"train": MICRO_PARAMS["sft"]["train"] | {"resume": False}}
     )
     assert (
-        registry.fingerprint("sft", resumed_off, tmp_path) == first
+        checkpoint.fingerprint("sft", resumed_off, tmp_path) == first
     )  # `resume` is not a setting of the result
-    assert registry.fingerprint("sft", cfg, tmp_path, world_size=2) != first
+    assert checkpoint.fingerprint("sft", cfg, tmp_path, world_size=2) != first
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("2\n")
-    assert registry.fingerprint("sft", cfg, tmp_path) != first
+    assert checkpoint.fingerprint("sft", cfg, tmp_path) != first
 
 
 def test_launch_section_starts_the_stage_commands_it_names(tmp_path):

@@ -10,13 +10,20 @@ import pytest
 import torch
 
 from alignment.config import ConfigError, GuardConfig, ThresholdConfig, parse_section
-from alignment.data import DataError
-from alignment.evaluation import prompt_seed
-from alignment.generation import generate_ids
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.data.io import DataError
+from alignment.data.prompts import load_incoming
+from alignment.evaluation.leaderboard import prompt_seed
+from alignment.models.generation import generate_ids
+from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
-from alignment.prompts import load_incoming
-from alignment.rest import above, beats_champion, best_iteration, guard, learning_rate, thresholds
+from alignment.training.rest_rules import (
+    above,
+    beats_champion,
+    best_iteration,
+    guard,
+    learning_rate,
+    thresholds,
+)
 from tests.conftest import MICRO_PARAMS
 
 

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignment.batching import collate, encode
 from alignment.config import ConfigError, DPOConfig, ModelConfig, TrainConfig, parse_section
-from alignment.losses import IGNORE_INDEX
-from alignment.models import build_model, save_pretrained, train_tokenizer
+from alignment.data.batching import collate, encode
+from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair
+from alignment.losses.logprobs import IGNORE_INDEX
+from alignment.models.loading import build_model, save_pretrained, train_tokenizer
+from alignment.models.reward_model import RewardScorer, load_reward_model, sequence_rewards
 from alignment.paths import Paths
-from alignment.preference import collate_pairs, count_pairs, encode_pair
-from alignment.reward import RewardScorer, load_reward_model, sequence_rewards
 from alignment.stages import dpo, rm
-from alignment.trainer import train
+from alignment.training.trainer import train
 from tests.conftest import MICRO_PARAMS
 
 GOOD = ["a wonderful film", "truly great acting", "I loved it", "superb and moving"]
@@ -123,7 +123,7 @@ def test_reward_model_separates_a_separable_pair_set(tiny_lm):
 
 def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
     path, tokenizer = tiny_lm
-    from alignment.models import load_causal_lm
+    from alignment.models.loading import load_causal_lm
 
     policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
     pairs = [
@@ -191,7 +191,7 @@ def test_ipo_step_averages_log_ratios_per_token(normalize, expected, precomputed
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "preferred_ft", "unlikelihood"])
 def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
     path, tokenizer = tiny_lm
-    from alignment.models import load_causal_lm
+    from alignment.models.loading import load_causal_lm
 
     policy, reference = load_causal_lm(path), load_causal_lm(path).eval().requires_grad_(False)
     pairs = [
@@ -220,8 +220,8 @@ def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
 
 def test_min_gold_gap_drops_near_ties_from_training_only(tmp_path):
     from alignment.config import PreferenceData
-    from alignment.data import write_jsonl
-    from alignment.preference import load_pairs
+    from alignment.data.io import write_jsonl
+    from alignment.data.preference_data import load_pairs
 
     paths = Paths(tmp_path)
     rows = [

@@ -18,9 +18,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from alignment import sweep as s
 from alignment import tracking
 from alignment.config import ConfigError, parse_section
+from alignment.evaluation import sweep_stats as s
 from alignment.stages.best_of_n import best_of_n_metrics
 from tests.conftest import git, write_params
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from alignment.batching import collate, encode
 from alignment.config import ModelConfig, TrainConfig
-from alignment.losses import IGNORE_INDEX
-from alignment.models import build_model, train_tokenizer
-from alignment.trainer import (
+from alignment.data.batching import collate, encode
+from alignment.losses.logprobs import IGNORE_INDEX
+from alignment.models.loading import build_model, train_tokenizer
+from alignment.training.trainer import (
     count_response_tokens,
     example_length,
     make_optimizer,
@@ -15,7 +15,7 @@ from alignment.trainer import (
     train,
     window_indices,
 )
-from alignment.trainer import nll_step as step
+from alignment.training.trainer import nll_step as step
 
 TEXTS = [
     ("The film was", " a joy from start to finish, and the cast shines."),
@@ -228,7 +228,7 @@ def test_gradient_checkpointing_and_compile_train_to_the_same_weights(tokenizer,
 def test_gradient_checkpointing_trains_a_lora_adapter(tokenizer):
     """Under a frozen base no layer input needs a gradient: the adapter must still get its gradients."""
     from alignment.config import LoraConfig
-    from alignment.lora import add_adapter
+    from alignment.models.lora import add_adapter
 
     cfg = dict(batch_size=4, max_steps=1, learning_rate=1e-2, warmup_steps=0)
     lora = LoraConfig(r=2, alpha=4)

@@ -20,15 +20,15 @@ import logging
 import numpy as np
 
 from alignment.config import BestOfNStageConfig
-from alignment.data import write_jsonl
-from alignment.evaluation import best_of, best_of_n_kl
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.heldout import judge_summary
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.data.io import write_jsonl
+from alignment.data.prompts import load_prompts
+from alignment.evaluation.heldout import judge_summary
+from alignment.evaluation.leaderboard import best_of, best_of_n_kl
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
-from alignment.prompts import load_prompts
-from alignment.results import finish
-from alignment.stage_helpers import held_out_judges, reward_scorer
+from alignment.stages.common import held_out_judges, reward_scorer
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -23,28 +23,28 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from alignment import distributed
-from alignment.batching import as_example, collate
-from alignment.brain_loss import brain_loss, log_likelihood
 from alignment.config import BRAInConfig
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.losses import sequence_logps
-from alignment.models import check_max_length
+from alignment.data.batching import as_example, collate
+from alignment.data.prompts import load_prompts
+from alignment.losses.brain_loss import brain_loss, log_likelihood
+from alignment.losses.logprobs import sequence_logps
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import check_max_length
+from alignment.models.reward_model import RewardScorer
 from alignment.paths import Paths
 from alignment.plots import loss_curve
-from alignment.prompts import load_prompts
-from alignment.registry import fingerprint as registry_fingerprint
-from alignment.results import finish
-from alignment.reward import RewardScorer
-from alignment.stage_helpers import (
+from alignment.stages.common import (
     compare_on_held_out,
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
     save_model,
 )
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.trainer import train, window_indices
+from alignment.training import distributed
+from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
+from alignment.training.trainer import train, window_indices
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
     train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10), tokenizer)
-    fingerprint = registry_fingerprint("brain", cfg, paths.root)
+    fingerprint = checkpoint_fingerprint("brain", cfg, paths.root)
     checkpoints = paths.checkpoints("brain")
     sampler = Sampler(cfg, tokenizer, train_prompts, sft, reward, cfg.train.seed)
     store_ref: dict = {}

@@ -20,11 +20,11 @@ from collections.abc import Callable
 import torch
 from torch.distributions import Normal
 
-from alignment.brain_loss import brain_loss
 from alignment.config import BrainVarianceConfig
+from alignment.losses.brain_loss import brain_loss
 from alignment.paths import Paths
 from alignment.plots import plt
-from alignment.results import finish
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

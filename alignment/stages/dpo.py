@@ -10,24 +10,26 @@ import logging
 
 import torch
 
-from alignment import distributed, packing
 from alignment.config import DPOConfig
-from alignment.losses import dpo_loss, sequence_logps, token_logps, unlikelihood_loss
-from alignment.models import check_max_length
+from alignment.data import packing
+from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
+from alignment.losses.logprobs import sequence_logps, token_logps
+from alignment.losses.preference_loss import dpo_loss, unlikelihood_loss
+from alignment.models.loading import check_max_length
 from alignment.paths import Paths
 from alignment.plots import loss_curve
-from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
-from alignment.registry import fingerprint as registry_fingerprint
-from alignment.results import finish
-from alignment.stage_helpers import (
+from alignment.stages.common import (
     compare_on_held_out,
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
     save_model,
 )
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.trainer import train
+from alignment.training import distributed
+from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
+from alignment.training.trainer import step_evaluation, train
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def response_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B, T) per-token response log-probs and their float mask, chosen rows then rejected, from a padded
-    batch or a padding-free one (alignment/packing.py; there T = R * K, most entries 0)."""
+    batch or a padding-free one (alignment/data/packing.py; there T = R * K, most entries 0)."""
     if "logit_positions" not in batch:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_logps(logits, batch["labels"])
@@ -85,7 +87,7 @@ def precompute_reference(reference, examples: list[dict], pad, batch_size: int) 
 
 def collate_with_reference(pad_token_id: int, padding_free: bool = False, capacity: int = 512):
     """Pairs as one batch: padded (chosen rows then rejected), or with `padding_free` packed into rows of
-    about `capacity` tokens, each pair's shared prompt once (alignment/packing.py)."""
+    about `capacity` tokens, each pair's shared prompt once (alignment/data/packing.py)."""
     pad = collate_pairs(pad_token_id)
 
     def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -154,21 +156,6 @@ def make_step(reference, cfg: DPOConfig):
     return step
 
 
-def evaluation(examples: list[dict], pad, step, batch_size: int):
-    def evaluate(model) -> dict[str, float]:
-        device = next(model.parameters()).device
-        totals, n = {}, 0
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            loss_sum, metrics = step(model, {k: v.to(device) for k, v in pad(chunk).items()})
-            for key, value in {"loss": loss_sum.item() / len(chunk), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value * len(chunk)
-            n += len(chunk)
-        return {key: value / n for key, value in totals.items()}
-
-    return evaluate
-
-
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
     check_max_length(cfg.max_length, policy, "dpo.max_length")
@@ -197,8 +184,8 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         pairs_in,
         cfg.train,
         checkpoint_dir=paths.checkpoints("dpo"),
-        fingerprint=registry_fingerprint("dpo", cfg, paths.root),
-        evaluate=evaluation(eval_examples, pad, step, cfg.train.batch_size),
+        fingerprint=checkpoint_fingerprint("dpo", cfg, paths.root),
+        evaluate=step_evaluation(eval_examples, pad, step, cfg.train.batch_size),
         log_metrics=log.metrics if log else None,
     )
     out = paths.out("dpo")

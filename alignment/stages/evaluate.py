@@ -21,10 +21,10 @@ import logging
 
 import numpy as np
 
-from alignment import distributed
 from alignment.config import EvaluateConfig
-from alignment.data import write_jsonl, write_metrics
-from alignment.evaluation import (
+from alignment.data.io import write_jsonl, write_metrics
+from alignment.evaluation.judging import ScalarJudge, build_llm_judge
+from alignment.evaluation.leaderboard import (
     GenerationCache,
     Samples,
     best_of,
@@ -39,18 +39,19 @@ from alignment.evaluation import (
     token_lengths,
     win_rate_figure,
 )
-from alignment.judging import ScalarJudge, build_llm_judge
 from alignment.paths import Paths, hash_paths
 from alignment.plots import write_csv
-from alignment.stage_helpers import reward_model_path
+from alignment.registry import leaderboard_models
+from alignment.stages.common import reward_model_path
 from alignment.tracking import Tracker
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 
 
 def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
-    from alignment.gold import GoldScorer
-    from alignment.reward import RewardScorer
+    from alignment.evaluation.gold_scorer import GoldScorer
+    from alignment.models.reward_model import RewardScorer
 
     judges = []
     if cfg.reward_model:
@@ -76,16 +77,17 @@ def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
 
 
 def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
-    from alignment.heldout import kl_summary, kl_to_reference
-    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.evaluation.heldout import kl_summary, kl_to_reference
+    from alignment.models.loading import load_causal_lm, load_tokenizer
 
-    located = {name: paths.resolve(path) for name, path in cfg.models.items()}
+    models = cfg.models or leaderboard_models()
+    located = {name: paths.resolve(path) for name, path in models.items()}
     present = {name: path for name, path in located.items() if (path / "config.json").exists()}
-    skipped = sorted(set(cfg.models) - set(present))
+    skipped = sorted(set(models) - set(present))
     for name in skipped:
-        logger.warning("model %s: no saved model at %s, skipped", name, cfg.models[name])
+        logger.warning("model %s: no saved model at %s, skipped", name, models[name])
     if not present:
-        raise ValueError(f"evaluate.models: none of {dict(cfg.models)} holds a saved model")
+        raise ValueError(f"evaluate.models: none of {dict(models)} holds a saved model")
     reference_name = next(iter(present))
     if cfg.best_of_n.n and cfg.best_of_n.policy not in present:
         raise ValueError(

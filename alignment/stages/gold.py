@@ -6,10 +6,10 @@ import logging
 import time
 
 from alignment.config import GoldConfig
-from alignment.data import REQUIRED_FIELDS, read_rows
-from alignment.gold import GoldScorer
+from alignment.data.sources import REQUIRED_FIELDS, read_rows
+from alignment.evaluation.gold_scorer import GoldScorer
 from alignment.paths import Paths
-from alignment.results import finish
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

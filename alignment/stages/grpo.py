@@ -3,7 +3,7 @@ and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 
   1. The policy and its frozen SFT reference; the reward the samples are trained on (`reward`: the RM,
      or the gold scorer) and the RM for the held-out comparison.
-  2. Generation batches (alignment/group_rl.py): k samples per prompt, scored; advantages
+  2. Generation batches (alignment/training/online.py): k samples per prompt, scored; advantages
      (r - mean) / (std + eps) per group (`grpo_advantages`); `num_iterations` passes of `grpo_loss`, the
      per-token clipped surrogate plus beta x k3 KL, averaged by `loss_type`.
   3. The policy saved, and compared with SFT on held-out prompts (gold and the RM).
@@ -12,11 +12,11 @@ and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 
 from __future__ import annotations
 
-from alignment import group_rl
 from alignment.config import GRPOConfig
-from alignment.group_rl_loss import grpo_advantages, grpo_loss
+from alignment.losses.group_rl_loss import grpo_advantages, grpo_loss
 from alignment.paths import Paths
 from alignment.tracking import Tracker
+from alignment.training import online as group_rl
 
 
 def method(cfg: GRPOConfig) -> group_rl.Method:

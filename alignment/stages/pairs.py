@@ -10,16 +10,16 @@ from itertools import combinations
 
 import numpy as np
 
-from alignment import distributed
-from alignment.chat import render_prompt
 from alignment.config import PairsConfig
-from alignment.data import read_jsonl, write_jsonl
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.gold import GoldScorer
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.data.chat import render_prompt
+from alignment.data.io import read_jsonl, write_jsonl
+from alignment.evaluation.gold_scorer import GoldScorer
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
-from alignment.results import finish
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """ppo: PPO-RLHF (Stiennon et al. 2020; Ouyang et al. 2022) from the SFT policy against the reward
 model, with a separate critic. Each rollout is six numbered steps, each a call to a pure function of
-alignment/ppo_loss.py or a model forward pass. Every tensor of a rollout lives on the shifted token
+alignment/losses/ppo_loss.py or a model forward pass. Every tensor of a rollout lives on the shifted token
 grid of `token_logps`: column j is the token at position j + 1, and `mask` marks response tokens.
 
 Several processes (torchrun, accelerate): `rollout_batch_size` and `minibatch_size` are per process, so
@@ -23,16 +23,12 @@ from accelerate import Accelerator
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from alignment import checkpoint, distributed
-from alignment.batching import as_example, collate
 from alignment.config import PPOConfig
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.heldout import evaluating
-from alignment.losses import IGNORE_INDEX, token_logps
-from alignment.models import check_max_length
-from alignment.paths import Paths
-from alignment.plots import plt
-from alignment.ppo_loss import (
+from alignment.data.batching import as_example, collate
+from alignment.data.prompts import load_prompts
+from alignment.evaluation.heldout import evaluating
+from alignment.losses.logprobs import IGNORE_INDEX, token_logps
+from alignment.losses.ppo_loss import (
     AdaptiveKLController,
     FixedKLController,
     gae,
@@ -42,19 +38,23 @@ from alignment.ppo_loss import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from alignment.prompts import load_prompts
-from alignment.registry import fingerprint as registry_fingerprint
-from alignment.results import finish
-from alignment.reward import RewardScorer, load_reward_model, token_scores
-from alignment.stage_helpers import (
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import check_max_length
+from alignment.models.reward_model import RewardScorer, load_reward_model, token_scores
+from alignment.paths import Paths
+from alignment.plots import plt
+from alignment.stages.common import (
     compare_on_held_out,
     load_policy_and_reference,
     log_held_out,
     reward_model_path,
     save_model,
 )
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.trainer import make_optimizer, prepare_model, window_indices
+from alignment.training import checkpoint, distributed
+from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
+from alignment.training.trainer import make_optimizer, prepare_model, window_indices
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
     critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
-    fingerprint = registry_fingerprint("ppo", cfg, paths.root)
+    fingerprint = checkpoint_fingerprint("ppo", cfg, paths.root)
     logger.info(
         "PPO: %d rollouts of %d prompts (all processes), kl_coef %g (%s), critic from %s",
         cfg.rollouts,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from alignment.config import PrepareConfig
-from alignment.data import SCHEMAS, SPLITS, prepare, write_jsonl, write_metrics
+from alignment.data.io import write_jsonl, write_metrics
+from alignment.data.sources import SCHEMAS, SPLITS, prepare
 from alignment.paths import Paths
 from alignment.tracking import Tracker
 

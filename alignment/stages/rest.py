@@ -15,9 +15,9 @@ import shutil
 from alignment.config import RestConfig
 from alignment.paths import Paths
 from alignment.plots import plt
-from alignment.rest import best_iteration
-from alignment.results import finish
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
+from alignment.training.rest_rules import best_iteration
 
 logger = logging.getLogger(__name__)
 

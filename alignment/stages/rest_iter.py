@@ -27,21 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment import distributed
-from alignment.batching import as_example, collate, encode
-from alignment.chat import render_prompt, render_row
 from alignment.config import RestConfig
-from alignment.data import read_jsonl, write_jsonl, write_metrics
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.heldout import compare_to_sft
-from alignment.models import check_max_length, load_causal_lm, load_tokenizer
+from alignment.data.batching import as_example, collate, encode
+from alignment.data.chat import render_prompt, render_row
+from alignment.data.io import read_jsonl, write_jsonl, write_metrics
+from alignment.data.prompts import load_incoming, load_prompts
+from alignment.evaluation.heldout import compare_to_sft
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.loading import check_max_length, load_causal_lm, load_tokenizer
+from alignment.models.reward_model import RewardScorer
 from alignment.paths import Paths
-from alignment.prompts import load_incoming, load_prompts
-from alignment.rest import above, guard, learning_rate, thresholds
-from alignment.reward import RewardScorer
-from alignment.stage_helpers import held_out_judges, held_out_summary, reward_scorer, save_model
+from alignment.stages.common import held_out_judges, held_out_summary, reward_scorer, save_model
 from alignment.tracking import Tracker
-from alignment.trainer import count_response_tokens, nll_step, train
+from alignment.training import distributed
+from alignment.training.rest_rules import above, guard, learning_rate, thresholds
+from alignment.training.trainer import count_response_tokens, nll_step, train
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_policy(start: Path, paths: Paths, cfg: RestConfig):
 
     if cfg.lora is None:
         return load_causal_lm(start).to(device), sft()
-    from alignment.lora import AdapterDisabled, load_for_training
+    from alignment.models.lora import AdapterDisabled, load_for_training
 
     policy, base = load_for_training(start, cfg.lora)
     policy = policy.to(device)

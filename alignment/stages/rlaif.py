@@ -19,12 +19,19 @@ from collections import Counter
 
 import numpy as np
 
-from alignment.chat import render_prompt
 from alignment.config import RLAIFConfig
-from alignment.data import read_jsonl, write_jsonl, write_metrics
-from alignment.judging import LOSS, WIN, PairwiseJudge, build_backend, judge_template, position_stats
+from alignment.data.chat import render_prompt
+from alignment.data.io import read_jsonl, write_jsonl, write_metrics
+from alignment.data.preference_data import FILES
+from alignment.evaluation.judging import (
+    LOSS,
+    WIN,
+    PairwiseJudge,
+    build_backend,
+    judge_template,
+    position_stats,
+)
 from alignment.paths import Paths
-from alignment.preference import FILES
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ RLOOTrainer.
 
   1. The policy and its frozen SFT reference; the reward the samples are trained on (`reward`: the RM,
      or the gold scorer) and the RM for the held-out comparison.
-  2. Generation batches (alignment/group_rl.py): k samples per prompt, scored; the reward
+  2. Generation batches (alignment/training/online.py): k samples per prompt, scored; the reward
      R = r - beta KL (k1, summed over the sample; `kl_in_reward`) and the leave-one-out advantages
      (`rloo_advantages`); `num_iterations` passes of `rloo_loss`, the clipped surrogate on the sequence's
      probability ratio.
@@ -14,11 +14,11 @@ RLOOTrainer.
 
 from __future__ import annotations
 
-from alignment import group_rl
 from alignment.config import RLOOConfig
-from alignment.group_rl_loss import kl_folded_rewards, rloo_advantages, rloo_loss
+from alignment.losses.group_rl_loss import kl_folded_rewards, rloo_advantages, rloo_loss
 from alignment.paths import Paths
 from alignment.tracking import Tracker
+from alignment.training import online as group_rl
 
 
 def method(cfg: RLOOConfig) -> group_rl.Method:

@@ -11,17 +11,17 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from alignment.config import RewardModelConfig
-from alignment.losses import bradley_terry_loss
-from alignment.models import check_max_length, load_tokenizer, model_config
+from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
+from alignment.losses.preference_loss import bradley_terry_loss
+from alignment.models.loading import check_max_length, load_tokenizer, model_config
+from alignment.models.reward_model import load_reward_model, sequence_rewards
 from alignment.paths import Paths
 from alignment.plots import loss_curve
-from alignment.preference import collate_pairs, count_pairs, encode_pair, load_pairs
-from alignment.registry import fingerprint as registry_fingerprint
-from alignment.results import finish
-from alignment.reward import load_reward_model, sequence_rewards
-from alignment.stage_helpers import save_model
+from alignment.stages.common import save_model
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.trainer import train
+from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
+from alignment.training.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     else:
         model = load_reward_model(init)
     if cfg.lora is not None:  # the body frozen under an adapter; the fresh head trains in full
-        from alignment.lora import add_adapter
+        from alignment.models.lora import add_adapter
 
         model = add_adapter(model, cfg.lora)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -107,7 +107,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         count_pairs,
         cfg.train,
         checkpoint_dir=paths.checkpoints("rm"),
-        fingerprint=registry_fingerprint("rm", cfg, paths.root),
+        fingerprint=checkpoint_fingerprint("rm", cfg, paths.root),
         evaluate=evaluation(eval_pairs, eval_examples, pad, cfg.train.batch_size, cfg),
         log_metrics=log.metrics if log else None,
     )

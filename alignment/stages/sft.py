@@ -8,21 +8,21 @@ from itertools import zip_longest
 
 import torch
 
-from alignment import distributed
-from alignment.batching import collate, encode
-from alignment.chat import render_row
 from alignment.config import SFTConfig
-from alignment.data import read_jsonl, write_jsonl
-from alignment.generation import generate
-from alignment.losses import sft_loss
-from alignment.models import build_model, load_tokenizer
+from alignment.data.batching import collate, encode
+from alignment.data.chat import render_row
+from alignment.data.io import read_jsonl, write_jsonl
+from alignment.losses.logprobs import sft_loss
+from alignment.models.generation import generate
+from alignment.models.loading import build_model, load_tokenizer
 from alignment.paths import Paths
 from alignment.plots import loss_curve
-from alignment.registry import fingerprint as registry_fingerprint
-from alignment.results import finish
-from alignment.stage_helpers import save_model
+from alignment.stages.common import save_model
+from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.trainer import count_response_tokens, nll_step, train
+from alignment.training import distributed
+from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
+from alignment.training.trainer import count_response_tokens, nll_step, train
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # the initial weights of a model built from a config
     model = build_model(cfg.model, tokenizer)
     if cfg.lora is not None:
-        from alignment.lora import add_adapter  # peft: imported only for a LoRA run
+        from alignment.models.lora import add_adapter  # peft: imported only for a LoRA run
 
         model = add_adapter(model, cfg.lora)
     logger.info(
@@ -78,7 +78,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     train_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length, True) for r in train_rows]
     eval_examples = [encode(tokenizer, r["prompt"], r["response"], cfg.max_length, True) for r in eval_rows]
     pad = collate(tokenizer.pad_token_id)
-    fingerprint = registry_fingerprint("sft", cfg, paths.root)
+    fingerprint = checkpoint_fingerprint("sft", cfg, paths.root)
     result = train(
         model,
         train_examples,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from alignment.chat import render_prompt, render_row
 from alignment.config import TokenizerConfig
-from alignment.data import read_jsonl
-from alignment.models import load_tokenizer, train_tokenizer
+from alignment.data.chat import render_prompt, render_row
+from alignment.data.io import read_jsonl
+from alignment.models.loading import load_tokenizer, train_tokenizer
 from alignment.paths import Paths
 from alignment.tracking import Tracker
 

@@ -28,6 +28,7 @@ Saved RNG states go through `rng_state`: types that `torch.load(..., weights_onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,13 +41,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from alignment import registry
+from alignment.paths import hash_paths
 from alignment.tracking import STAGE_RUN_ENV
+from alignment.training.distributed import world
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
+PACKAGE = Path(__file__).resolve().parents[1]
 POINTER = "latest.json"
 META = "meta.json"
 
@@ -195,3 +200,27 @@ def load_state(checkpoint_dir: Path, fingerprint: str) -> tuple[int, dict, dict]
     set_rng_state(state.pop("rng"))
     logger.info("resumed from %s (step %d)", folder, meta["step"])
     return meta["step"], state, meta
+
+
+def _without_resume(value):
+    if isinstance(value, dict):
+        return {k: _without_resume(v) for k, v in value.items() if k != "resume"}
+    return value
+
+
+def fingerprint(
+    name: str, cfg, root: Path, iteration: str | None = None, world_size: int | None = None
+) -> str:
+    """Identifies the run a checkpoint belongs to: the stage's settings (less `resume`), the content of
+    what it reads (`registry.inputs`), the package's code and the number of processes. A checkpoint of
+    anything else is never resumed (`world_size`: this launch's number of processes by default)."""
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(PACKAGE.rglob("*.py")))).hexdigest()
+    parts = [
+        name,
+        str(iteration),
+        _without_resume(cfg.model_dump()),
+        hash_paths(registry.inputs(registry.get(name), cfg, root, iteration)),
+        code,
+        world() if world_size is None else world_size,
+    ]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

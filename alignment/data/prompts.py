@@ -7,8 +7,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from alignment.chat import Prompt, check_messages, render_prompt
-from alignment.data import DataError, prompt_key, read_jsonl
+from alignment.data.chat import Prompt, check_messages, render_prompt
+from alignment.data.io import DataError, read_jsonl
+from alignment.data.sources import prompt_key
 from alignment.paths import Paths
 
 

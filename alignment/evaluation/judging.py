@@ -281,7 +281,7 @@ def judge_template(cfg, source: str, root: Path = Path(".")) -> Template:
 def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
     """The backend an `LLMJudgeConfig` describes (a served model, or a local one loaded here)."""
     if cfg.backend == "openai":
-        from alignment.openai_judge import OpenAIChatBackend
+        from alignment.evaluation.openai_judge import OpenAIChatBackend
 
         served = cfg.openai
         return OpenAIChatBackend(
@@ -297,8 +297,8 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
             cache_dir=cache_dir,
         )
     if cfg.backend == "transformers":
-        from alignment.local_judge import TransformersJudgeBackend
-        from alignment.models import gguf_alias
+        from alignment.evaluation.local_judge import TransformersJudgeBackend
+        from alignment.models.loading import gguf_alias
 
         local = cfg.transformers
         folder, gguf = gguf_alias(local.name_or_path, local.gguf_file)

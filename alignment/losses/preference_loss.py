@@ -1,67 +1,13 @@
-"""Pure loss functions: tensors in, per-example (or summed) losses and detached diagnostics out.
+"""Preference losses as pure functions: the reward model's Bradley-Terry loss, DPO and its siblings (IPO,
+hinge / SLiC, conservative DPO) and the DPO paper's unlikelihood baseline.
 
-No models, no config objects, no I/O. Shapes: B = batch, T = sequence length, V = vocabulary.
+No models, no config objects, no I/O. Shapes: B = batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-IGNORE_INDEX = -100
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next token, and which positions count.
-
-    Args:
-        logits: (B, T, V) causal-LM outputs; position t predicts token t + 1.
-        labels: (B, T) token ids, IGNORE_INDEX where no loss is taken (prompt, padding).
-    Returns:
-        logps: (B, T - 1) log p(labels[:, t + 1] | tokens up to t), 0 where masked.
-        mask: (B, T - 1) float, 1 where labels[:, t + 1] counts.
-    """
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    safe_labels = labels.masked_fill(~mask, 0)
-    logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, safe_labels.unsqueeze(-1)).squeeze(
-        -1
-    )
-    return logps * mask, mask.float()
-
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the response tokens, and how many tokens it sums over.
-
-    Returning the sum (not the mean) lets the training loop divide by the token count of the whole
-    accumulation window, so batch 8 x accumulation 1 and batch 1 x accumulation 8 give one update.
-
-    Args:
-        logits: (B, T, V); labels: (B, T) with IGNORE_INDEX on prompt and padding tokens.
-    Returns:
-        nll_sum: () scalar, -sum of response-token log-probs.
-        num_tokens: () scalar, the number of response tokens.
-    """
-    labels = labels[:, 1:]
-    # cross_entropy fuses log-softmax and gather: the same value as -token_logps(...).sum(), with
-    # less memory traffic on the (B, T, V) logits, the biggest tensor of a small model's step
-    nll_sum = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll_sum, (labels != IGNORE_INDEX).sum()
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each sequence's response tokens: log pi(y | x) in the DPO paper.
-
-    Args:
-        logits: (B, T, V); labels: (B, T) with IGNORE_INDEX on prompt and padding tokens.
-    Returns:
-        logps: (B,) sum over response tokens of log p(token | prefix).
-    """
-    logps, _ = token_logps(logits, labels)  # already 0 where masked
-    return logps.sum(-1)
-
 
 # --- Direct preference optimisation and its siblings ------------------------------------------
 # Each takes delta = (pi_c - ref_c) - (pi_r - ref_r), the difference of policy/reference log-ratios.
@@ -223,36 +169,48 @@ def unlikelihood_loss(
     return -policy_chosen_logps + alpha * unlikelihood
 
 
-# --- Reading a value at the last real token ------------------------------------------------------
+# --- Reference-free -----------------------------------------------------------------------------
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token, whatever the padding side.
+def simpo_loss(
+    policy_chosen_avg_logps: torch.Tensor,
+    policy_rejected_avg_logps: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): a reference-free preference loss on length-normalised log-probs.
 
-    Positions come from the mask only, never from token ids: when the pad id equals the EOS id a
-    sequence's own trailing EOS tokens and its padding look the same.
+    The implicit reward of a response is beta times its average log-prob per token,
+    r(x, y) = beta / |y| log pi(y | x), and the chosen response must beat the rejected one by a target
+    margin gamma:
+        loss = -log sigmoid(r_c - r_r - gamma)
+    (with eps = label_smoothing, as conservative DPO: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)).
+    No reference model enters, so nothing anchors the policy but the data: SimPO trades DPO's KL
+    regularisation for a margin and length normalisation.
+
+    Worked example: average log-probs chosen -1, rejected -2 (per token), beta = 2, gamma = 1:
+      r_c = -2, r_r = -4, z = -2 + 4 - 1 = 1, loss = -log sigmoid(1) = log(1 + e^-1) ~ 0.313262;
+      with eps = 1/4: (3/4) log(1 + e^-1) + (1/4) log(1 + e) ~ 0.563262.
+    gamma = 0 and equal lengths: the sigmoid-DPO loss of a reference that scores both responses alike,
+    at beta / |y|.
 
     Args:
-        attention_mask: (B, T) 1 (or True) on real tokens, 0 on padding (left, right or none).
+        policy_chosen_avg_logps, policy_rejected_avg_logps: (B,) response log-probs averaged over the
+            response's tokens.
+        beta: > 0, the reward scale. gamma: >= 0, the target margin. label_smoothing: eps in [0, 0.5).
     Returns:
-        index: (B,) long, the largest t with attention_mask[b, t] = 1.
-    Raises:
-        ValueError: if a row has no real token (there is nothing to read).
+        losses: (B,) per-pair loss.
+        chosen_rewards, rejected_rewards: (B,) beta * average log-probs, detached.
     """
-    real = attention_mask.bool()
-    if not real.any(-1).all():
-        raise ValueError("attention_mask has a row with no real tokens")
-    positions = torch.arange(real.shape[-1], device=real.device)
-    # largest real position; -1 on padding so it never wins
-    return torch.where(real, positions, -1).amax(-1)
-
-
-def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's value at its last real token, e.g. a reward model's score of the full sequence.
-
-    Args:
-        values: (B, T) per-position values; attention_mask: (B, T) as in `last_token_index`.
-    Returns:
-        (B,) values[b, last_token_index(attention_mask)[b]].
-    """
-    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_rewards = beta * policy_chosen_avg_logps
+    rejected_rewards = beta * policy_rejected_avg_logps
+    z = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()

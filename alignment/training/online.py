@@ -1,5 +1,5 @@
 """The online loop that GRPO and RLOO share: an experience maker and a trainer (OpenRLHF's split). A method
-keeps only its advantages and its loss (`Method`, pure functions of alignment/group_rl_loss.py).
+keeps only its advantages and its loss (`Method`, pure functions of alignment/losses/group_rl_loss.py).
 
 Each generation batch is five numbered steps:
   1. sample k completions per prompt from the current policy; sample i of prompt x in round r draws from
@@ -13,7 +13,8 @@ Every (B, T) tensor lives on the shifted token grid of `token_logps` (column j i
 marks completion tokens); rows are group-major, row g * k + i is prompt g's completion i.
 
 A checkpoint every `train.checkpoint_every` batches holds the policy, AdamW, every RNG, the batch count
-and the curves (alignment/checkpoint.py); a run killed after one resumes to the same weights. One process
+and the curves (alignment/training/checkpoint.py); a run killed after one resumes to the same weights.
+One process
 (as PPO): the batch is not split across ranks.
 """
 
@@ -30,18 +31,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignment import checkpoint
-from alignment.batching import as_example, collate
 from alignment.config import GroupRLConfig, OptimizerConfig
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.group_rl_loss import group_zero_std, sequence_kl
-from alignment.heldout import evaluating
-from alignment.losses import token_logps
+from alignment.data.batching import as_example, collate
+from alignment.evaluation.heldout import evaluating
+from alignment.losses.group_rl_loss import group_zero_std, sequence_kl
+from alignment.losses.logprobs import token_logps
+from alignment.losses.ppo_loss import masked_entropy
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.paths import Paths
 from alignment.plots import plt
-from alignment.ppo_loss import masked_entropy
-from alignment.stage_helpers import held_out_judges
-from alignment.trainer import window_indices
+from alignment.stages.common import held_out_judges
+from alignment.training import checkpoint
+from alignment.training.trainer import window_indices
 
 logger = logging.getLogger(__name__)
 
@@ -278,17 +279,17 @@ def run_stage(
 ) -> dict[str, float]:
     """A GRPO or RLOO stage from the SFT policy, in numbered steps; `settings` describes the method's
     knobs in the log line."""
-    from alignment.models import check_max_length
-    from alignment.prompts import load_prompts
-    from alignment.registry import fingerprint
-    from alignment.results import finish
-    from alignment.stage_helpers import (
+    from alignment.data.prompts import load_prompts
+    from alignment.models.loading import check_max_length
+    from alignment.stages.common import (
         compare_on_held_out,
         load_policy_and_reference,
         log_held_out,
         reward_scorer,
         save_model,
     )
+    from alignment.stages.results import finish
+    from alignment.training.checkpoint import fingerprint
 
     # step 1. policy, reference, rewards
     label = name.upper()

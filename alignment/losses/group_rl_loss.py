@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.ppo_loss import kl_penalty, masked_mean
+from alignment.losses.ppo_loss import kl_penalty, masked_mean
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 STD_EPS = 1e-4  # TRL's, added to the group std before dividing

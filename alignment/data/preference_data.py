@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from alignment.batching import collate, encode
-from alignment.chat import render_row
 from alignment.config import PreferenceData
-from alignment.data import read_jsonl
+from alignment.data.batching import collate, encode
+from alignment.data.chat import render_row
+from alignment.data.io import read_jsonl
 from alignment.paths import Paths
 
 logger = logging.getLogger(__name__)

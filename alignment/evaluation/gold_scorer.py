@@ -14,7 +14,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from alignment.data import clean_review
+from alignment.data.sources import clean_review
 
 
 class GoldScorer:

@@ -6,7 +6,8 @@ divides every micro-batch's loss_sum by the unit count of the whole accumulation
 processes), so the update is the mean over the window whatever the split into micro-batches: batch 8
 x accumulation 1 and batch 1 x accumulation 8 give the same step.
 
-Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint (alignment/checkpoint.py)
+Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint
+(alignment/training/checkpoint.py)
 holds the model, optimizer, scheduler and every RNG (through accelerate's save_state), the step and a
 stage's `extra_state` (BRAIn's samples); a run that is killed and resumed from its last checkpoint ends
 with the same weights as one that never stopped.
@@ -26,10 +27,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from alignment import checkpoint
 from alignment.config import OptimizerConfig, TrainConfig
-from alignment.distributed import parameters_sharded, reduce_mean, use_cpu
-from alignment.losses import IGNORE_INDEX, sft_loss
+from alignment.losses.logprobs import IGNORE_INDEX, sft_loss
+from alignment.training import checkpoint
+from alignment.training.distributed import parameters_sharded, reduce_mean, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,26 @@ def _load_checkpoint(
         extra_state[1](torch.load(folder / "extra_state.pt", weights_only=True))
     logger.info("resumed from %s (step %d)", folder, meta["step"])
     return meta["step"], meta.get("history", []), meta.get("eval_history", [])
+
+
+def step_evaluation(
+    examples: Sequence[dict], collate: Callable[[list[dict]], Batch], step: StepFn, batch_size: int
+):
+    """An `evaluate` for `train`: the stage's own `step` over `examples` in batches, without gradients;
+    the loss per example and the step's metrics, averaged over the examples."""
+
+    def evaluate(model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals, n = {}, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            loss_sum, metrics = step(model, {k: v.to(device) for k, v in collate(chunk).items()})
+            for key, value in {"loss": loss_sum.item() / len(chunk), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+            n += len(chunk)
+        return {key: value / n for key, value in totals.items()}
+
+    return evaluate
 
 
 def nll_step(model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignment.judging import TIE, WIN, bootstrap_ci
+from alignment.evaluation.judging import TIE, WIN, bootstrap_ci
 
 # L2 on the slope theta_1 only (the intercept is left free, as scikit-learn leaves it): weak (a prior
 # standard deviation of 10 on the logit scale), yet it keeps theta_1 finite when length separates wins

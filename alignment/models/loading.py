@@ -1,6 +1,6 @@
 """Tokenizers and causal LMs: train a byte-level BPE, load from a path / hub id / GGUF file, or
 build a small GPT-2 or Llama from a config. Models are always saved as safetensors. A folder holding a
-LoRA adapter (alignment/lora.py) loads like any saved model: its base, with the adapter merged in."""
+LoRA adapter (alignment/models/lora.py) loads like any saved model: its base, with the adapter merged in."""
 
 from __future__ import annotations
 
@@ -159,14 +159,46 @@ def load_pretrained(
             )
             kwargs["attn_implementation"] = "sdpa"
     if (Path(name_or_path) / ADAPTER_CONFIG).is_file():
-        from alignment.lora import load_adapter  # peft: imported only when an adapter is met
-
         return load_adapter(auto_class, Path(name_or_path), **kwargs)
     if gguf_file:
         # dequantised on load, transformers then drops its quantizer: a plain float model, savable
         kwargs |= {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
     logger.info("loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
     return auto_class.from_pretrained(str(name_or_path), **kwargs)
+
+
+def resolve_base(folder: Path) -> str:
+    """The base model of the adapter in `folder`. A relative path (a pipeline output such as `outputs/sft`,
+    relative to the project root) is looked up from the adapter's folder upwards, so it resolves from any
+    working directory; failing that it is used as given (relative to the working directory, or a hub id)."""
+    from peft import PeftConfig  # peft: imported only when an adapter is met
+
+    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    if not Path(base).is_absolute():
+        for root in Path(folder).resolve().parents:
+            if (root / base).exists():
+                return str(root / base)
+    return base
+
+
+def load_adapter(auto_class, folder: Path, **kwargs) -> PreTrainedModel:
+    """The model saved by `lora.save_adapter` in `folder`, as a plain model: its base loaded through
+    `auto_class` with `kwargs` (and the saved config, unless `config` is given), the adapter merged in."""
+    from peft import PeftConfig, PeftModel  # peft: imported only when an adapter is met
+
+    if "config" not in kwargs and (folder / "config.json").is_file():
+        kwargs["config"] = AutoConfig.from_pretrained(
+            folder, trust_remote_code=bool(kwargs.get("trust_remote_code"))
+        )
+    base_path = resolve_base(folder)
+    logger.info("loading the adapter %s on %s", folder, base_path)
+    base = load_pretrained(auto_class, base_path, **kwargs)  # itself an adapter folder, maybe
+    # merged at once, so no task wrapper (generation, ...): an SFT adapter also loads under a reward head
+    peft_config = PeftConfig.from_pretrained(str(folder))
+    peft_config.task_type = None
+    model = PeftModel.from_pretrained(base, str(folder), config=peft_config).merge_and_unload()
+    model.name_or_path = str(folder)  # an adapter trained on top of this one records this folder as its base
+    return model
 
 
 def check_max_length(max_length: int, model: PreTrainedModel, key: str) -> None:

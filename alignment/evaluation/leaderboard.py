@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment import distributed
-from alignment.data import prompt_key, read_jsonl
-from alignment.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
-from alignment.judging import Judge, Judgement, ScalarJudge, position_stats, win_rate_summary
-from alignment.length_control import lc_win_rate_summary
+from alignment.data.io import read_jsonl
+from alignment.data.sources import prompt_key
+from alignment.evaluation.judging import Judge, Judgement, ScalarJudge, position_stats, win_rate_summary
+from alignment.evaluation.length_control import lc_win_rate_summary
+from alignment.models.generation import prompt_seed  # noqa: F401 (re-exported: evaluation users seed by prompt)
 from alignment.paths import Paths
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def held_out_references(
 ) -> References:
     """The first `limit` distinct prompts of `source` in the SFT `split` and their held-out responses
     (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given."""
-    from alignment.chat import render_prompt, render_row
+    from alignment.data.chat import render_prompt, render_row
 
     path = paths.data / f"sft_{split}.jsonl"
     out, seen = References([], [], [], []), set()
@@ -112,7 +113,7 @@ def sample(
     from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
     many were drawn now. A cached row without the sampled ids (written before they were kept) counts
     as missing: its per-prompt seed draws the same sample again, ids included."""
-    from alignment.generation import ended, generate_ids
+    from alignment.models.generation import ended, generate_ids
 
     cached = cache.load(model_hash, settings) if cache else {}
     wanted = [(p, j) for j in range(samples_per_prompt) for p in prompts]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from alignment.losses import IGNORE_INDEX
+from alignment.losses.logprobs import IGNORE_INDEX
 
 Row = dict[str, list[int]]  # {"input_ids", "labels"}, as batching.encode makes them
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignment.losses import last_token_index
+from alignment.losses.logprobs import last_token_index
 
 # --- Masked statistics ---------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """What the policy stages repeat, written once: the policy with its frozen reference and tokenizer, the
 reward model a params key names, the held-out judges and the comparison with SFT on held-out prompts.
-(The end of every stage is `alignment.results.finish`: a stage that loads no policy does not depend on
+(The end of every stage is `alignment.stages.results.finish`: a stage that loads no policy does not depend on
 this module's model code.)"""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from alignment import distributed
-from alignment.data import write_jsonl
+from alignment.data.io import write_jsonl
 from alignment.paths import Paths
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +20,11 @@ def load_policy_and_reference(path: Path, lora=None):
     mode (no dropout, no gradients); with `lora` (a LoraConfig), one copy: the policy is the model with a
     fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`).
     Both on this process's device (`distributed.device()`)."""
-    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.models.loading import load_causal_lm, load_tokenizer
 
     device = distributed.device()
     if lora is not None:
-        from alignment.lora import AdapterDisabled, add_adapter
+        from alignment.models.lora import AdapterDisabled, add_adapter
 
         policy = add_adapter(load_causal_lm(path), lora).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
@@ -40,11 +40,11 @@ def save_model(model, tokenizer, out: Path, lora=None) -> None:
     state_dict = distributed.full_state_dict(model)
     if distributed.is_main():
         if lora is None:
-            from alignment.models import save_pretrained
+            from alignment.models.loading import save_pretrained
 
             save_pretrained(model, tokenizer, out, state_dict)
         else:
-            from alignment.lora import save_adapter
+            from alignment.models.lora import save_adapter
 
             save_adapter(model, tokenizer, out, merge=lora.merge_on_save)
     distributed.barrier()
@@ -56,7 +56,7 @@ def reward_model_path(paths: Paths, name: str) -> Path:
 
 
 def reward_scorer(paths: Paths, name: str, max_length: int):
-    from alignment.reward import RewardScorer
+    from alignment.models.reward_model import RewardScorer
 
     return RewardScorer(reward_model_path(paths, name), max_length=max_length)
 
@@ -68,7 +68,7 @@ def held_out_judges(paths: Paths, reward, source: str = "imdb") -> dict:
     tasks (HH dialogue) have no gold: the evaluate stage's LLM judge is their held-out judge."""
     judges = {"rm": lambda p, r, f: reward(p, r, f).numpy()}
     if source == "imdb":
-        from alignment.gold import GoldScorer
+        from alignment.evaluation.gold_scorer import GoldScorer
 
         gold = GoldScorer.load(paths.gold)
         judges = {"gold": lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)])} | judges
@@ -88,8 +88,8 @@ def compare_on_held_out(
 ) -> tuple[dict[str, float], list[dict]]:
     """Policy vs SFT on `cfg.eval_prompts` prompts of `split` (`cfg.source`), judged by gold and the RM;
     the per-prompt rows go to `out/held_out_generations.jsonl` when `out` is given."""
-    from alignment.heldout import compare_to_sft
-    from alignment.prompts import load_prompts
+    from alignment.data.prompts import load_prompts
+    from alignment.evaluation.heldout import compare_to_sft
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
     metrics, rows = compare_to_sft(

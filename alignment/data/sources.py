@@ -5,7 +5,7 @@
 - prompts:    {"prompt", "source"}
 
 A prompt is raw text or a conversation (a list of `{role, content}` messages ending with a user turn,
-alignment/chat.py); responses are text. Raw-text responses keep their leading whitespace, so
+alignment/data/chat.py); responses are text. Raw-text responses keep their leading whitespace, so
 `prompt + response` is the original text exactly. HH transcripts become conversations. Conversational
 rows in the hub's schemas are read as they are: `preference` rows with `chosen` / `rejected` as the
 assistant turn or the whole conversation (then `prompt` may be absent: the shared turns before the
@@ -23,11 +23,11 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-from alignment.chat import check_messages, hh_messages, hh_text
 from alignment.config import PrepareConfig, Source
+from alignment.data.chat import check_messages, hh_messages, hh_text
+from alignment.data.io import DataError
 
 SCHEMAS = ("sft", "preference", "prompts")
 SPLITS = ("train", "eval", "test")
@@ -41,10 +41,6 @@ REQUIRED_FIELDS = {
 }
 CONVERSATIONAL = ("sft", "preference", "prompts")  # kinds whose fields may hold messages
 LOADERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A malformed input file: the message names the file, the line (or row) and the field."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -285,30 +281,3 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
         schema: {split: len(rows) for split, rows in splits.items()} for schema, splits in out.items()
     }
     return out, report
-
-
-# ----------------------------------------------------------------------------- prepared jsonl i/o
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def write_metrics(path: Path, metrics: dict) -> None:
-    """A metrics file DVC and strict JSON readers accept: NaN (a rate over nothing) becomes null."""
-
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return None if isinstance(value, float) and value != value else value
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(metrics), indent=2) + "\n")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from alignment import distributed
-from alignment.data import write_metrics
+from alignment.data.io import write_metrics
 from alignment.paths import Paths
 from alignment.plots import plt, write_csv
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 

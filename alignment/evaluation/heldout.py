@@ -10,12 +10,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from alignment import distributed
-from alignment.batching import collate
 from alignment.config import SampleConfig
-from alignment.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.judging import bootstrap_ci
-from alignment.losses import IGNORE_INDEX, sequence_logps
+from alignment.data.batching import collate
+from alignment.evaluation.judging import bootstrap_ci
+from alignment.losses.logprobs import IGNORE_INDEX, sequence_logps
+from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.training import distributed
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, response ids), as `generate_ids` returns them
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.models.loading import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 VERDICT_PREFIX = "[["

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.losses import IGNORE_INDEX
+from alignment.losses.logprobs import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.batching import prompt_ids
+from alignment.data.batching import prompt_ids
 
 
 def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from alignment import distributed
-from alignment.batching import collate, encode
-from alignment.losses import IGNORE_INDEX, gather_last
-from alignment.models import load_sequence_classifier, load_tokenizer
+from alignment.data.batching import collate, encode
+from alignment.losses.logprobs import IGNORE_INDEX, gather_last
+from alignment.models.loading import load_sequence_classifier, load_tokenizer
+from alignment.training import distributed
 
 
 def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:

@@ -6,8 +6,8 @@ turned off (`reference_model`), so a LoRA run holds one copy of the weights, not
 An adapter is saved alone (`save_adapter`): adapter_config.json, adapter_model.safetensors, the model's
 config.json and the tokenizer. adapter_config.json's `base_model_name_or_path` records the base as it was
 loaded: a pipeline output relative to the project root (`outputs/sft`), an absolute path or a hub id.
-`alignment.models.load_causal_lm` and `load_sequence_classifier` load such a folder like any saved model:
-the base (found by `resolve_base`), then the adapter merged in.
+`alignment.models.loading.load_causal_lm` and `load_sequence_classifier` load such a folder like any saved
+model: the base (found by `resolve_base`), then the adapter merged in.
 """
 
 from __future__ import annotations
@@ -20,11 +20,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment import models
 from alignment.config import LoraConfig
+from alignment.models.loading import (
+    ADAPTER_CONFIG,
+    load_causal_lm,
+    record_attention,
+    resolve_base,
+    save_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,45 +79,15 @@ def save_adapter(
     `merge`, `out` holds the merged model instead, a plain model like any other, and the adapter goes to
     `out/adapter`. The in-memory model keeps its adapter either way."""
     if merge:
-        models.save_pretrained(copy.deepcopy(model).merge_and_unload(), tokenizer, out)
+        save_pretrained(copy.deepcopy(model).merge_and_unload(), tokenizer, out)
         out = out / "adapter"
     elif not model.peft_config[model.active_adapter].base_model_name_or_path:
         raise ValueError("the base model was built in memory and saved nowhere: save the adapter merged")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # adapter_config.json and adapter_model.safetensors only
     model.config.save_pretrained(out)
-    models.record_attention(model.config, out)
+    record_attention(model.config, out)
     tokenizer.save_pretrained(out)
-
-
-def resolve_base(folder: Path) -> str:
-    """The base model of the adapter in `folder`. A relative path (a pipeline output such as `outputs/sft`,
-    relative to the project root) is looked up from the adapter's folder upwards, so it resolves from any
-    working directory; failing that it is used as given (relative to the working directory, or a hub id)."""
-    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
-    if not Path(base).is_absolute():
-        for root in Path(folder).resolve().parents:
-            if (root / base).exists():
-                return str(root / base)
-    return base
-
-
-def load_adapter(auto_class, folder: Path, **kwargs) -> PreTrainedModel:
-    """The model saved by `save_adapter` in `folder`, as a plain model: its base loaded through `auto_class`
-    with `kwargs` (and the saved config, unless `config` is given), the adapter merged in."""
-    if "config" not in kwargs and (folder / "config.json").is_file():
-        kwargs["config"] = AutoConfig.from_pretrained(
-            folder, trust_remote_code=bool(kwargs.get("trust_remote_code"))
-        )
-    base_path = resolve_base(folder)
-    logger.info("loading the adapter %s on %s", folder, base_path)
-    base = models.load_pretrained(auto_class, base_path, **kwargs)  # itself an adapter folder, maybe
-    # merged at once, so no task wrapper (generation, ...): an SFT adapter also loads under a reward head
-    peft_config = PeftConfig.from_pretrained(str(folder))
-    peft_config.task_type = None
-    model = PeftModel.from_pretrained(base, str(folder), config=peft_config).merge_and_unload()
-    model.name_or_path = str(folder)  # an adapter trained on top of this one records this folder as its base
-    return model
 
 
 class AdapterDisabled(torch.nn.Module):
@@ -139,8 +115,8 @@ def load_for_training(path: Path, cfg: LoraConfig) -> tuple[PeftModel, str]:
     """A LoRA policy to train from the saved model at `path`, and the path of its base: an adapter folder
     goes on training its own adapter on its base (so the adapter off is still that base, the SFT model
     for a ReST iteration); a whole model gets a fresh adapter."""
-    if (Path(path) / models.ADAPTER_CONFIG).is_file():
+    if (Path(path) / ADAPTER_CONFIG).is_file():
         base_path = resolve_base(Path(path))
-        base = models.load_causal_lm(base_path)
+        base = load_causal_lm(base_path)
         return PeftModel.from_pretrained(base, str(path), is_trainable=True), base_path
-    return add_adapter(models.load_causal_lm(path), cfg), str(path)
+    return add_adapter(load_causal_lm(path), cfg), str(path)
