@@ -8,6 +8,8 @@ file and the dotted key, before any data is read or any model is built.
 
 from __future__ import annotations
 
+import re
+from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
@@ -186,7 +188,9 @@ class TrainConfig(OptimizerConfig):
     batch_size: int = Field(default=16, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "linear", "cosine"] = (
+        "cosine"  # each after `warmup_steps` of linear warmup
+    )
     log_every: int = Field(default=10, ge=1)
     eval_every: int | None = Field(default=None, ge=1)  # optimizer steps; None: at the end only
     group_by_length: int | None = Field(default=None, ge=2)
@@ -292,6 +296,15 @@ class RewardModelConfig(Section):
         return self
 
 
+# the first transformers whose causal LMs take a 2-D `logits_to_keep` (the packed DPO path's)
+PACKED_LOGITS_TRANSFORMERS = (5, 24)
+
+
+def _version(package: str) -> tuple[int, ...]:
+    """`package`'s installed version as numbers (release part only): (5, 24, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version(package).split("+")[0])[:3])
+
+
 class DPOConfig(Section):
     data: PreferenceData = PreferenceData(sources=("imdb_pairs",))
     lora: LoraConfig | None = None  # None: train every weight against a second, frozen copy as reference
@@ -320,6 +333,11 @@ class DPOConfig(Section):
 
     @model_validator(mode="after")
     def _options_match_loss_type(self) -> DPOConfig:
+        if self.padding_free and _version("transformers") < PACKED_LOGITS_TRANSFORMERS:
+            raise ValueError(
+                f"padding_free needs transformers >= {'.'.join(map(str, PACKED_LOGITS_TRANSFORMERS))} (a 2-D "
+                f"logits_to_keep); {version('transformers')} is installed: upgrade it, or padding_free: false"
+            )
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
         if "ipo_length_normalize" in self.model_fields_set and self.loss_type != "ipo":

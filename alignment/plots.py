@@ -34,3 +34,20 @@ def loss_curve(
     ax.legend()
     figure.tight_layout()
     return figure
+
+
+def curves(history: list[dict[str, float]], title: str, panels: list[list[str]], xlabel: str):
+    """One panel per list of columns of `history` (rows with a `step`), each column a curve; columns a
+    row lacks (a KL without a reference) are left out."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    steps = [row["step"] for row in history]
+    for ax, columns in zip(axes[0], panels):
+        for column in columns:
+            if column in history[-1]:
+                ax.plot(steps, [row[column] for row in history], label=column)
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

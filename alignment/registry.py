@@ -332,11 +332,17 @@ def leaderboard_models() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ params
-def load_section(name: str, path: str | Path = "params.yaml") -> Section:
-    """A stage's params section (or `tracking`), validated: errors name the file and each dotted key."""
+def parse(name: str, raw: dict | None, path: str | Path = "params.yaml") -> Section:
+    """A stage's params section (or `tracking`) from its raw values, validated: errors name the file and
+    each dotted key."""
     if name not in SECTIONS:
         raise ConfigError(f"{path}: {name!r} is not a stage's params section; those are {sorted(SECTIONS)}")
-    return parse_section(SECTIONS[name], name, read_params(path).get(name), path)
+    return parse_section(SECTIONS[name], name, raw, path)
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> Section:
+    """A stage's params section (or `tracking`) of params file `path`, validated."""
+    return parse(name, read_params(path).get(name), path)
 
 
 def load_stage_sections(path: str | Path = "params.yaml") -> dict[str, Section]:

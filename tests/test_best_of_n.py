@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from alignment.config import parse_section
 from alignment.evaluation.leaderboard import best_of_n_kl
 from alignment.paths import Paths
 from alignment.stages import best_of_n
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 
@@ -17,7 +17,7 @@ def test_best_of_n_stage_on_the_micro_upstream(upstream, tmp_path, monkeypatch):
     root = tmp_path / "project"
     shutil.copytree(upstream, root, symlinks=True)
     monkeypatch.chdir(root)
-    cfg = parse_section("best_of_n", MICRO_PARAMS["best_of_n"])
+    cfg = parse("best_of_n", MICRO_PARAMS["best_of_n"])
     metrics = best_of_n.run(cfg, Paths(root), None)
 
     assert metrics["eval/prompts"] == 4

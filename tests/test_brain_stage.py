@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from alignment.config import parse_section
 from alignment.paths import Paths
 from alignment.stages import brain
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 
@@ -16,7 +16,7 @@ class Killed(Exception):
 
 
 def run_brain(root, monkeypatch, kill_after: int | None = None, **overrides) -> dict:
-    cfg = parse_section("brain", {**MICRO_PARAMS["brain"], **overrides})
+    cfg = parse("brain", {**MICRO_PARAMS["brain"], **overrides})
     if kill_after is not None:
         real_train = brain.train
 

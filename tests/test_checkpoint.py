@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from alignment.config import ModelConfig, TrainConfig
-from alignment.losses.ppo_loss import AdaptiveKLController
 from alignment.models.loading import build_model, train_tokenizer
 from alignment.stages import ppo
-from alignment.training import checkpoint
+from alignment.training import checkpoint, online
+from alignment.training.online_methods import PPO
+from flows.config import parse
 from tests.test_trainer import TEXTS, run
 
 
@@ -147,34 +148,35 @@ def draws() -> tuple:
     return random.random(), np.random.randn(), np.random.randint(2**31), torch.rand(3).tolist()
 
 
-def test_ppo_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path):
+def test_online_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path):
+    """The online loop's checkpoint (PPO with a value head on the policy): models, AdamW, the method's KL
+    controller and every RNG, loadable with weights_only=True."""
     policy = tiny_policy()
     critic = ppo.PolicyValueHead(policy)
-    optimizers = [torch.optim.AdamW(policy.parameters()), torch.optim.AdamW(critic.own_parameters())]
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.own_parameters()}])
     policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    optimizers[0].step()  # optimizer state with tensors in it
-    kl_control = AdaptiveKLController(0.1, 6.0, 10_000)
-    kl_control.update(12.0, 256)
+    optimizer.step()  # optimizer state with tensors in it
+    method = PPO(parse("ppo", {"kl_target": 6.0, "kl_coef": 0.1}))
+    method.kl_control.update(12.0, 256)
     history = [{"step": 1, "objective/kl": 0.25, "val/num_eos_tokens": 3}]
     np.random.randn()  # numpy now holds a cached gaussian too
 
-    ppo.save_checkpoint(tmp_path, "a", 1, policy, critic, optimizers, kl_control, history)
+    online.save_checkpoint(tmp_path, "a", 1, policy, critic, optimizer, method, history)
     state = torch.load(tmp_path / "step_0000001" / "state.pt", weights_only=True)  # no pickled numpy or code
-    assert set(state) == {"policy", "critic", "optimizers", "kl_control", "rng"}
+    assert set(state) == {"policy", "critic", "optimizer", "method", "rng"}
     expected = draws()
 
     fresh = tiny_policy()
     fresh_critic = ppo.PolicyValueHead(fresh)
-    fresh_optimizers = [
-        torch.optim.AdamW(fresh.parameters()),
-        torch.optim.AdamW(fresh_critic.own_parameters()),
-    ]
-    fresh_kl = AdaptiveKLController(0.1, 6.0, 10_000)
-    done, restored = ppo.load_checkpoint(tmp_path, "a", fresh, fresh_critic, fresh_optimizers, fresh_kl)
+    fresh_optimizer = torch.optim.AdamW(
+        [{"params": fresh.parameters()}, {"params": fresh_critic.own_parameters()}]
+    )
+    fresh_method = PPO(parse("ppo", {"kl_target": 6.0, "kl_coef": 0.1}))
+    done, restored = online.load_checkpoint(tmp_path, "a", fresh, fresh_critic, fresh_optimizer, fresh_method)
     assert (done, restored) == (1, history)
     assert draws() == expected
-    assert fresh_kl.value == kl_control.value
-    assert fresh_optimizers[0].state_dict()["state"][0]["step"] == 1
+    assert fresh_method.kl_control.value == method.kl_control.value != 0.1
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
     for a, b in zip(policy.parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import ConfigError, SFTConfig, flatten, load_all, load_section, parse_section
+from alignment.config import ConfigError, SFTConfig, flatten
+from flows.config import load_all, load_section, parse
 from tests.conftest import ROOT, write_params
 
 
@@ -114,7 +115,7 @@ def test_invalid_values_name_file_and_key(section, patch, message, micro_params)
     for key, value in patch.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
     with pytest.raises(ConfigError) as error:
-        parse_section(section, raw, "some/params.yaml")
+        parse(section, raw, "some/params.yaml")
     assert "some/params.yaml" in str(error.value)
     assert message in str(error.value)
 
@@ -122,7 +123,7 @@ def test_invalid_values_name_file_and_key(section, patch, message, micro_params)
 def test_gpu_knobs_are_off_or_auto_by_default(micro_params):
     """What a CPU run did before the knobs: no checkpointing, no compilation, AdamW as torch picks it."""
     for section in ("sft", "rm", "dpo", "brain", "ppo", "rloo"):
-        train = parse_section(section, micro_params[section]).train
+        train = parse(section, micro_params[section]).train
         assert (train.gradient_checkpointing, train.fused_adamw, train.compile) == (False, "auto", False)
 
 
@@ -137,13 +138,13 @@ def test_unknown_section_and_missing_file(tmp_path, micro_params):
 
 
 def test_config_is_frozen(micro_params):
-    cfg = parse_section("sft", micro_params["sft"])
+    cfg = parse("sft", micro_params["sft"])
     with pytest.raises(Exception):
         cfg.max_length = 3
 
 
 def test_flatten_for_mlflow_params(micro_params):
-    flat = flatten(parse_section("prepare", micro_params["prepare"]))
+    flat = flatten(parse("prepare", micro_params["prepare"]))
     assert flat["sources.0.name"] == "imdb" and flat["sources.1.kind"] == "hh"
     assert flat["eval_fraction"] == 0.1
 

@@ -141,7 +141,6 @@ def test_dpo_reference_logps_are_computed_on_the_device(on_meta, tokenizer):
 HARD_CODED = re.compile(r"""(torch\.device\(|\.to\(|device\s*=\s*)["'](cpu|cuda)|\.cuda\(\)""")
 KNOWN = {
     "bench.py": "a benchmark CLI: its --device names the device",
-    "group_rl.py": "GRPO/RLOO pick cuda or cpu in group_rl.device(cfg); to move to distributed.device()",
 }
 
 

@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 from alignment import registry, tracking
 from alignment.models.loading import load_causal_lm
 from alignment.paths import Paths
-from tests.conftest import ROOT
+from tests.conftest import MICRO_PARAMS, ROOT
 
 
 def dvc(project, *args: str) -> str:
@@ -21,6 +21,27 @@ def dvc(project, *args: str) -> str:
 
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+def expand(stages) -> list[str]:
+    """Stage names as DVC runs them: the foreach stage as its micro items."""
+    items = [f"rest_iter@{k}" for k in MICRO_PARAMS["rest"]["iterations"]]
+    return [member for s in stages for member in (items if s == "rest_iter" else [s])]
+
+
+def downstream(stage: str) -> list[str]:
+    """`stage` and every stage that reads its outputs, directly or through others (the registry's reads;
+    `rest` reads the iterations' folder)."""
+    found = {stage}
+    while True:
+        more = {
+            name
+            for name, s in registry.STAGES.items()
+            if name not in found and (set(s.reads) & found or ("rest_iter" in found and name == "rest"))
+        }
+        if not more:
+            return sorted(found)
+        found |= more
 
 
 def test_dvc_yaml_names_the_paths_the_stages_write():
@@ -62,9 +83,7 @@ def test_dvc_yaml_names_the_paths_the_stages_write():
 def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     monkeypatch.chdir(project)
     first = dvc(project, "repro")
-    assert sorted(ran(first)) == sorted(
-        [s for s in registry.STAGES if s != "rest_iter"] + ["rest_iter@1", "rest_iter@2"]
-    )
+    assert sorted(ran(first)) == sorted(expand(registry.STAGES))
     assert ran(dvc(project, "repro")) == []  # a second repro does nothing
     assert "up to date" in dvc(project, "status")
 
@@ -78,22 +97,7 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     # one SFT param changed as an experiment: SFT and what depends on it re-run, nothing upstream
     exp = dvc(project, "exp", "run", "-S", "sft.train.learning_rate=0.002")
-    assert sorted(ran(exp)) == [
-        "best_of_n",
-        "brain",
-        "dpo",
-        "evaluate",
-        "grpo",
-        "pairs",
-        "ppo",
-        "rest",
-        "rest_iter@1",
-        "rest_iter@2",
-        "rlaif",
-        "rloo",
-        "rm",
-        "sft",
-    ]
+    assert sorted(ran(exp)) == sorted(expand(downstream("sft")))
     assert "0.002" in dvc(project, "exp", "show", "--no-pager", "--csv")
 
     # MLflow holds every stage run (top-level here: no pipeline run was opened) and the model
@@ -101,43 +105,10 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
 
     mlflow.set_tracking_uri(tracking.tracking_uri(project))
     runs = mlflow.search_runs(experiment_names=["alignment"])
-    stages = [
-        "best_of_n",
-        "best_of_n",
-        "brain",
-        "brain",
-        "brain_variance",
-        "dpo",
-        "dpo",
-        "evaluate",
-        "evaluate",
-        "gold",
-        "grpo",
-        "grpo",
-        "pairs",
-        "pairs",
-        "ppo",
-        "ppo",
-        "prepare",
-        "rest",
-        "rest",
-        "rest_iter@1",
-        "rest_iter@1",
-        "rest_iter@2",
-        "rest_iter@2",
-        "rlaif",
-        "rlaif",
-        "rloo",
-        "rloo",
-        "rm",
-        "rm",
-        "sft",
-        "sft",
-        "tokenizer",
-    ]
+    stages = sorted(expand(registry.STAGES) + expand(downstream("sft")))
     assert sorted(runs["tags.stage"].dropna()) == stages
     evaluated = runs[runs["tags.kind"] == "evaluation"]
-    models = ["sft", "dpo", "brain", "ppo", "grpo", "rloo", "rest", "best_of_2"]
+    models = ["sft", *registry.POLICY_STAGES, "best_of_2"]
     assert sorted(evaluated["tags.model"]) == sorted(models * 2)
     board = json.loads((project / "outputs/evaluate/leaderboard.json").read_text())
     assert [m["model"] for m in board["models"]] == models

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from alignment import tracking
-from alignment.config import flatten, parse_section
+from alignment.config import flatten
 from alignment.evaluation.judging import PairwiseJudge, Template
 from alignment.evaluation.local_judge import TransformersJudgeBackend
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.stages import evaluate, rlaif
+from flows.config import parse
 from tests import fake_openai as fake
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -47,7 +48,7 @@ def root(upstream):
 
 def run_evaluate(root, monkeypatch, log=None, **overrides):
     monkeypatch.chdir(root)
-    cfg = parse_section("evaluate", {**EVALUATE, **overrides})
+    cfg = parse("evaluate", {**EVALUATE, **overrides})
     return evaluate.run(cfg, Paths(root), log)
 
 
@@ -55,7 +56,7 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
     shutil.rmtree(root / "checkpoints/evaluate", ignore_errors=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     with tracking.stage_run("evaluate", root=tmp_path) as log:
-        log.params(flatten(parse_section("evaluate", EVALUATE)))  # as the CLI does
+        log.params(flatten(parse("evaluate", EVALUATE)))  # as the CLI does
         run_evaluate(root, monkeypatch, log)
         stage_run_id = log.run_id
     board = json.loads((root / "outputs/evaluate/leaderboard.json").read_text())
@@ -230,7 +231,7 @@ def test_rlaif_labels_pairs_and_reports_agreement(root, monkeypatch):
     params = {"sources": ["imdb_pairs", "prepared"], "train_pairs": 6, "eval_pairs": 3}
     with FakeOpenAI(oracle(labelled)) as server:
         judge = served_judge(server.base_url, "oracle")
-        metrics = rlaif.run(parse_section("rlaif", {**params, "judge": judge}), Paths(root), None)
+        metrics = rlaif.run(parse("rlaif", {**params, "judge": judge}), Paths(root), None)
     train = [json.loads(line) for line in (root / "outputs/rlaif/train.jsonl").read_text().splitlines()]
     assert metrics["train/imdb_pairs/agreement"] == metrics["train/prepared/agreement"] == 1.0
     assert (
@@ -242,7 +243,7 @@ def test_rlaif_labels_pairs_and_reports_agreement(root, monkeypatch):
 
     with FakeOpenAI(fake.position_biased) as server:  # every pair a disagreement between orders: nothing kept
         judge = served_judge(server.base_url, "biased")
-        metrics = rlaif.run(parse_section("rlaif", {**params, "judge": judge}), Paths(root), None)
+        metrics = rlaif.run(parse("rlaif", {**params, "judge": judge}), Paths(root), None)
     assert metrics["train/imdb_pairs/kept"] == 0 and metrics["train/imdb_pairs/tie_or_disagreement"] == 6
     assert metrics["train/imdb_pairs/first_position_rate"] == 1.0
     assert (root / "outputs/rlaif/train.jsonl").read_text() == ""

@@ -10,6 +10,7 @@ from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_setting
 from prefect.testing.utilities import prefect_test_harness
 
 from alignment.config import ConfigError
+from flows.config import PipelineConfig
 from flows.overrides import set_dotted, write_overrides
 from flows.pipeline import pipeline
 from tasks.dvc import StageFailed
@@ -18,7 +19,7 @@ from tests.conftest import MICRO_PARAMS
 # the micro pipeline's stages in DAG order, the foreach stage expanded to its items
 STAGES = [
     member
-    for s in MICRO_PARAMS["pipeline"]["stages"]
+    for s in PipelineConfig().stages
     for member in (
         [f"rest_iter@{k}" for k in MICRO_PARAMS["rest"]["iterations"]] if s == "rest_iter" else [s]
     )

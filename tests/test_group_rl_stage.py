@@ -7,16 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.config import ModelConfig, parse_section
+from alignment.config import ModelConfig
 from alignment.evaluation.gold_scorer import GoldScorer
 from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.paths import Paths
 from alignment.stages import grpo, rloo
-from alignment.training import online as group_rl
+from alignment.stages.common import group_reward
+from alignment.training import online
+from alignment.training.online_methods import GRPO, RLOO, group_settings
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 WORDS = ["good", "bad", "fine", "dull", "great", "poor", "nice", "odd"]
 STAGES = {"grpo": grpo, "rloo": rloo}
+METHODS = {"grpo": GRPO, "rloo": RLOO}
 
 
 class Killed(Exception):
@@ -58,7 +62,7 @@ def test_bandit_the_rewarded_word_rises_through_the_training_loop(word_lm, name)
     while the KL to the reference stays modest, logging TRL's metric names."""
     tokenizer, folder = word_lm
     policy, reference = load(folder)
-    cfg = parse_section(
+    cfg = parse(
         name,
         {
             "max_new_tokens": 8,
@@ -73,9 +77,8 @@ def test_bandit_the_rewarded_word_rises_through_the_training_loop(word_lm, name)
         },
     )
     prompts = [f"{w} {v}" for w in WORDS for v in WORDS]
-    method = STAGES[name].method(cfg)
-    history, timing = group_rl.train(
-        policy, reference, count_great, tokenizer, prompts, cfg, method, None, ""
+    history, timing = online.train(
+        policy, reference, count_great, tokenizer, prompts, group_settings(cfg), METHODS[name](cfg), None, ""
     )
     early = np.mean([r["reward"] for r in history[:2]])
     late = np.mean([r["reward"] for r in history[-3:]])
@@ -104,15 +107,14 @@ def test_a_sample_does_not_depend_on_its_batch(word_lm):
     and another in the next round."""
     tokenizer, folder = word_lm
     policy, reference = load(folder)
-    cfg = parse_section(
+    cfg = parse(
         "grpo", {"max_new_tokens": 6, "samples_per_prompt": 2, "prompts_per_batch": 2, "minibatch_size": 4}
     )
-    method = grpo.method(cfg)
+    settings = group_settings(cfg)
 
     def completions(prompts, batch_index):
-        data = group_rl.make_experience(
-            policy, reference, count_great, tokenizer, prompts, cfg, method, batch_index
-        )
+        seed = online.batch_seed(cfg.train.seed, batch_index)
+        data = online.make_rollout(policy, None, None, count_great, tokenizer, prompts, settings, seed)
         ids, labels = data.batch["input_ids"], data.batch["labels"]
         return [ids[row][labels[row] != -100].tolist() for row in range(len(prompts) * 2)]
 
@@ -123,25 +125,25 @@ def test_a_sample_does_not_depend_on_its_batch(word_lm):
 
 def test_reward_gold_scores_with_the_gold_scorer(upstream):
     paths = Paths(upstream)
-    cfg = parse_section("grpo", MICRO_PARAMS["grpo"] | {"reward": "gold"})
-    reward = group_rl.reward_function(cfg, paths, rm=None)
+    cfg = parse("grpo", MICRO_PARAMS["grpo"] | {"reward": "gold"})
+    reward = group_reward(cfg, paths, rm=None)
     prompts, responses = ["The film was", "I thought"], [" great, wonderful", " awful and dull"]
     expected = GoldScorer.load(paths.gold).reward([p + r for p, r in zip(prompts, responses)])
     np.testing.assert_allclose(reward(prompts, responses, [True] * len(prompts)), expected)
-    assert parse_section("grpo", MICRO_PARAMS["grpo"]).reward == "rm"
+    assert parse("grpo", MICRO_PARAMS["grpo"]).reward == "rm"
 
 
 def run_stage(name, root, monkeypatch, kill_after: int | None = None) -> dict:
-    cfg = parse_section(name, MICRO_PARAMS[name])
+    cfg = parse(name, MICRO_PARAMS[name])
     if kill_after is not None:
-        real_save = group_rl.save_checkpoint
+        real_save = online.save_checkpoint
 
         def save_then_die(path, fingerprint, done, *args):
             real_save(path, fingerprint, done, *args)
             if done == kill_after:
                 raise Killed
 
-        monkeypatch.setattr(group_rl, "save_checkpoint", save_then_die)
+        monkeypatch.setattr(online, "save_checkpoint", save_then_die)
     monkeypatch.chdir(root)
     try:
         return STAGES[name].run(cfg, Paths(root), None)

@@ -73,7 +73,7 @@ def test_rates_exclude_invalid_rows():
     outcomes = np.array([WIN, WIN, WIN, LOSS, TIE, np.nan, np.nan])
     r = rates(outcomes)
     assert (r["n"], r["wins"], r["losses"], r["ties"], r["invalid"]) == (5, 3, 1, 1, 2)
-    assert r["win_rate"] == pytest.approx(3 / 5) and r["win_rate_adjusted"] == pytest.approx(3.5 / 5)
+    assert r["win_rate"] == pytest.approx(3.5 / 5) and r["win_rate_strict"] == pytest.approx(3 / 5)
     assert math.isnan(rates(np.array([np.nan]))["win_rate"])
 
 
@@ -89,8 +89,9 @@ def test_bootstrap_interval_matches_the_binomial_and_is_reproducible():
     assert bootstrap_ci(np.array([WIN] * 20), lambda v: np.mean(v == WIN)) == (1.0, 1.0)
     ties = win_rate_summary(np.array([TIE] * 50 + [WIN] * 50), resamples=500)
     assert (
-        ties["win_rate_adjusted"] == 0.75
-        and ties["win_rate_adjusted_ci_low"] < 0.75 < ties["win_rate_adjusted_ci_high"]
+        ties["win_rate"] == 0.75
+        and ties["win_rate_ci_low"] < 0.75 < ties["win_rate_ci_high"]
+        and ties["win_rate_strict"] == 0.5
     )
     assert math.isnan(bootstrap_ci(np.array([np.nan]), np.mean)[0])
 
@@ -167,3 +168,19 @@ def test_best_of_n_helpers():
     )
     assert best_of_n_kl(1) == 0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
     assert prompt_seed(0, "a") == prompt_seed(0, "a") != prompt_seed(1, "a") != prompt_seed(0, "a", 1)
+
+
+def test_the_leaderboard_puts_rates_that_count_ties_alike_side_by_side():
+    """The headline win rate and the length-controlled one both count a tie half (LC beside a rate that
+    counted ties as losses compared two conventions); the strict rate (ties none) is shown apart."""
+    from alignment.evaluation.leaderboard import leaderboard_markdown
+
+    outcomes = np.array([WIN, TIE, TIE, LOSS])
+    summary = win_rate_summary(outcomes, resamples=100)
+    row = {"model": "dpo", "objective/kl": 1.0, "objective/kl_se": 0.1, "length/mean_tokens": 5.0}
+    row |= {f"llm/{k}": v for k, v in summary.items()} | {"llm/lc_win_rate": 0.5, "llm/consistency": 1.0}
+    table = leaderboard_markdown([row], ["llm"], {"llm": {"kind": "pairwise_llm"}})
+    cell = table.splitlines()[2].split(" | ")[1]
+    assert summary["win_rate"] == 0.5 and summary["win_rate_strict"] == 0.25
+    assert cell.startswith("0.500 [") and "; LC 0.500" in cell and "strict 0.250" in cell
+    assert "ties ½" in table.splitlines()[0]

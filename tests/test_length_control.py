@@ -41,10 +41,10 @@ def test_lc_equals_the_raw_rate_when_outcomes_do_not_depend_on_length():
     (win tie loss win) it is the tie-adjusted 0.625."""
     lengths = np.repeat([-10, 0, 10, 20], 4) + 32
     reference = np.full(16, 32)
-    for mix, raw_key in (([WIN, WIN, WIN, LOSS], "win_rate"), ([WIN, TIE, LOSS, WIN], "win_rate_adjusted")):
+    for mix in ([WIN, WIN, WIN, LOSS], [WIN, TIE, LOSS, WIN]):
         outcomes = np.tile(mix, 4)
         summary = lc_win_rate_summary(outcomes, lengths, reference, resamples=200)
-        assert summary["lc_win_rate"] == pytest.approx(rates(outcomes)[raw_key], abs=1e-9)
+        assert summary["lc_win_rate"] == pytest.approx(rates(outcomes)["win_rate"], abs=1e-9)
         assert summary["lc_win_rate_ci_low"] <= summary["lc_win_rate"] <= summary["lc_win_rate_ci_high"]
 
 
@@ -97,9 +97,9 @@ def test_a_constant_length_difference_gives_the_raw_rate_and_its_interval():
     outcomes = np.array([WIN, WIN, LOSS, TIE, WIN, LOSS, np.nan, WIN])
     summary = lc_win_rate_summary(outcomes, np.full(8, 35), np.full(8, 32), resamples=300, seed=7)
     raw = win_rate_summary(outcomes, resamples=300, seed=7)
-    assert summary["lc_win_rate"] == raw["win_rate_adjusted"] == pytest.approx(4.5 / 7)
+    assert summary["lc_win_rate"] == raw["win_rate"] == pytest.approx(4.5 / 7)
     for end in ("ci_low", "ci_high"):  # the same resamples; the rates summed in another order
-        assert summary[f"lc_win_rate_{end}"] == pytest.approx(raw[f"win_rate_adjusted_{end}"], abs=1e-12)
+        assert summary[f"lc_win_rate_{end}"] == pytest.approx(raw[f"win_rate_{end}"], abs=1e-12)
 
 
 def test_invalid_rows_are_dropped_with_their_lengths():

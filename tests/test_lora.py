@@ -8,7 +8,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from alignment.config import ConfigError, LoraConfig, ModelConfig, parse_section
+from alignment.config import ConfigError, LoraConfig, ModelConfig
 from alignment.losses.logprobs import IGNORE_INDEX, sequence_logps
 from alignment.losses.preference_loss import dpo_loss
 from alignment.models.generation import generate_ids
@@ -21,6 +21,7 @@ from alignment.models.loading import (
     train_tokenizer,
 )
 from alignment.models.lora import add_adapter, reference_model, save_adapter, unwrap
+from flows.config import parse
 
 TEXTS = ["The film was wonderful.", "A dull, lifeless plot.", "\n\nHuman: hi\n\nAssistant: hello"] * 20
 LORA = LoraConfig(r=4, alpha=8, dropout=0.1)  # dropout: the reference must still be deterministic
@@ -212,7 +213,7 @@ def test_registered_adapter_loads_back(tokenizer, tmp_path, monkeypatch):
 
 def invalid(section: str, raw: dict) -> str:
     with pytest.raises(ConfigError) as error:
-        parse_section(section, raw, "some/params.yaml")
+        parse(section, raw, "some/params.yaml")
     return str(error.value)
 
 
@@ -243,11 +244,11 @@ def test_lora_config_rejects_bad_values_by_key(section, raw, message):
 
 def test_lora_config_is_optional_on_every_training_stage():
     for section in ("sft", "rm", "dpo", "brain", "ppo", "grpo", "rloo", "rest"):
-        assert parse_section(section, {}).lora is None
-    merged = parse_section("sft", {"lora": {"merge_on_save": True, "target_modules": ["c_attn"]}})
+        assert parse(section, {}).lora is None
+    merged = parse("sft", {"lora": {"merge_on_save": True, "target_modules": ["c_attn"]}})
     assert merged.lora.target_modules == ("c_attn",)
     pretrained = {"model": {"init": "pretrained", "name_or_path": "outputs/base"}, "lora": {}}
-    assert parse_section("sft", pretrained).lora.r == 16
+    assert parse("sft", pretrained).lora.r == 16
 
 
 @pytest.mark.parametrize(

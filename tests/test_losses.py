@@ -13,7 +13,7 @@ from alignment.losses.logprobs import (
     sft_loss,
     token_logps,
 )
-from alignment.losses.preference_loss import bradley_terry_loss, dpo_loss, unlikelihood_loss
+from alignment.losses.preference_loss import bradley_terry_loss, dpo_loss, simpo_loss, unlikelihood_loss
 
 LN2 = math.log(2.0)
 
@@ -311,3 +311,50 @@ def test_gather_last_when_pad_id_equals_eos_id():
 def test_last_token_index_rejects_an_empty_row():
     with pytest.raises(ValueError, match="no real tokens"):
         last_token_index(torch.tensor([[1, 1], [0, 0]]))
+
+
+# --- SimPO --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps, expected", [(0.0, 0.313262), (0.25, 0.563262)])
+def test_simpo_loss_hand_worked(eps, expected):
+    """Average log-probs chosen -1, rejected -2, beta 2, gamma 1: z = -2 + 4 - 1 = 1, loss = log(1 + e^-1);
+    with eps = 1/4: (3/4) log(1 + e^-1) + (1/4) log(1 + e) (the docstring's numbers)."""
+    losses, chosen, rejected = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), 2.0, 1.0, eps)
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert (chosen.item(), rejected.item()) == (-2.0, -4.0)
+
+
+def test_simpo_without_margin_is_dpo_against_a_reference_that_scores_both_alike():
+    """gamma = 0: SimPO on average log-probs is sigmoid DPO on the same numbers with a reference that
+    gives chosen and rejected the same log-prob (any value), at the same beta."""
+    chosen, rejected = torch.tensor([-1.3, -0.2, -2.0]), torch.tensor([-0.7, -0.9, -2.5])
+    simpo, _, _ = simpo_loss(chosen, rejected, beta=1.5, gamma=0.0)
+    same = torch.full((3,), -4.0)
+    dpo, _, _ = dpo_loss(chosen, rejected, same, same, beta=1.5)
+    torch.testing.assert_close(simpo, dpo)
+
+
+def test_simpo_margin_and_gradient_direction():
+    """The margin gamma raises the loss of a pair already ranked right; the gradient raises the chosen
+    average log-prob and lowers the rejected one."""
+    chosen, rejected = torch.tensor([-1.0], requires_grad=True), torch.tensor([-1.5], requires_grad=True)
+    loose, _, _ = simpo_loss(chosen, rejected, beta=2.0, gamma=0.0)
+    tight, _, _ = simpo_loss(chosen, rejected, beta=2.0, gamma=2.0)
+    assert tight.item() > loose.item()
+    tight.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # descent moves chosen up, rejected down
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta": 0.0}, "beta must be > 0"),
+        ({"gamma": -1.0}, "gamma must be >= 0"),
+        ({"label_smoothing": 0.5}, ""),
+    ],
+)
+def test_simpo_loss_rejects_invalid_arguments(kwargs, message):
+    arguments = {"beta": 2.0, "gamma": 1.0} | kwargs
+    with pytest.raises(ValueError, match=message):
+        simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), **arguments)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from launching import max_abs_difference, relative_difference
 
-from alignment.config import ModelConfig, parse_section
+from alignment.config import ModelConfig
 from alignment.models.loading import (
     build_model,
     load_causal_lm,
@@ -29,6 +29,9 @@ from alignment.models.loading import (
     train_tokenizer,
 )
 from alignment.stages import ppo
+from alignment.training import online
+from alignment.training.online_methods import PPO, ppo_settings
+from flows.config import parse
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +77,7 @@ def train_tiny(folder: Path, rollout_batch_size: int, minibatch_size: int) -> tu
     """PPO on the tiny policy with a value head, rewarding length: (history, the policy's weights)."""
     tokenizer, policy = load_tokenizer(folder), load_causal_lm(folder)
     reference = load_causal_lm(folder).eval().requires_grad_(False)
-    cfg = parse_section(
+    cfg = parse(
         "ppo",
         {
             "max_new_tokens": 4,
@@ -92,7 +95,9 @@ def train_tiny(folder: Path, rollout_batch_size: int, minibatch_size: int) -> tu
         return torch.tensor([len(text) / 10 for text in texts])
 
     critic = ppo.PolicyValueHead(policy)
-    history, _ = ppo.train_ppo(policy, reference, critic, reward, tokenizer, PROMPTS, cfg, None, "")
+    history, _ = online.train(
+        policy, reference, reward, tokenizer, PROMPTS, ppo_settings(cfg), PPO(cfg), None, "", critic=critic
+    )
     state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     # The key bias adds q.b to every score of a query: softmax ignores it, its gradient is 0 but for
     # rounding, and Adam scales rounding noise up to steps of the learning rate. Left out of the comparison.

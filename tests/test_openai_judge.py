@@ -20,7 +20,7 @@ SENTIMENT = load_template(TEMPLATES, "sentiment-pair")
 FAST = {"api_key_env": None, "timeout_s": 0.5, "backoff_s": 0.01}
 
 # Hand-worked: "great" only in the model's response wins in both orders (x3), only in the reference
-# loses (x1), in neither ties (x1): W=3, L=1, T=1 of N=5 -> win_rate 3/5, adjusted (3 + 1/2)/5 = 0.7.
+# loses (x1), in neither ties (x1): W=3, L=1, T=1 of N=5 -> win_rate (3 + 1/2)/5 = 0.7, strict 3/5.
 PROMPTS = [f"Opening {i} of a review:" for i in range(5)]
 RESPONSES = ["a great film", "great acting", "simply great", "rather bad", "it was fine"]
 REFERENCES = ["a bad film", "dull acting", "simply awful", "truly great", "it was okay"]
@@ -48,8 +48,8 @@ def test_sensible_judge_outcomes_and_win_rates():
         "ties": 1,
         "invalid": 0,
     }
-    assert summary["win_rate"] == pytest.approx(0.6) and summary["win_rate_adjusted"] == pytest.approx(0.7)
-    assert summary["win_rate_ci_low"] <= 0.6 <= summary["win_rate_ci_high"]
+    assert summary["win_rate"] == pytest.approx(0.7) and summary["win_rate_strict"] == pytest.approx(0.6)
+    assert summary["win_rate_ci_low"] <= 0.7 <= summary["win_rate_ci_high"]
     assert len(server.requests) == 2 * 6  # both orders, each verdict parsed on the first ask
 
 
@@ -58,7 +58,7 @@ def test_position_biased_judge_is_all_ties():
         judgement = judge(server).compare(PROMPTS, RESPONSES, REFERENCES)
     summary = rates(judgement.outcomes)
     assert judgement.outcomes.tolist() == [0] * 5
-    assert summary["win_rate"] == 0 and summary["win_rate_adjusted"] == 0.5
+    assert summary["win_rate"] == 0.5 and summary["win_rate_strict"] == 0
     assert position_stats(judgement.details) == {
         "consistency": 0.0,
         "first_position_rate": 1.0,

@@ -5,11 +5,14 @@ import shutil
 import pytest
 import torch
 
-from alignment.config import ModelConfig, parse_section
+from alignment.config import ModelConfig
 from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.models.reward_model import load_reward_model
 from alignment.paths import Paths
 from alignment.stages import ppo
+from alignment.training import online
+from alignment.training.online_methods import PPO, ppo_settings
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 WORDS = ["good", "bad", "fine", "dull", "great", "poor", "nice", "odd"]
@@ -42,7 +45,7 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
     def reward(prompts, texts, finished):
         return torch.tensor([float(t.split().count("great")) for t in texts])
 
-    cfg = parse_section(
+    cfg = parse(
         "ppo",
         {
             "max_new_tokens": 8,
@@ -56,7 +59,9 @@ def test_ppo_raises_a_bandit_reward_with_bounded_kl(tmp_path):
         },
     )
     prompts = [f"{w} {v}" for w in WORDS for v in WORDS]
-    history, timing = ppo.train_ppo(policy, reference, critic, reward, tokenizer, prompts, cfg, None, "")
+    history, timing = online.train(
+        policy, reference, reward, tokenizer, prompts, ppo_settings(cfg), PPO(cfg), None, "", critic=critic
+    )
     first, last = history[0], history[-4:]
     late_score = sum(r["objective/scores"] for r in last) / len(last)
     late_kl = sum(r["objective/kl"] for r in last) / len(last)
@@ -96,7 +101,7 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
     def reward(prompts, texts, finished):
         return torch.tensor([float(len(t)) / 10 for t in texts])
 
-    cfg = parse_section(
+    cfg = parse(
         "ppo",
         {
             "max_new_tokens": 4,
@@ -109,7 +114,18 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
             "train": {"checkpoint_every": None},
         },
     )
-    history, _ = ppo.train_ppo(policy, reference.eval(), critic, reward, tokenizer, WORDS, cfg, None, "")
+    history, _ = online.train(
+        policy,
+        reference.eval(),
+        reward,
+        tokenizer,
+        WORDS,
+        ppo_settings(cfg),
+        PPO(cfg),
+        None,
+        "",
+        critic=critic,
+    )
     assert len(history) == 2 and critic.score.weight.abs().sum() > 0
     assert not torch.equal(
         policy.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight
@@ -117,16 +133,16 @@ def test_value_head_on_the_policy_trains_with_it(tmp_path):
 
 
 def run_ppo(root, monkeypatch, kill_after: int | None = None) -> dict:
-    cfg = parse_section("ppo", MICRO_PARAMS["ppo"])
+    cfg = parse("ppo", MICRO_PARAMS["ppo"])
     if kill_after is not None:
-        real_save = ppo.save_checkpoint
+        real_save = online.save_checkpoint
 
         def save_then_die(path, fingerprint, done, *args):
             real_save(path, fingerprint, done, *args)
             if done == kill_after:
                 raise Killed
 
-        monkeypatch.setattr(ppo, "save_checkpoint", save_then_die)
+        monkeypatch.setattr(online, "save_checkpoint", save_then_die)
     monkeypatch.chdir(root)
     try:
         return ppo.run(cfg, Paths(root), None)
@@ -138,7 +154,7 @@ def test_ppo_stage_resumes_exactly(upstream, monkeypatch):
     from safetensors.torch import load_file
 
     metrics = run_ppo(upstream, monkeypatch)
-    assert metrics["rollouts"] == 4
+    assert metrics["batches"] == 4
     assert {
         "gold/reward",
         "gold/sft_reward",
@@ -150,6 +166,6 @@ def test_ppo_stage_resumes_exactly(upstream, monkeypatch):
     shutil.rmtree(upstream / "checkpoints/ppo")
     with pytest.raises(Killed):
         run_ppo(upstream, monkeypatch, kill_after=2)  # dies right after the checkpoint at rollout 2
-    assert run_ppo(upstream, monkeypatch)["rollouts"] == 4
+    assert run_ppo(upstream, monkeypatch)["batches"] == 4
     for name, tensor in load_file(upstream / "outputs/ppo/model.safetensors").items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=0, atol=0, msg=name)

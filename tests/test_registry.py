@@ -1,5 +1,6 @@
-"""The stage registry is the one declaration: dvc.yaml, the CLI, the paths and the config sections follow
-from it, and no stage runs code that DVC does not list as its dependency."""
+"""The stage registry is the one declaration: dvc.yaml, the CLI, the paths, the config sections, the
+default pipeline, the launchable stages and evaluate's models follow from it, and no stage runs code that
+DVC does not list as its dependency."""
 
 import importlib
 import modulefinder
@@ -10,14 +11,16 @@ import pytest
 from ruamel.yaml import YAML
 
 from alignment import registry
-from alignment.config import SECTIONS
 from alignment.paths import Paths
+from alignment.registry import SECTIONS
 from alignment.training import checkpoint
+from flows import dvc_yaml
+from flows.config import PipelineConfig
 from tests.conftest import MICRO_PARAMS, ROOT
 
 
 def test_committed_dvc_yaml_is_generated_from_the_registry():
-    assert (ROOT / "dvc.yaml").read_text() == registry.dvc_yaml(), "run `python -m alignment dvc-yaml`"
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml.dvc_yaml(), "run `python -m alignment dvc-yaml`"
     done = subprocess.run(
         [sys.executable, "-m", "alignment", "dvc-yaml", "--check"],
         cwd=ROOT,
@@ -34,7 +37,7 @@ def imported_package_files(module: str) -> set[str]:
     # the package only (other imports stay unresolved); MLflow plumbing is not followed (NOT_OUTPUT_CODE)
     excluded = [
         f.removesuffix(".py").replace("/", ".")
-        for f in registry.NOT_OUTPUT_CODE
+        for f in dvc_yaml.NOT_OUTPUT_CODE
         if not f.endswith("__init__.py")
     ]
     finder = modulefinder.ModuleFinder(path=[str(ROOT)], excludes=excluded)
@@ -53,18 +56,19 @@ def test_every_module_a_stage_runs_is_a_dvc_dependency(name):
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     entry = stages[name].get("do", stages[name])
     found = imported_package_files(registry.STAGES[name].module)
-    expected = found - set(registry.NOT_OUTPUT_CODE)
+    expected = {f for f in found - set(dvc_yaml.NOT_OUTPUT_CODE) if not f.endswith("__init__.py")}
     missing = sorted(expected - set(entry["deps"]))
     assert not missing, f"{name} runs {missing} but dvc.yaml does not list them"
     assert f"alignment/stages/{name}.py" in entry["deps"]
 
 
 def test_stages_never_import_other_stages():
+    stage_files = {f"alignment/stages/{name}.py" for name in registry.STAGES}
     for name, stage in registry.STAGES.items():
         others = [
             d
-            for d in registry.code_deps(stage.module)
-            if d.startswith("alignment/stages/") and d != f"alignment/stages/{name}.py"
+            for d in dvc_yaml.code_deps(stage.module)
+            if d in stage_files and d != f"alignment/stages/{name}.py"
         ]
         assert not others, f"{name} imports {others}: move what they share down a floor"
 
@@ -85,14 +89,14 @@ def test_registry_agrees_with_config_paths_and_cli():
 
 
 def test_fingerprint_follows_settings_inputs_and_world_size(tmp_path):
-    from alignment.config import parse_section
+    from flows.config import parse
 
-    cfg = parse_section("sft", MICRO_PARAMS["sft"])
+    cfg = parse("sft", MICRO_PARAMS["sft"])
     (tmp_path / "outputs" / "data").mkdir(parents=True)
     (tmp_path / "outputs" / "data" / "a.jsonl").write_text("1\n")
     first = checkpoint.fingerprint("sft", cfg, tmp_path)
     assert checkpoint.fingerprint("sft", cfg, tmp_path) == first
-    resumed_off = parse_section(
+    resumed_off = parse(
         "sft", MICRO_PARAMS["sft"] | {"train": MICRO_PARAMS["sft"]["train"] | {"resume": False}}
     )
     assert (
@@ -106,9 +110,9 @@ def test_fingerprint_follows_settings_inputs_and_world_size(tmp_path):
 def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
     """`launch.stages.<stage>` turns the stage's dvc.yaml cmd into a torchrun or accelerate launch; the
     stages it does not name stay `python -m alignment`."""
-    from alignment.config import parse_section
+    from flows.config import parse
 
-    launch = parse_section(
+    launch = parse(
         "launch",
         {
             "stages": {
@@ -117,14 +121,14 @@ def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
             }
         },
     )
-    stages = YAML(typ="safe").load(registry.dvc_yaml(launch=launch))["stages"]
+    stages = YAML(typ="safe").load(dvc_yaml.dvc_yaml(launch=launch))["stages"]
     assert stages["sft"]["cmd"] == "torchrun --standalone --nproc_per_node 2 -m alignment sft"
     assert stages["dpo"]["cmd"] == (
         "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m alignment dpo"
     )
     assert stages["rm"]["cmd"] == "python -m alignment rm"
     assert stages["rest_iter"]["do"]["cmd"] == "python -m alignment rest_iter --iteration ${key}"
-    profile = YAML(typ="safe").load(registry.dvc_yaml(["sft", "dpo"], "../..", launch))["stages"]
+    profile = YAML(typ="safe").load(dvc_yaml.dvc_yaml(["sft", "dpo"], "../..", launch))["stages"]
     assert profile["dpo"]["cmd"].startswith("accelerate launch --config_file ../../configs/accelerate/")
 
 
@@ -141,10 +145,11 @@ def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
     ],
 )
 def test_launch_section_refuses_what_cannot_run(stages, message):
-    from alignment.config import ConfigError, parse_section
+    from alignment.config import ConfigError
+    from flows.config import parse
 
     with pytest.raises(ConfigError, match=message):
-        parse_section("launch", {"stages": stages})
+        parse("launch", {"stages": stages})
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
@@ -155,3 +160,28 @@ def test_shipped_accelerate_configs_load(name):
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert config.compute_environment.value == "LOCAL_MACHINE"
     assert config.use_cpu is False
+
+
+def test_the_lists_that_follow_from_the_registry():
+    """The default pipeline, the launchable stages, evaluate's inputs and leaderboard, and the params
+    sections are read from the stages' declarations, not kept beside them."""
+    assert PipelineConfig().stages == tuple(n for n, s in registry.STAGES.items() if s.pipeline)
+    assert "rlaif" not in PipelineConfig().stages and "simpo" in PipelineConfig().stages
+    policies = [n for n, s in registry.STAGES.items() if s.policy]
+    assert policies == list(registry.POLICY_STAGES) and {"dpo", "simpo", "ppo", "grpo", "rloo"} <= set(
+        policies
+    )
+    assert set(policies) <= set(registry.STAGES["evaluate"].reads)
+    assert list(registry.leaderboard_models()) == ["sft", *policies]
+    assert registry.leaderboard_models()["rest"] == "outputs/rest_best"
+    assert set(SECTIONS) == {s.params_section for s in registry.STAGES.values()} | {"tracking"}
+    assert set(SECTIONS) - {"tracking"} <= set(MICRO_PARAMS)  # every stage has micro params
+
+
+def test_flow_settings_are_no_stage_dependency():
+    """A work-pool, launch or sweep setting is not in any stage's params or code deps: it re-runs nothing."""
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, entry in stages.items():
+        entry = entry.get("do", entry)
+        assert not any(dep.startswith("flows/") for dep in entry["deps"]), name
+        assert set(entry["params"]) <= set(SECTIONS) - {"tracking"}, name

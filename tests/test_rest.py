@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.config import ConfigError, GuardConfig, ThresholdConfig, parse_section
+from alignment.config import ConfigError, GuardConfig, ThresholdConfig
 from alignment.data.io import DataError
 from alignment.data.prompts import load_incoming
 from alignment.evaluation.leaderboard import prompt_seed
@@ -24,6 +24,7 @@ from alignment.training.rest_rules import (
     learning_rate,
     thresholds,
 )
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 
@@ -151,35 +152,35 @@ def rest_params(**changes) -> dict:
 
 
 def test_iterations_must_chain_and_be_named_in_order():
-    assert list(parse_section("rest", rest_params()).iterations) == ["1", "2"]
+    assert list(parse("rest", rest_params()).iterations) == ["1", "2"]
     for iterations, message in [
         ({"1": "outputs/sft", "2": "outputs/dpo"}, "iteration 2 must start from outputs/rest/1/policy"),
         ({"1": "outputs/sft", "3": "outputs/rest/2/policy"}, "named"),
         ({1: "outputs/sft"}, "rest.iterations"),  # an integer key: DVC's foreach would skip it silently
     ]:
         with pytest.raises(ConfigError, match=message):
-            parse_section("rest", rest_params(iterations=iterations))
+            parse("rest", rest_params(iterations=iterations))
 
 
 def test_percentile_schedule_must_stay_below_100():
     improve = {"steps": 3, "threshold": {"kind": "percentile", "start": 60, "increment": 20}}
     with pytest.raises(ConfigError, match="reach 100"):
-        parse_section("rest", rest_params(improve=improve))
+        parse("rest", rest_params(improve=improve))
     improve["threshold"]["kind"] = "value"  # reward values may go anywhere
-    parse_section("rest", rest_params(improve=improve))
+    parse("rest", rest_params(improve=improve))
 
 
 def test_guard_scores_must_be_ones_the_iterations_record():
     with pytest.raises(ConfigError, match="rest.guard.held_out"):
-        parse_section("rest", rest_params(guard={"held_out": "gold/win_rate"}))
+        parse("rest", rest_params(guard={"held_out": "gold/win_rate"}))
 
 
 def test_max_kl_must_be_positive():
-    assert parse_section("rest", rest_params()).guard.max_kl is None
-    assert parse_section("rest", rest_params(guard={"max_kl": 8.0})).guard.max_kl == 8.0
+    assert parse("rest", rest_params()).guard.max_kl is None
+    assert parse("rest", rest_params(guard={"max_kl": 8.0})).guard.max_kl == 8.0
     for bad in (0, -1.0):
         with pytest.raises(ConfigError, match="rest.guard.max_kl"):
-            parse_section("rest", rest_params(guard={"max_kl": bad}))
+            parse("rest", rest_params(guard={"max_kl": bad}))
 
 
 def test_incoming_prompts_are_read_and_bad_rows_counted(tmp_path):
@@ -211,7 +212,7 @@ def rest_run(upstream, tmp_path_factory):
     incoming = root / "incoming"
     incoming.mkdir()
     (incoming / "new.txt").write_text("My favourite film of\nThe acting in this\n")
-    cfg = parse_section("rest", rest_params(incoming=str(incoming)))
+    cfg = parse("rest", rest_params(incoming=str(incoming)))
     paths = Paths(root)
     metrics = [rest_iter.run(cfg, paths, None, iteration=k) for k in (1, 2)]
     return cfg, paths, metrics, rest.run(cfg, paths, None)
@@ -314,3 +315,19 @@ def test_a_stopped_run_skips_later_iterations(rest_run, tmp_path):
     selection = json.loads((stopped_paths.rest_best / "selection.json").read_text())
     assert summary["guard/stopped"] == 1 and summary["best_iteration"] == 0
     assert "stopped early" in selection["why"] and selection["skipped"] == [2]
+
+
+def test_improve_examples_cut_a_long_prompt_from_the_left_and_keep_the_response():
+    """A kept sample longer than max_length loses the start of its prompt, never the response it was kept
+    for (cutting from the right kept the whole prompt and trained on nothing); as `encode` does."""
+    import random
+
+    from alignment.losses.logprobs import IGNORE_INDEX
+    from alignment.stages.rest_iter import improve_examples
+
+    prompt_ids, response_ids = list(range(100, 150)), [7, 8, 9, 10, 11, 0]
+    cfg = parse("rest", {"max_length": 16})
+    row = {"prompt_ids": prompt_ids, "response_ids": response_ids}
+    (example,) = improve_examples([row], [], cfg, tokenizer=None, rng=random.Random(0))
+    assert example["input_ids"] == prompt_ids[-10:] + response_ids
+    assert [t for t in example["labels"] if t != IGNORE_INDEX] == response_ids

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignment.config import ConfigError, DPOConfig, ModelConfig, TrainConfig, parse_section
+from alignment.config import ConfigError, DPOConfig, ModelConfig, TrainConfig
 from alignment.data.batching import collate, encode
 from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair
 from alignment.losses.logprobs import IGNORE_INDEX
@@ -17,7 +17,8 @@ from alignment.models.loading import build_model, save_pretrained, train_tokeniz
 from alignment.models.reward_model import RewardScorer, load_reward_model, sequence_rewards
 from alignment.paths import Paths
 from alignment.stages import dpo, rm
-from alignment.training.trainer import train
+from alignment.training.trainer import step_evaluation, train
+from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
 GOOD = ["a wonderful film", "truly great acting", "I loved it", "superb and moving"]
@@ -136,13 +137,13 @@ def test_dpo_starts_at_ln2_and_raises_the_margins(tiny_lm):
     dpo.precompute_reference(reference, examples, collate_pairs(tokenizer.pad_token_id), 8)
     cfg = DPOConfig(beta=0.5)
     step = dpo.make_step(reference, cfg)
-    evaluate = dpo.evaluation(examples, pad, step, 16)
+    evaluate = step_evaluation(examples, pad, step, 16)
     at_start = evaluate(policy)
     assert at_start["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert at_start["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     # on-the-fly reference log-probs give the same numbers as the precomputed ones
     fresh = [encode_pair(tokenizer, pair, 32) for pair in pairs]
-    assert dpo.evaluation(fresh, pad, step, 16)(policy)["loss"] == pytest.approx(at_start["loss"], abs=1e-6)
+    assert step_evaluation(fresh, pad, step, 16)(policy)["loss"] == pytest.approx(at_start["loss"], abs=1e-6)
     train(
         policy,
         examples,
@@ -210,7 +211,7 @@ def test_every_method_and_baseline_trains_toward_the_chosen(tiny_lm, loss_type):
         count_pairs,
         TrainConfig(batch_size=8, epochs=10, learning_rate=3e-3, warmup_steps=0, lr_schedule="constant"),
     )
-    after = dpo.evaluation(examples, pad, step, 16)(policy)
+    after = step_evaluation(examples, pad, step, 16)(policy)
     assert after["rewards/accuracies"] >= 0.75
     if loss_type == "ipo":  # IPO regresses beta * delta onto beta / (2 beta) = 0.5, not beyond
         assert after["rewards/margins"] == pytest.approx(0.5, abs=0.25)
@@ -245,11 +246,11 @@ def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream
     monkeypatch.chdir(root)
     params = copy.deepcopy(MICRO_PARAMS["rm"]) | {"register_as": None, "pooling": "mean"}
     with pytest.raises(ConfigError, match="init_from: model"):
-        parse_section("rm", params | {"init_from": "model"})
+        parse("rm", params | {"init_from": "model"})
     with pytest.raises(ConfigError, match="init_from: model"):
-        parse_section("rm", params | {"model": {"n_layer": 1, "n_embd": 48, "n_head": 2}})
+        parse("rm", params | {"model": {"n_layer": 1, "n_embd": 48, "n_head": 2}})
     model = {"n_layer": 3, "n_embd": 48, "n_head": 2, "max_position_embeddings": 64}
-    cfg = parse_section("rm", params | {"init_from": "model", "model": model})
+    cfg = parse("rm", params | {"init_from": "model", "model": model})
     metrics = rm.run(cfg, Paths(root), None)
 
     assert metrics["steps"] == 3 and 0.0 <= metrics["val/accuracy"] <= 1.0
@@ -260,3 +261,18 @@ def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream
     scorer = RewardScorer(root / "outputs" / "rm", max_length=64)
     scores = scorer(["A film", "A film"], [" good", " bad"], [True, False])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_packed_dpo_needs_the_transformers_that_takes_2d_logits_to_keep(monkeypatch):
+    """dpo.padding_free slices logits with a 2-D `logits_to_keep`, which transformers takes from 5.24 on:
+    an older one fails validation, naming the key and both versions, before any compute."""
+    from alignment import config
+
+    monkeypatch.setattr(config, "version", lambda package: "5.17.0")
+    with pytest.raises(
+        ConfigError, match=r"padding_free needs transformers >= 5\.24 .* 5\.17\.0 is installed"
+    ):
+        parse("dpo", {"padding_free": True})
+    assert parse("dpo", {"padding_free": False}).padding_free is False
+    monkeypatch.setattr(config, "version", lambda package: "5.24.1+cu128")
+    assert parse("dpo", {"padding_free": True}).padding_free

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from alignment import tracking
-from alignment.config import ConfigError, parse_section
+from alignment.config import ConfigError
 from alignment.evaluation import sweep_stats as s
 from alignment.stages.best_of_n import best_of_n_metrics
+from flows.config import parse
 from tests.conftest import git, write_params
 
 T_975_2 = 4.302652729911275  # Student's t quantile, 2 degrees of freedom
@@ -156,13 +157,11 @@ def test_best_of_n_metrics_by_hand():
 
 def test_sweep_params_are_validated():
     with pytest.raises(ConfigError, match="knob and values go together"):
-        parse_section(
-            "sweep", {"methods": {"d": {"stages": ["dpo"], "knob": "dpo.beta", "seed": "dpo.train.seed"}}}
-        )
+        parse("sweep", {"methods": {"d": {"stages": ["dpo"], "knob": "dpo.beta", "seed": "dpo.train.seed"}}})
     with pytest.raises(ConfigError, match="unknown stage"):
-        parse_section("sweep", {"methods": {"d": {"stages": ["dpoo"], "seed": "dpo.train.seed"}}})
+        parse("sweep", {"methods": {"d": {"stages": ["dpoo"], "seed": "dpo.train.seed"}}})
     with pytest.raises(ConfigError, match="not a key of a stage"):
-        parse_section("sweep", {"methods": {"d": {"stages": ["dpo"], "seed": "sweep.seeds"}}})
+        parse("sweep", {"methods": {"d": {"stages": ["dpo"], "seed": "sweep.seeds"}}})
 
 
 # ------------------------------------------------------------------------------- the flow, for real

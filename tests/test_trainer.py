@@ -263,3 +263,33 @@ def test_fused_adamw_follows_the_device():
     # parameter groups with their own learning rate (PPO's policy and critic)
     groups = make_optimizer([{"params": params, "lr": 0.5}], TrainConfig(learning_rate=0.1), cpu).param_groups
     assert groups[0]["lr"] == 0.5
+
+
+def test_a_constant_schedule_warms_up(tokenizer):
+    """lr_schedule constant with warmup_steps: the rate climbs for `warmup_steps`, then stays (transformers'
+    own `constant` ignores warmup; both shipped ReST configs ask for it)."""
+    cfg = TrainConfig(
+        batch_size=4,
+        epochs=2,
+        max_steps=6,
+        lr_schedule="constant",
+        warmup_steps=4,
+        learning_rate=1e-3,
+        log_every=1,
+    )
+    _, result = run(tokenizer, cfg)
+    rates = [row["learning_rate"] for row in result.history]
+    assert rates[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4]) and rates[3:] == pytest.approx([1e-3] * 3)
+
+
+def test_a_window_without_response_tokens_trains_on_nothing_and_logs_no_nan(tokenizer):
+    """Every example's response cut away (labels all IGNORE_INDEX): the window's loss is 0, its gradient
+    0, and the logged numbers finite (0 / 0 was NaN)."""
+    empty = [{**e, "labels": [IGNORE_INDEX] * len(e["labels"])} for e in examples(tokenizer)]
+    model = tiny_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=4, max_steps=2, log_every=1, learning_rate=1e-2)
+    result = train(model, empty, collate(tokenizer.pad_token_id), step, count_response_tokens, cfg)
+    assert all(row["loss"] == 0 and row["grad_norm"] == 0 for row in result.history)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment import registry
+from flows.dvc_yaml import dvc_yaml
 from tests.conftest import BIN, MICRO_PARAMS, copy_project, git
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def micro_project(dest: Path, pools: bool) -> Path:
     generated as a profile's is."""
     project = copy_project(dest, micro_params(pools))
     (project / "dvc.lock").unlink()  # the repository's lock is of the default params
-    (project / "dvc.yaml").write_text(registry.dvc_yaml(stages=STAGES))
+    (project / "dvc.yaml").write_text(dvc_yaml(stages=STAGES))
     git(project, "commit", "-qam", "the stages of this test")
     return project
 

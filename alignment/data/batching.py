@@ -32,6 +32,13 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, finished: boo
     response = tokenizer(response, add_special_tokens=False).input_ids + (
         [tokenizer.eos_token_id] if finished else []
     )
+    return fit(prompt, response, max_length)
+
+
+def fit(prompt: list[int], response: list[int], max_length: int) -> dict[str, list[int]]:
+    """Prompt and response ids as one example of at most `max_length` tokens, labels on the response:
+    an over-long one keeps at most half the budget for the prompt, cut from its left, and then cuts the
+    response on the right. The rule of every stage that trains on text (`encode`) and on samples."""
     if len(prompt) + len(response) > max_length:
         prompt = prompt[-max(max_length // 2, max_length - len(response)) :]
     input_ids = (prompt + response)[:max_length]

@@ -4,9 +4,6 @@ estimated on its own samples, scored token for token as they were drawn."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
@@ -16,21 +13,9 @@ from alignment.evaluation.judging import bootstrap_ci
 from alignment.losses.logprobs import IGNORE_INDEX, sequence_logps
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.training import distributed
+from alignment.training.trainer import evaluating
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, response ids), as `generate_ids` returns them
-
-
-@contextmanager
-def evaluating(*models) -> Iterator[None]:
-    """The models in eval mode (no dropout) inside the block; their training flags restored after."""
-    modes = [model.training for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
 
 
 def _response_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

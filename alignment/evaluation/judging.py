@@ -12,8 +12,9 @@ every rate, never counted as a win or a loss).
   is asked again (`parse_retries` times, the attempt number reaching the backend so that it may
   sample differently and cache each attempt separately); still unparseable, the row is invalid.
 
-Statistics: `win_rate = W / N`, `win_rate_adjusted = (W + T/2) / N` over the N valid rows, with
-percentile-bootstrap 95% intervals from resampling prompts.
+Statistics: `win_rate = (W + T/2) / N`, a tie counting half as in AlpacaEval, the length-controlled rate
+and the held-out comparisons with SFT, and `win_rate_strict = W / N` (ties count nothing), over the N valid
+rows, with percentile-bootstrap 95% intervals from resampling prompts.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def position_stats(details: list[dict]) -> dict[str, float]:
 
 
 def rates(outcomes: np.ndarray) -> dict[str, float]:
-    """Counts and the two win rates over the valid rows."""
+    """Counts and the two win rates over the valid rows: ties half (`win_rate`) and ties none (`_strict`)."""
     outcomes = np.asarray(outcomes, dtype=float)
     valid = outcomes[~np.isnan(outcomes)]
     n, wins, ties = len(valid), float(np.sum(valid == WIN)), float(np.sum(valid == TIE))
@@ -235,8 +236,8 @@ def rates(outcomes: np.ndarray) -> dict[str, float]:
         "ties": ties,
         "losses": float(np.sum(valid == LOSS)),
         "invalid": float(len(outcomes) - n),
-        "win_rate": wins / n if n else float("nan"),
-        "win_rate_adjusted": (wins + 0.5 * ties) / n if n else float("nan"),
+        "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),  # a tie counts half
+        "win_rate_strict": wins / n if n else float("nan"),  # a tie counts nothing
     }
 
 
@@ -262,8 +263,8 @@ def win_rate_summary(outcomes: np.ndarray, resamples: int = 2000, seed: int = 0)
     """`rates` plus a 95% bootstrap interval for each win rate (`win_rate_ci_low`, ..._high)."""
     summary = rates(outcomes)
     for key, statistic in (
-        ("win_rate", lambda v: np.mean(v == WIN)),
-        ("win_rate_adjusted", lambda v: np.mean(v == WIN) + 0.5 * np.mean(v == TIE)),
+        ("win_rate", lambda v: np.mean(v == WIN) + 0.5 * np.mean(v == TIE)),
+        ("win_rate_strict", lambda v: np.mean(v == WIN)),
     ):
         summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(
             outcomes, statistic, resamples, seed=seed

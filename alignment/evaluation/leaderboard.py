@@ -194,8 +194,8 @@ def judge_model(
     finished: tuple[np.ndarray, np.ndarray] | None = None,
     questions: list[str] | None = None,
 ) -> tuple[dict[str, float], dict[str, Judgement]]:
-    """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its
-    95% bootstrap interval, `<judge>/win_rate_adjusted` (ties half), counts, the mean score of a scalar
+    """Every judge's verdicts for one model against the references: `<judge>/win_rate` with its 95%
+    bootstrap interval (ties half), `<judge>/win_rate_strict` (ties none), counts, the mean score of a scalar
     judge (`<judge>/reward`, `<judge>/reference_reward`) and a pairwise judge's position statistics.
     With `lengths` (the responses' and the references' lengths in tokens, per prompt), also
     `<judge>/lc_win_rate`, the length-controlled win rate, with its interval (`length_control`).
@@ -241,12 +241,12 @@ def best_of_n_kl(n: int) -> float:
 
 
 def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[str, dict]) -> str:
-    """One row per model: each judge's win rate against the reference with its 95% interval and its
-    length-controlled rate (LC), the tie-adjusted rate for pairwise judges, mean scores, KL to the
-    reference policy and length."""
+    """One row per model: each judge's win rate against the reference (a tie half) with its 95% interval
+    and its length-controlled rate (LC, ties half too), the strict rate (ties none) for pairwise judges,
+    mean scores, KL to the reference policy and length."""
     head = [
         "model",
-        *[f"{j} win rate [95% CI]" for j in judges],
+        *[f"{j} win rate, ties ½ [95% CI]" for j in judges],
         *[f"{j} reward" for j in judges if f"{j}/reward" in rows[0]],
         "KL to SFT ± se",
         "mean tokens",
@@ -265,7 +265,7 @@ def leaderboard_markdown(rows: list[dict], judges: list[str], identities: dict[s
                 cell += f"; LC {row[f'{j}/lc_win_rate']:.3f}"
             if identities[j].get("kind") == "pairwise_llm":
                 cell += (
-                    f"; adj. {row[f'{j}/win_rate_adjusted']:.3f}; n {int(row[f'{j}/n'])}, "
+                    f"; strict {row[f'{j}/win_rate_strict']:.3f}; n {int(row[f'{j}/n'])}, "
                     f"{int(row[f'{j}/ties'])} ties, "
                     f"{int(row[f'{j}/invalid'])} invalid; consistency {row[f'{j}/consistency']:.2f}"
                 )

@@ -92,8 +92,7 @@ def lc_win_rate_summary(
     `..._high`), from per-prompt outcomes (WIN / TIE / LOSS / NaN) and response lengths. Invalid rows
     are dropped first; g is computed once on the valid rows and each resample refits the model. With
     the same `resamples` and `seed` as `win_rate_summary`, the interval resamples the same prompts as
-    the raw rates' intervals do. Comparable with `win_rate_adjusted` (ties half); with no ties, with
-    `win_rate`."""
+    the raw rates' intervals do. Comparable with `win_rate`: both count a tie half."""
     outcomes = np.asarray(outcomes, dtype=np.float64)
     valid = ~np.isnan(outcomes)
     targets = np.where(outcomes[valid] == WIN, 1.0, np.where(outcomes[valid] == TIE, 0.5, 0.0))

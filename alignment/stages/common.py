@@ -113,3 +113,107 @@ def held_out_summary(metrics: dict[str, float]) -> str:
 
 def log_held_out(name: str, metrics: dict[str, float]) -> None:
     logger.info("held-out %s: %s", name, held_out_summary(metrics))
+
+
+def run_online(
+    name: str,
+    cfg,
+    paths: Paths,
+    log,
+    method,
+    settings,
+    reward,
+    rm,
+    *,
+    critic=None,
+    policy_and_reference=None,
+    columns: list[str],
+    panels: list[list[str]],
+    label: str,
+) -> dict[str, float]:
+    """An online-RL stage (PPO, GRPO, RLOO) from the SFT policy, in numbered steps: `method` and `settings`
+    on the shared loop (alignment/training/online.py), the samples scored by `reward`, the held-out
+    comparison judged by `rm` (and gold). `policy_and_reference`: the stage's own (tokenizer, policy,
+    reference), e.g. PPO's with a value head on the policy."""
+    from alignment.data.prompts import load_prompts
+    from alignment.models.loading import check_max_length
+    from alignment.plots import curves
+    from alignment.stages.results import finish
+    from alignment.training import online
+    from alignment.training.checkpoint import fingerprint
+
+    # step 1. policy, reference, prompts
+    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora)
+    check_max_length(cfg.max_length, policy, f"{name}.max_length")
+    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
+    logger.info(
+        "%s: %d batches of %d prompts x %d samples (all processes), %d pass(es) over each",
+        label,
+        settings.batches,
+        settings.prompts_per_batch * distributed.world(),
+        settings.samples_per_prompt,
+        settings.passes,
+    )
+
+    # step 2. generation batches on the shared loop
+    history, timing = online.train(
+        policy,
+        reference,
+        reward,
+        tokenizer,
+        prompts,
+        settings,
+        method,
+        paths.checkpoints(name),
+        fingerprint(name, cfg, paths.root),
+        critic=critic,
+        log_metrics=log.metrics if log else None,
+        desc=name,
+    )
+    logger.info(
+        "generation %.0f s, training %.0f s", timing["generation_seconds"], timing["training_seconds"]
+    )
+
+    # step 3. save, then policy vs SFT on held-out prompts
+    out = paths.out(name)
+    save_model(policy, tokenizer, out, cfg.lora)
+    held_out, rows = compare_on_held_out(
+        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
+    )
+    log_held_out(label, held_out)
+
+    # step 4. metrics, plots, registration
+    return finish(
+        name,
+        paths,
+        log,
+        online.summary(history, timing) | held_out,
+        csvs={"train.csv": (history, columns)},
+        curves=(held_out, len(history)),
+        figures={
+            f"plots/{name}.png": curves(history, f"{label} per generation batch", panels, "generation batch")
+        },
+        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
+        model=out,
+        register_as=cfg.register_as,
+    )
+
+
+GROUP_COLUMNS = [
+    "step",
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "objective/kl",
+    "entropy",
+    "completions/mean_length",
+    "clip_ratio/region_mean",
+    "loss",
+]
+GROUP_PANELS = [["reward"], ["objective/kl", "entropy"]]
+
+
+def group_reward(cfg, paths: Paths, rm):
+    """What GRPO's and RLOO's samples are trained on: `reward: rm` the reward model, `gold` the gold scorer
+    on prompt + response (the judges the held-out comparison uses)."""
+    return rm if cfg.reward == "rm" else held_out_judges(paths, rm)["gold"]

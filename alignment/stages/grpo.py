@@ -3,9 +3,10 @@ and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 
   1. The policy and its frozen SFT reference; the reward the samples are trained on (`reward`: the RM,
      or the gold scorer) and the RM for the held-out comparison.
-  2. Generation batches (alignment/training/online.py): k samples per prompt, scored; advantages
-     (r - mean) / (std + eps) per group (`grpo_advantages`); `num_iterations` passes of `grpo_loss`, the
-     per-token clipped surrogate plus beta x k3 KL, averaged by `loss_type`.
+  2. Generation batches on the shared online loop (alignment/training/online.py) with the `GRPO` method
+     (alignment/training/online_methods.py): advantages (r - mean) / (std + eps) per group;
+     `num_iterations` passes of `grpo_loss`, the per-token clipped surrogate plus beta x k3 KL, averaged
+     by `loss_type`.
   3. The policy saved, and compared with SFT on held-out prompts (gold and the RM).
   4. Metrics, plots/grpo/train.csv, the curves in MLflow; registered as `alignment-grpo`.
 """
@@ -13,32 +14,24 @@ and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 from __future__ import annotations
 
 from alignment.config import GRPOConfig
-from alignment.losses.group_rl_loss import grpo_advantages, grpo_loss
 from alignment.paths import Paths
+from alignment.stages.common import GROUP_COLUMNS, GROUP_PANELS, group_reward, reward_scorer, run_online
 from alignment.tracking import Tracker
-from alignment.training import online as group_rl
-
-
-def method(cfg: GRPOConfig) -> group_rl.Method:
-    def advantages(scores, kl):  # the KL is a loss term in GRPO, not part of the reward
-        return grpo_advantages(scores, cfg.scale_rewards)[0]
-
-    def loss(logps, old_logps, reference_logps, advantages, mask):
-        return grpo_loss(
-            logps,
-            old_logps,
-            reference_logps,
-            advantages,
-            mask,
-            cfg.beta,
-            cfg.epsilon,
-            cfg.epsilon_high,
-            cfg.loss_type,
-            max_completion_length=cfg.max_new_tokens,
-        )
-
-    return group_rl.Method(advantages, loss)
+from alignment.training.online_methods import GRPO, group_settings
 
 
 def run(cfg: GRPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    return group_rl.run_stage("grpo", cfg, paths, log, method(cfg), f"beta {cfg.beta}, loss {cfg.loss_type}")
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    return run_online(
+        "grpo",
+        cfg,
+        paths,
+        log,
+        GRPO(cfg),
+        group_settings(cfg),
+        group_reward(cfg, paths, rm),
+        rm,
+        columns=GROUP_COLUMNS,
+        panels=GROUP_PANELS,
+        label=f"GRPO (beta {cfg.beta}, loss {cfg.loss_type})",
+    )

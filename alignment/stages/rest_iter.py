@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from alignment.config import RestConfig
-from alignment.data.batching import as_example, collate, encode
+from alignment.data.batching import collate, encode, fit
 from alignment.data.chat import render_prompt, render_row
 from alignment.data.io import read_jsonl, write_jsonl, write_metrics
 from alignment.data.prompts import load_incoming, load_prompts
@@ -115,9 +115,8 @@ def improve_examples(
     """The kept samples as token examples (exactly as sampled, EOS only where the policy emitted it),
     plus `sft_mix` SFT rows per kept sample."""
     examples = []
-    for row in kept:
-        example = as_example(row["prompt_ids"], row["response_ids"])
-        examples.append({k: v[: cfg.max_length] for k, v in example.items()})
+    for row in kept:  # the prompt cut from the left, as everywhere: the response is what is trained on
+        examples.append(fit(row["prompt_ids"], row["response_ids"], cfg.max_length))
     extra = min(round(cfg.improve.sft_mix * len(kept)), len(sft_rows))
     examples += [
         encode(tokenizer, row["prompt"], row["response"], cfg.max_length, True)

@@ -1,199 +1,332 @@
-"""The online loop that GRPO and RLOO share: an experience maker and a trainer (OpenRLHF's split). A method
-keeps only its advantages and its loss (`Method`, pure functions of alignment/losses/group_rl_loss.py).
+"""The one online-RL loop, shared by PPO, GRPO and RLOO: an experience maker and an optimiser (OpenRLHF's
+split), with a method's hooks in between. A method (`OnlineMethod`) supplies only what differs: its
+advantages (step 4), its loss (step 5) and what it does after a batch (PPO's KL controller).
 
 Each generation batch is five numbered steps:
-  1. sample k completions per prompt from the current policy; sample i of prompt x in round r draws from
-     the seed `prompt_seed(seed, x, r * k + i)`, so it depends on neither its batch nor the process;
-  2. score each completion with the reward (the RM on the decoded text, or the gold scorer);
-  3. log-probs of the sampled tokens under the policy as it sampled (eval mode: no dropout) and, when the
-     method has a KL term (beta > 0), under the frozen SFT reference;
-  4. the method's advantages from the (G, k) rewards of the groups;
-  5. `num_iterations` passes over shuffled minibatches of the batch: the method's loss, AdamW, clipping.
-Every (B, T) tensor lives on the shifted token grid of `token_logps` (column j is token j + 1; `mask`
-marks completion tokens); rows are group-major, row g * k + i is prompt g's completion i.
+  1. sample k completions per prompt from the current policy (k = 1 for PPO): sample i of prompt x in
+     batch r draws from the seed `prompt_seed(batch_seed(seed, r), x, i)`, so it depends on neither its
+     batch's other prompts nor the process that drew it;
+  2. score each completion with the reward (the RM, the gold scorer, ...);
+  3. log-probs of the sampled tokens under the policy as it sampled, the critic's values (PPO) and, when
+     the method needs them, the frozen reference's log-probs; every model in eval mode (dropout is off
+     throughout anyway: a dropout mask drawn anew in step 5 would make the first ratio differ from 1);
+  4. the method's advantages, over the whole batch;
+  5. `passes` passes over shuffled minibatches of the batch: the method's loss, AdamW, clipping.
 
-A checkpoint every `train.checkpoint_every` batches holds the policy, AdamW, every RNG, the batch count
-and the curves (alignment/training/checkpoint.py); a run killed after one resumes to the same weights.
-One process
-(as PPO): the batch is not split across ranks.
+Several processes (torchrun, accelerate): `prompts_per_batch` and `minibatch_size` are per process, as a
+batch size is, so N processes with b / N and m / N make the updates of one with b and m. Batch r's prompts
+are a window of an order drawn from (seed, epoch); each process samples and scores its contiguous block of
+them (a prompt's k completions stay on one process) and all gather the whole batch, so the advantages
+(PPO's whitening, GRPO's groups) are those of one process. Each process then trains on its block of each
+minibatch of one global permutation, its loss weighted by its share of the minibatch's loss units (tokens
+or completions) times N, against DDP's mean over processes.
+
+Every (B, T) tensor lives on the shifted token grid of `token_logps` (column j is token j + 1; `mask`
+marks completion tokens); rows are group-major, row g * k + i is prompt g's completion i. A checkpoint
+every `train.checkpoint_every` batches holds the models, AdamW, the method's state, every RNG, the batch
+count and the curves (alignment/training/checkpoint.py): a run killed after one resumes to the same
+weights.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from alignment.config import GroupRLConfig, OptimizerConfig
+from alignment.config import OptimizerConfig
 from alignment.data.batching import as_example, collate
-from alignment.evaluation.heldout import evaluating
-from alignment.losses.group_rl_loss import group_zero_std, sequence_kl
-from alignment.losses.logprobs import token_logps
+from alignment.losses.logprobs import IGNORE_INDEX, token_logps
 from alignment.losses.ppo_loss import masked_entropy
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.paths import Paths
-from alignment.plots import plt
-from alignment.stages.common import held_out_judges
-from alignment.training import checkpoint
-from alignment.training.trainer import window_indices
+from alignment.models.reward_model import token_scores
+from alignment.training import checkpoint, distributed
+from alignment.training.trainer import evaluating, make_optimizer, prepare_model, window_indices
 
 logger = logging.getLogger(__name__)
 
-Reward = Callable[[list[str], list[str]], object]  # (prompts, responses) -> (N,) scores, tensor or array
-CSV_COLUMNS = [
-    "step",
-    "reward",
-    "reward_std",
-    "frac_reward_zero_std",
-    "objective/kl",
-    "entropy",
-    "completions/mean_length",
-    "clip_ratio/region_mean",
-    "loss",
-]
+# (prompts, responses, finished) -> one score per completion (a tensor, an array or a list)
+Reward = Callable[[list[str], list[str], list[bool]], object]
 
 
 @dataclass(frozen=True)
-class Method:
-    """What GRPO and RLOO do differently: the advantages of a batch and the loss of a minibatch."""
+class LoopSettings:
+    """The loop's knobs, read from a stage's config (PPO and the group methods name them differently)."""
 
-    advantages: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-    """(scores (G, k), KL of each sample to the reference (G, k) or None) -> advantages (G, k)"""
-    loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
-    """(logps, old_logps, reference_logps or None, advantages (B,), mask) -> (loss, stats)"""
+    train: OptimizerConfig
+    batches: int  # generation rounds (PPO: rollouts)
+    prompts_per_batch: int  # per process (PPO: rollout_batch_size)
+    samples_per_prompt: int  # k (PPO: 1)
+    passes: int  # optimisation passes over each batch (PPO: ppo_epochs; GRPO: num_iterations)
+    minibatch_size: int  # completions per optimizer step, per process
+    max_new_tokens: int
+    temperature: float  # of the sampler; log-probs are of this distribution
+    critic_learning_rate: float | None = None  # PPO's critic, a parameter group of its own
 
 
 @dataclass
-class Experience:
+class Rollout:
     """A generation batch with everything the optimisation needs, computed once (steps 1-4)."""
 
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, T)
-    mask: torch.Tensor  # (B, T - 1)
-    old_logps: torch.Tensor  # (B, T - 1)
-    reference_logps: torch.Tensor | None  # (B, T - 1), when beta > 0
-    advantages: torch.Tensor  # (B,)
-    stats: dict[str, float]
+    mask: torch.Tensor  # (B, T - 1) float, 1 on completion tokens
+    old_logps: torch.Tensor  # (B, T - 1) under the policy that sampled
+    reference_logps: torch.Tensor | None  # (B, T - 1), when the method uses the reference
+    old_values: torch.Tensor | None  # (B, T - 1), the critic's (PPO)
+    scores: torch.Tensor  # (B,) the reward of each completion
+    finished: torch.Tensor  # (B,) bool, ended with EOS (not cut at max_new_tokens)
+    advantages: torch.Tensor | None = None  # (B,) or (B, T - 1): step 4
+    returns: torch.Tensor | None = None  # (B, T - 1): PPO's value targets
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        """The rollout's rows `index` (a minibatch, or one process's block of it)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Rollout(
+            {key: value[index] for key, value in self.batch.items()},
+            self.mask[index],
+            self.old_logps[index],
+            pick(self.reference_logps),
+            pick(self.old_values),
+            self.scores[index],
+            self.finished[index],
+            pick(self.advantages),
+            pick(self.returns),
+        )
 
 
-def device(cfg: OptimizerConfig) -> torch.device:
-    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+@dataclass
+class Outputs:
+    """Step 5's forward pass over a minibatch: what a method's loss reads."""
+
+    logps: torch.Tensor  # (B, T - 1) sampled-token log-probs, with gradient
+    logits: torch.Tensor  # (B, T - 1, V) at the sampling temperature, position j predicting token j + 1
+    values: torch.Tensor | None  # (B, T - 1) the critic's, with gradient (PPO)
 
 
-def reward_function(cfg: GroupRLConfig, paths: Paths, rm) -> Reward:
-    """The reward the samples are trained on: `reward: rm` the reward model, `gold` the gold scorer on
-    prompt + response (the judges the held-out comparison uses)."""
-    return rm if cfg.reward == "rm" else held_out_judges(paths, rm)["gold"]
+class OnlineMethod:
+    """What PPO, GRPO and RLOO do differently. `uses_reference`: step 3 scores the samples under the frozen
+    reference; `loss_units`: what the loss averages over (`tokens` or `completions`), which weighs each
+    process's share of a minibatch."""
+
+    uses_reference: bool = False
+    loss_units: str = "tokens"
+
+    def advantages(self, rollout: Rollout) -> None:
+        """Step 4: set `rollout.advantages` (and `returns`), and add the batch's statistics to `stats`."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Outputs, rows: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Step 5: the loss of a minibatch (this process's rows of it) and its statistics."""
+        raise NotImplementedError
+
+    def after_batch(self, rollout: Rollout, num_samples: int) -> None:
+        """After step 5 (PPO adapts its KL coefficient to the batch's KL)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor], cfg: GroupRLConfig):
-    """(B, T - 1) sampled-token log-probs at the sampling temperature, the mask, and the logits."""
-    bf16 = cfg.train.mixed_precision == "bf16"
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits.float() / cfg.temperature
-    logps, mask = token_logps(logits, batch["labels"])
-    return logps, mask, logits[:, :-1]
+class PolicyAndCritic(torch.nn.Module):
+    """Policy and critic (if any) as the one module accelerate prepares (DDP under several processes): one
+    forward gives the policy's logits (B, T, V) and the critic's values (B, T - 1), and one set of gradient
+    hooks syncs both, a transformer they share (a value head on the policy) counted once."""
+
+    def __init__(self, policy, critic=None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        values = None if self.critic is None else critic_values(self.critic, input_ids, attention_mask)
+        return logits, values
+
+
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) value of each state: the critic's scalar head at position j values token j + 1."""
+    return token_scores(critic, input_ids, attention_mask)[:, :-1]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good, as TRL's online trainers do: step 5 trains in train mode (gradient
+    checkpointing needs it), and a fresh dropout mask there would make the policy that is trained another
+    one than the policy that sampled, so that the first ratio of every batch is not 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention
+            module.attention_dropout = 0.0
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of generation batch `batch`: its samples and its minibatch order."""
+    return seed * 1_000_003 + batch
+
+
+def policy_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """(B, T - 1) sampled-token log-probs at the sampling temperature."""
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logps(logits.float() / temperature, batch["labels"])[0]
 
 
 @torch.no_grad()
-def make_experience(
+def experience(
     policy,
     reference,
+    critic,
     reward: Reward,
     tokenizer,
     prompts: list[str],
-    cfg: GroupRLConfig,
-    method: Method,
-    batch_index: int,
-) -> Experience:
-    k, where = cfg.samples_per_prompt, next(policy.parameters()).device
+    settings: LoopSettings,
+    seed: int,
+) -> list[dict]:
+    """Steps 1-3 for one process's prompts: per completion its example (`as_example`), its log-probs under
+    the policy (and reference) and the critic's values on its own columns of the shifted grid (its length
+    - 1), its score and whether it ended with EOS; on the CPU, for `gather`."""
     # step 1. k completions per prompt, each from its own seed
+    k = settings.samples_per_prompt
     expanded = [prompt for prompt in prompts for _ in range(k)]
-    seeds = [prompt_seed(cfg.train.seed, prompt, batch_index * k + i) for prompt in prompts for i in range(k)]
-    drawn = generate_ids(policy, tokenizer, expanded, cfg.max_new_tokens, cfg.temperature, seeds=seeds)
-    batch = collate(tokenizer.pad_token_id)([as_example(p, r) for p, r in drawn])
-    batch = {key: value.to(where) for key, value in batch.items()}
+    seeds = [prompt_seed(seed, prompt, i) for prompt in prompts for i in range(k)]
+    with evaluating(policy):
+        drawn = generate_ids(
+            policy, tokenizer, expanded, settings.max_new_tokens, settings.temperature, seeds=seeds
+        )
+    examples = [as_example(prompt, response) for prompt, response in drawn]
+    device = next(policy.parameters()).device
+    batch = {key: value.to(device) for key, value in collate(tokenizer.pad_token_id)(examples).items()}
 
     # step 2. score every completion
-    scores = reward(expanded, decode_responses(tokenizer, drawn), ended(tokenizer, drawn))
-    scores = torch.as_tensor(np.asarray(scores))
-    scores = scores.float().to(where)
+    finished = ended(tokenizer, drawn)
+    scores = torch.as_tensor(np.asarray(reward(expanded, decode_responses(tokenizer, drawn), finished)))
 
-    # step 3. log-probs under the sampling policy (no dropout) and, for a KL term, the reference
-    with evaluating(policy):
-        old_logps, mask, _ = policy_logps(policy, batch, cfg)
-    reference_logps = policy_logps(reference, batch, cfg)[0] if cfg.beta > 0 else None
-    kl = None if reference_logps is None else sequence_kl(old_logps, reference_logps, mask)
+    # step 3. log-probs under the sampling policy, the critic's values, the reference's log-probs
+    with evaluating(policy, *([critic] if critic is not None else [])):
+        columns = {"logps": policy_logps(policy, batch, settings.temperature)}
+        if critic is not None:
+            columns["values"] = critic_values(critic, batch["input_ids"], batch["attention_mask"])
+    if reference is not None:
+        columns["reference_logps"] = policy_logps(reference, batch, settings.temperature)
+    lengths = [len(example["input_ids"]) - 1 for example in examples]
+    return [
+        example
+        | {key: value[i, :n].float().cpu() for key, value in columns.items()}
+        | {"score": float(scores[i]), "finished": finished[i]}
+        for i, (example, n) in enumerate(zip(examples, lengths))
+    ]
 
-    # step 4. the method's advantages from the groups' rewards
-    groups = scores.view(-1, k)
-    advantages = method.advantages(groups, None if kl is None else kl.view(-1, k)).flatten()
 
-    lengths = torch.tensor([len(r) for _, r in drawn], dtype=torch.float)
-    has_eos = torch.tensor(ended(tokenizer, drawn), dtype=torch.float)
-    stats = {
-        "reward": scores.mean().item(),
-        "reward_std": groups.std(dim=1).mean().item(),
-        "frac_reward_zero_std": group_zero_std(groups).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/clipped_ratio": 1.0 - has_eos.mean().item(),  # cut at max_new_tokens, no EOS
+def make_rollout(
+    policy,
+    reference,
+    critic,
+    reward: Reward,
+    tokenizer,
+    prompts: list[str],
+    settings: LoopSettings,
+    seed: int,
+) -> Rollout:
+    """Steps 1-3 on the batch's `prompts` (every process's): each process samples and scores its block,
+    and every process gets the whole batch."""
+    rows = distributed.map_sharded(
+        lambda mine: experience(policy, reference, critic, reward, tokenizer, list(mine), settings, seed),
+        prompts,
+    )
+    device = next(policy.parameters()).device
+    batch = {key: value.to(device) for key, value in collate(tokenizer.pad_token_id)(rows).items()}
+    padded = {
+        key: pad_sequence([row[key] for row in rows], batch_first=True).to(device)
+        for key in ("logps", "reference_logps", "values")
+        if key in rows[0]
     }
-    if kl is not None:
-        stats["objective/kl"] = kl.mean().item()  # k1 KL(policy || SFT) of the batch's samples
-    return Experience(batch, mask, old_logps, reference_logps, advantages, stats)
+    finished = torch.tensor([row["finished"] for row in rows], device=device)
+    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+    rollout = Rollout(
+        batch=batch,
+        mask=mask,
+        old_logps=padded["logps"],
+        reference_logps=padded.get("reference_logps"),
+        old_values=padded.get("values"),
+        scores=torch.tensor([row["score"] for row in rows], device=device, dtype=torch.float),
+        finished=finished,
+    )
+    rollout.stats = {
+        "completions/mean_length": mask.sum(-1).mean().item(),
+        "completions/clipped_ratio": 1.0 - finished.float().mean().item(),  # cut at max_new_tokens, no EOS
+    }
+    return rollout
+
+
+def _units(mask: torch.Tensor, loss_units: str) -> torch.Tensor:
+    return mask.sum() if loss_units == "tokens" else torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
 def optimise(
-    policy, optimizer, data: Experience, cfg: GroupRLConfig, method: Method, seed: int
+    model: PolicyAndCritic,
+    optimizer,
+    accelerator: Accelerator,
+    rollout: Rollout,
+    settings: LoopSettings,
+    method: OnlineMethod,
+    seed: int,
 ) -> dict[str, float]:
-    """Step 5. `num_iterations` passes over shuffled minibatches, one optimizer step each."""
+    """Step 5. `passes` over minibatches of minibatch_size x N rows, one optimizer step each. The minibatches
+    come from one permutation of the (global) batch, the same on every process; each process trains on its
+    block of each, its loss weighted by its share of the minibatch's loss units and by N, so the update is
+    that of one process on the whole minibatch; the statistics, weighted alike and averaged over the
+    processes, are those of the whole minibatch too."""
+    world = distributed.world()
+    size, step_rows = rollout.mask.shape[0], settings.minibatch_size * world
     generator = torch.Generator().manual_seed(seed)
-    size, totals = data.mask.shape[0], {}
-    for _ in range(cfg.num_iterations):
+    totals: dict[str, list[float]] = {}
+    for _ in range(settings.passes):
         order = torch.randperm(size, generator=generator)
-        for start in range(0, size, cfg.minibatch_size):
-            rows = order[start : start + cfg.minibatch_size].to(data.mask.device)
-            logps, mask, logits = policy_logps(policy, {k: v[rows] for k, v in data.batch.items()}, cfg)
-            reference_logps = None if data.reference_logps is None else data.reference_logps[rows]
-            loss, stats = method.loss(
-                logps, data.old_logps[rows], reference_logps, data.advantages[rows], mask
-            )
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                policy.parameters(), cfg.train.max_grad_norm or float("inf")
+        for start in range(0, size, step_rows):
+            minibatch = order[start : start + step_rows].to(rollout.mask.device)
+            rows = rollout.rows(distributed.shard(minibatch))
+            whole = _units(rollout.mask[minibatch], method.loss_units)
+            share = _units(rows.mask, method.loss_units) / whole * world  # exactly 1 on one process
+            logits, values = model(rows.batch["input_ids"], rows.batch["attention_mask"])
+            logits = logits.float() / settings.temperature
+            logps, _ = token_logps(logits, rows.batch["labels"])
+            loss, stats = method.loss(Outputs(logps, logits[:, :-1], values), rows)
+            accelerator.backward(loss * share)
+            grad_norm = accelerator.clip_grad_norm_(
+                model.parameters(), settings.train.max_grad_norm or math.inf
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # TRL's `entropy`: the mean over completion tokens
-                entropy = masked_entropy(logits, mask).sum() / mask.sum().clamp(min=1)
-            stats |= {"loss": loss.item(), "grad_norm": float(grad_norm), "entropy": entropy.item()}
+            weight = share.item()
+            with torch.no_grad():  # TRL's `entropy`: the token mean over completion tokens
+                entropy = masked_entropy(logits[:, :-1], rows.mask).sum() / rows.mask.sum().clamp(min=1)
+            stats = {key: value * weight for key, value in stats.items()} | {"loss": loss.item() * weight}
+            stats |= {"entropy": entropy.item() * weight, "grad_norm": float(grad_norm)}
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
-    return {key: float(np.mean(values)) for key, values in totals.items()}
+    return distributed.reduce_mean({key: float(np.mean(values)) for key, values in totals.items()})
 
 
-def save_checkpoint(path: Path, fingerprint: str, done: int, policy, optimizer, history: list) -> None:
-    """policy, AdamW and RNG states in step_<done>/state.pt (weights_only-safe); the count and the curves
-    in its meta."""
-    state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict()}
-    checkpoint.save_state(path, done, fingerprint, state, {"history": history})
-
-
-def load_checkpoint(path: Path, fingerprint: str, policy, optimizer) -> tuple[int, list]:
-    found = checkpoint.load_state(path, fingerprint)
-    if found is None:
-        return 0, []
-    step, state, meta = found
-    policy.load_state_dict(state["policy"])
-    optimizer.load_state_dict(state["optimizer"])
-    return step, meta["history"]
+def _trained_parameters(policy, critic, settings: LoopSettings) -> list[dict]:
+    """AdamW's parameter groups: the policy's, and the critic's own at its learning rate (a value head on
+    the policy brings only its head: the body is the policy's)."""
+    groups = [{"params": list(policy.parameters()), "lr": settings.train.learning_rate}]
+    if critic is not None:
+        own = critic.own_parameters() if hasattr(critic, "own_parameters") else critic.parameters()
+        groups.append(
+            {"params": list(own), "lr": settings.critic_learning_rate or settings.train.learning_rate}
+        )
+    return groups
 
 
 def train(
@@ -202,146 +335,119 @@ def train(
     reward: Reward,
     tokenizer,
     prompts: list[str],
-    cfg: GroupRLConfig,
-    method: Method,
+    settings: LoopSettings,
+    method: OnlineMethod,
     checkpoint_dir: Path | None,
     fingerprint: str,
+    critic=None,
     log_metrics=None,
-    desc: str = "group rl",
+    desc: str = "online",
 ) -> tuple[list[dict], dict[str, float]]:
-    """The outer loop: generation batches 1..cfg.batches, each steps 1-5. Returns the per-batch curves
-    and the wall time split into generation (steps 1-4) and training (step 5)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(f"{desc} runs in one process; launch it without accelerate's --num_processes")
-    windows = len(window_indices(len(prompts), cfg.prompts_per_batch, 1, cfg.train.seed, 0))
-    if windows == 0:
-        raise ValueError(f"{len(prompts)} prompts are fewer than one batch of {cfg.prompts_per_batch}")
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+    """The outer loop: generation batches 1..settings.batches, each steps 1-5 and the method's `after_batch`.
+    `policy` is trained in place (with `critic`, if any); `reference` is frozen (None when the method
+    needs none). Returns the per-batch curves and the wall time split into generation (steps 1-4) and
+    training (step 5)."""
+    cfg = settings.train
+    # step_scheduler_with_optimizer off, as in the shared trainer (there is no scheduler to step)
+    accelerator = Accelerator(
+        cpu=distributed.use_cpu(cfg.device),
+        mixed_precision=cfg.mixed_precision,
+        step_scheduler_with_optimizer=False,
     )
-    torch.manual_seed(cfg.train.seed)  # dropout, if the model has any
+    world = distributed.world()
+    policy = policy.to(distributed.device())
+    critic = None if critic is None else critic.to(distributed.device())
+    reference = reference.to(distributed.device()) if method.uses_reference else None
+    for model in (policy, critic):
+        if model is not None:
+            disable_dropout(model)
+    optimizer = make_optimizer(_trained_parameters(policy, critic, settings), cfg, accelerator.device)
+    shares_body = critic is not None and hasattr(critic, "own_parameters")  # its body is the policy's
+    trained = PolicyAndCritic(
+        prepare_model(policy, cfg), critic if critic is None or shares_body else prepare_model(critic, cfg)
+    )
+    model, optimizer = accelerator.prepare(trained, optimizer)
+
     done, history = 0, []
-    if checkpoint_dir is not None and cfg.train.resume:
-        done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, optimizer)
+    if checkpoint_dir is not None and cfg.resume:
+        done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, critic, optimizer, method)
+    batch_prompts = settings.prompts_per_batch * world
+    windows = len(window_indices(len(prompts), batch_prompts, 1, cfg.seed, 0))
+    if windows == 0:
+        raise ValueError(
+            f"{len(prompts)} prompts are fewer than one batch of {batch_prompts} (all processes)"
+        )
     timing = {"generation_seconds": 0.0, "training_seconds": 0.0}
-    policy.train()
+    model.train()
     for r in tqdm(
-        range(done, cfg.batches), initial=done, total=cfg.batches, desc=desc, unit="batch", mininterval=2.0
+        range(done, settings.batches),
+        initial=done,
+        total=settings.batches,
+        desc=desc,
+        unit="batch",
+        mininterval=2.0,
+        disable=not distributed.is_main(),
     ):
         epoch, position = divmod(r, windows)
-        rows = window_indices(len(prompts), cfg.prompts_per_batch, 1, cfg.train.seed, epoch)[position]
+        rows = window_indices(len(prompts), batch_prompts, 1, cfg.seed, epoch)[position]
+        seed = batch_seed(cfg.seed, r)
+        torch.manual_seed(hash((seed, distributed.rank())))  # anything else drawn from the global RNG
         started = time.perf_counter()
-        data = make_experience(
-            policy, reference, reward, tokenizer, [prompts[i] for i in rows], cfg, method, r
-        )
+        with accelerator.autocast():  # the precision the optimisation's ratios are taken in
+            rollout = make_rollout(
+                policy, reference, critic, reward, tokenizer, [prompts[i] for i in rows], settings, seed
+            )
+        method.advantages(rollout)  # step 4, on every process alike
         middle = time.perf_counter()
-        stats = optimise(policy, optimizer, data, cfg, method, seed=cfg.train.seed * 1_000_003 + r)
+        stats = optimise(model, optimizer, accelerator, rollout, settings, method, seed)
+        method.after_batch(rollout, len(rows) * settings.samples_per_prompt)
         timing["generation_seconds"] += middle - started
         timing["training_seconds"] += time.perf_counter() - middle
-        row = {"step": r + 1, **data.stats, **stats}
+        row = {"step": r + 1, **rollout.stats, **stats}
         history.append(row)
         if log_metrics:
             log_metrics({key: value for key, value in row.items() if key != "step"}, r + 1)
-        if (
-            checkpoint_dir is not None
-            and cfg.train.checkpoint_every
-            and (r + 1) % cfg.train.checkpoint_every == 0
-        ):
-            save_checkpoint(checkpoint_dir, fingerprint, r + 1, policy, optimizer, history)
+        if checkpoint_dir is not None and cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0:
+            if distributed.is_main():
+                save_checkpoint(
+                    checkpoint_dir, fingerprint, r + 1, policy, critic, optimizer, method, history
+                )
+            distributed.barrier()
     return history, timing
+
+
+def save_checkpoint(
+    path: Path, fingerprint: str, done: int, policy, critic, optimizer, method: OnlineMethod, history: list
+) -> None:
+    """The models, AdamW, the method's state and every RNG in step_<done>/state.pt (weights_only-safe); the
+    count and the curves in its meta. Under several processes the main one writes it (they hold the same
+    state) and every process loads it."""
+    state = {
+        "policy": policy.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "method": method.state_dict(),
+    }
+    if critic is not None:
+        state["critic"] = critic.state_dict()
+    checkpoint.save_state(path, done, fingerprint, state, {"history": history})
+
+
+def load_checkpoint(
+    path: Path, fingerprint: str, policy, critic, optimizer, method: OnlineMethod
+) -> tuple[int, list]:
+    found = checkpoint.load_state(path, fingerprint)
+    if found is None:
+        return 0, []
+    step, state, meta = found
+    policy.load_state_dict(state["policy"])
+    if critic is not None:
+        critic.load_state_dict(state["critic"])
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method"])
+    return step, meta["history"]
 
 
 def summary(history: list[dict], timing: dict[str, float]) -> dict[str, float]:
     """The last batch's curves as `train/<name>`, the wall time and the batch count."""
     last = {f"train/{key}": value for key, value in history[-1].items() if key != "step"}
     return last | timing | {"batches": len(history)}
-
-
-def curves(history: list[dict], title: str):
-    """Reward and KL to SFT per generation batch, for MLflow."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [r["step"] for r in history]
-    axes[0].plot(steps, [r["reward"] for r in history], label="reward")
-    if "objective/kl" in history[-1]:
-        axes[1].plot(steps, [r["objective/kl"] for r in history], label="objective/kl")
-    axes[1].plot(steps, [r["entropy"] for r in history], label="entropy")
-    for ax in axes:
-        ax.set(xlabel="generation batch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    figure.suptitle(f"{title}: reward, KL to SFT and entropy per generation batch")
-    figure.tight_layout()
-    return figure
-
-
-def run_stage(
-    name: str, cfg: GroupRLConfig, paths: Paths, log, method: Method, settings: str
-) -> dict[str, float]:
-    """A GRPO or RLOO stage from the SFT policy, in numbered steps; `settings` describes the method's
-    knobs in the log line."""
-    from alignment.data.prompts import load_prompts
-    from alignment.models.loading import check_max_length
-    from alignment.stages.common import (
-        compare_on_held_out,
-        load_policy_and_reference,
-        log_held_out,
-        reward_scorer,
-        save_model,
-    )
-    from alignment.stages.results import finish
-    from alignment.training.checkpoint import fingerprint
-
-    # step 1. policy, reference, rewards
-    label = name.upper()
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
-    check_max_length(cfg.max_length, policy, f"{name}.max_length")
-    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
-    policy, reference = policy.to(device(cfg.train)), reference.to(device(cfg.train))
-    prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
-    logger.info(
-        "%s: %d batches of %d prompts x %d samples, %d iteration(s), %s, reward %s",
-        label,
-        cfg.batches,
-        cfg.prompts_per_batch,
-        cfg.samples_per_prompt,
-        cfg.num_iterations,
-        settings,
-        cfg.reward,
-    )
-
-    # step 2. generation batches
-    history, timing = train(
-        policy,
-        reference,
-        reward_function(cfg, paths, rm),
-        tokenizer,
-        prompts,
-        cfg,
-        method,
-        paths.checkpoints(name),
-        fingerprint(name, cfg, paths.root),
-        log.metrics if log else None,
-        desc=name,
-    )
-
-    # step 3. save, then policy vs SFT on held-out prompts
-    out = paths.out(name)
-    save_model(policy, tokenizer, out, cfg.lora)
-    held_out, rows = compare_on_held_out(
-        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
-    )
-    log_held_out(label, held_out)
-
-    # step 4. metrics, plots, registration
-    return finish(
-        name,
-        paths,
-        log,
-        summary(history, timing) | held_out,
-        csvs={"train.csv": (history, CSV_COLUMNS)},
-        curves=(held_out, len(history)),
-        figures={f"plots/{name}.png": curves(history, label)},
-        tables={"held_out_generations.json": rows[: cfg.samples.num_prompts]},
-        model=out,
-        register_as=cfg.register_as,
-    )

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,19 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
+
+
+@contextmanager
+def evaluating(*models) -> Iterator[None]:
+    """The models in eval mode (no dropout) inside the block; their training flags restored after."""
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 def window_indices(
@@ -103,6 +117,14 @@ def prepare_model(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.nn.Modu
         if hasattr(model, "peft_config"):
             model.enable_input_require_grads()
     return torch.compile(model) if cfg.compile else model
+
+
+def schedule_name(cfg: TrainConfig) -> str:
+    """transformers' name of the learning-rate schedule: its `constant` ignores warmup, so a constant
+    schedule with warmup steps is `constant_with_warmup`."""
+    if cfg.lr_schedule == "constant" and cfg.warmup_steps:
+        return "constant_with_warmup"
+    return cfg.lr_schedule
 
 
 def make_optimizer(params: Iterable, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
@@ -168,7 +190,7 @@ def train(
     model = prepare_model(model, cfg)  # the returned model shares `model`'s parameters: trained in place
     optimizer = make_optimizer(model.parameters(), cfg, accelerator.device)
     scheduler = get_scheduler(
-        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+        schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     torch.manual_seed(cfg.seed)  # dropout and anything else drawn from the global RNG
@@ -214,6 +236,8 @@ def train(
         # The window's unit count over all processes: every micro-batch is divided by it, and DDP's
         # gradient mean over processes is undone by the factor `world`.
         units = accelerator.reduce(sum(count(b) for b in batches).to(accelerator.device).float(), "sum")
+        # a window without a single unit (every response cut away) trains on nothing: loss 0, not 0 / 0
+        units = units.clamp(min=1.0)
         loss_total, metrics_total = torch.zeros((), device=accelerator.device), {}
         for batch in batches:
             loss_sum, metrics = step(model, batch)
