@@ -85,7 +85,7 @@ def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
     assert rows["best_of_3"]["objective/kl"] == pytest.approx(np.log(3) - 2 / 3)
 
     markdown = (root / "outputs/evaluate/leaderboard.md").read_text()
-    assert all(f"| {name} |" in markdown for name in rows) and "gold win rate [95% CI]" in markdown
+    assert all(f"| {name} |" in markdown for name in rows) and "gold win rate, ties ½ [95% CI]" in markdown
     assert f"; LC {rows['tilted']['gold/lc_win_rate']:.3f}" in markdown
     assert f"{rows['tilted']['objective/kl']:.2f} ± {rows['tilted']['objective/kl_se']:.2f}" in markdown
     metrics = json.loads((root / "metrics/evaluate.json").read_text())

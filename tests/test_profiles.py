@@ -11,6 +11,7 @@ from importlib.util import find_spec
 import pytest
 from ruamel.yaml import YAML
 
+from flows.config import load_section
 from tests.conftest import MICRO_PARAMS, ROOT, copy_project
 
 PROFILES = sorted(path.parent.name for path in (ROOT / "configs").glob("*/params.yaml"))
@@ -33,7 +34,7 @@ def test_profile_params_are_valid_and_its_dvc_yaml_is_fresh(name):
         )
         assert done.returncode == 0, done.stdout + done.stderr
     stages = load(ROOT / "configs" / name / "dvc.yaml")["stages"]
-    assert list(stages) == [s for s in load(ROOT / params)["pipeline"]["stages"]]
+    assert list(stages) == list(load_section("pipeline", ROOT / params).stages)
 
 
 def test_the_smoke_is_the_full_profile_made_small():
