@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from alignment.losses.logprobs import IGNORE_INDEX
+from alignment.losses.logprobs import IGNORE_INDEX, selected_logps
 
 Row = dict[str, list[int]]  # {"input_ids", "labels"}, as batching.encode makes them
 
@@ -154,8 +154,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.
     Returns:
         (R, K) log p(target | its prefix), 0 on filler slots.
     """
-    logps = torch.gather(torch.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return logps * target_mask
+    return selected_logps(logits, targets) * target_mask
 
 
 def per_sequence(

@@ -13,9 +13,8 @@ log-probs, values, even inf) never reaches a result.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from alignment.losses.logprobs import last_token_index
+from alignment.losses.logprobs import last_token_index, token_entropy
 
 # --- Masked statistics ---------------------------------------------------------------------------
 
@@ -279,7 +278,8 @@ def ppo_value_loss(
 
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence entropy of the policy: sum over real response tokens of H(softmax(logits_t)).
+    """Per-sequence entropy of the policy: sum over real response tokens of H(softmax(logits_t)), a
+    diagnostic (no gradient), the softmax taken a chunk of rows at a time (logprobs.token_entropy).
 
     Worked example: uniform logits over V tokens give log V per token; two real tokens, 2 log V.
     Logits (ln 3, 0): p = (3/4, 1/4), H = -(3/4 ln 3/4 + 1/4 ln 1/4) ~ 0.562335.
@@ -288,11 +288,9 @@ def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits: (B, T, V), position t giving the distribution of response token t.
         mask: (B, T) float, 1 on response tokens.
     Returns:
-        (B,) summed token entropy, with gradient.
+        (B,) summed token entropy.
     """
-    logps = F.log_softmax(logits.float(), dim=-1)
-    token_entropy = -(logps.exp() * logps).sum(-1)
-    return torch.where(mask.bool(), token_entropy, 0).sum(-1)
+    return torch.where(mask.bool(), token_entropy(logits), 0).sum(-1)
 
 
 # --- KL coefficient controllers ------------------------------------------------------------------
