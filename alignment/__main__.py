@@ -23,6 +23,7 @@ from pathlib import Path
 from alignment import registry, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
+from alignment.models.precision import enable_tf32
 from alignment.paths import Paths, hash_paths
 from alignment.training import checkpoint, distributed
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     keep_freed_memory()
+    enable_tf32()
     # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
     os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))
@@ -150,17 +152,29 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 metrics = run_stage(cfg, paths, log)
-                log.summary(metrics | {"stage_seconds": time.perf_counter() - started})
+                log.summary(metrics | {"stage_seconds": time.perf_counter() - started} | peak_memory())
             distributed.barrier()
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not distributed.is_main():
         return 0
-    print(
-        json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2)
-    )
+    seconds = round(time.perf_counter() - started, 1)
+    print(json.dumps({"stage": name, "seconds": seconds, **peak_memory(), **metrics}, indent=2))
     return 0
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory so far (`peak_rss_mib`) and, on a GPU, the most its tensors
+    held at once (`peak_gpu_mib`): what sizes a stage's machine (docs/scale.md)."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB
+    if torch.cuda.is_available():
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 def stage_device(cfg) -> str:

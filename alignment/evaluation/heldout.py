@@ -7,28 +7,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignment.config import SampleConfig
-from alignment.data.batching import collate
+from alignment.config import ComputeConfig, SampleConfig
+from alignment.data.batching import as_example
 from alignment.evaluation.judging import bootstrap_ci
-from alignment.losses.logprobs import IGNORE_INDEX, sequence_logps
+from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.scoring import sequence_logps
 from alignment.training import distributed
 from alignment.training.trainer import evaluating
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, response ids), as `generate_ids` returns them
 
 
-def _response_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"]).cpu()
-
-
 @torch.no_grad()
 def kl_to_reference(policy, reference, samples: list[Sample], batch_size: int = 64) -> np.ndarray:
     """Per-sample k1 = log pi(y|x) - log pi_ref(y|x) on the policy's own samples; its mean estimates
-    KL(pi || pi_ref) when the samples were drawn from pi itself (temperature 1, top_p 1).
+    KL(pi || pi_ref) when the samples were drawn from pi itself (temperature 1, top_p 1). `batch_size`
+    samples per forward pass, logits only at their response positions (models.scoring).
 
     The sampled ids are scored exactly, as TRL scores its rollouts: re-tokenizing the decoded text
     would score other tokens and drop the closing EOS, whose log-ratio is part of the sample's.
@@ -42,14 +37,10 @@ def kl_to_reference(policy, reference, samples: list[Sample], batch_size: int = 
     Returns:
         (N,) float array of k1 per sample.
     """
-    # right padding: no real token attends to a pad, so the pad id is irrelevant (0 is in every vocabulary)
-    pad, out = collate(pad_token_id=0), []
+    examples = [as_example(p, r) for p, r in samples]
     with evaluating(policy, reference):
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            batch = pad([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in chunk])
-            out.append((_response_logps(policy, batch) - _response_logps(reference, batch)).numpy())
-    return np.concatenate(out)
+        logps = [sequence_logps(model, examples, batch_size) for model in (policy, reference)]
+    return (logps[0] - logps[1]).numpy()
 
 
 def kl_summary(kl: np.ndarray) -> dict[str, float]:
@@ -91,9 +82,17 @@ def judge_sharded(judge, prompts: list[str], responses: list[str], finished: lis
 
 
 def compare_to_sft(
-    policy, reference, tokenizer, prompts: list[str], samples: SampleConfig, seed: int, judges: dict
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[str],
+    samples: SampleConfig,
+    seed: int,
+    judges: dict,
+    compute: ComputeConfig = ComputeConfig(),
 ) -> tuple[dict[str, float], list[dict]]:
-    """Policy vs SFT on the same prompts. `judges` maps a name ("gold", "rm") to a function
+    """Policy vs SFT on the same prompts, sampled and scored as `compute` says (dtype, batch sizes).
+    `judges` maps a name ("gold", "rm") to a function
     (prompts, responses, finished) -> scores; each gives `<name>/reward`, `<name>/sft_reward` and
     `<name>/win_rate_vs_sft`, the policy's two with 95% bootstrap intervals over the prompts
     (`..._ci_low`, `..._ci_high`). `objective/kl` is the mean k1 estimate of KL(policy || SFT) on the
@@ -112,16 +111,21 @@ def compare_to_sft(
             samples.max_new_tokens,
             samples.temperature,
             samples.top_p,
+            compute.generation_batch_size,
             seeds=[seeds[i] for i in rows],
         )
 
-    drawn = [
-        distributed.map_sharded(lambda rows: draw(model, rows), rows_of) for model in (policy, reference)
-    ]
+    def kl_of(part) -> list:
+        return list(kl_to_reference(policy, reference, list(part), compute.scoring_batch_size))
+
+    with precision.autocast(precision.resolve_dtype(compute.dtype)):
+        drawn = [
+            distributed.map_sharded(lambda rows: draw(model, rows), rows_of) for model in (policy, reference)
+        ]
+        kl = np.asarray(distributed.map_sharded(kl_of, drawn[0]))
     policy_responses, sft_responses = (decode_responses(tokenizer, ids) for ids in drawn)
-    policy_finished, sft_finished = (ended(tokenizer, ids) for ids in drawn)
-    kl = np.asarray(
-        distributed.map_sharded(lambda part: list(kl_to_reference(policy, reference, list(part))), drawn[0])
+    policy_finished, sft_finished = (
+        ended(tokenizer, ids, model) for ids, model in zip(drawn, (policy, reference))
     )
     metrics: dict[str, float] = kl_summary(kl) | {"eval/prompts": len(prompts)}
     for name, ids in (("length/mean_tokens", drawn[0]), ("length/sft_mean_tokens", drawn[1])):

@@ -279,8 +279,9 @@ def judge_template(cfg, source: str, root: Path = Path(".")) -> Template:
     return load_template(path, cfg.template or ("sentiment-pair" if source == "imdb" else "pair-v2"))
 
 
-def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
-    """The backend an `LLMJudgeConfig` describes (a served model, or a local one loaded here)."""
+def build_backend(cfg, cache_dir: Path | None = None, dtype=None) -> Backend:
+    """The backend an `LLMJudgeConfig` describes (a served model, or a local one loaded here on this
+    process's device, in `dtype`: a torch dtype, None as the checkpoint stores it)."""
     if cfg.backend == "openai":
         from alignment.evaluation.openai_judge import OpenAIChatBackend
 
@@ -303,13 +304,13 @@ def build_backend(cfg, cache_dir: Path | None = None) -> Backend:
 
         local = cfg.transformers
         folder, gguf = gguf_alias(local.name_or_path, local.gguf_file)
-        return TransformersJudgeBackend(folder, gguf, batch_size=local.batch_size)
+        return TransformersJudgeBackend(folder, gguf, batch_size=local.batch_size, dtype=dtype)
     raise ValueError(f"no LLM judge for backend {cfg.backend!r}")
 
 
 def build_llm_judge(
-    cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path(".")
+    cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path("."), dtype=None
 ) -> PairwiseJudge:
     return PairwiseJudge(
-        name, build_backend(cfg, cache_dir), judge_template(cfg, source, root), cfg.parse_retries
+        name, build_backend(cfg, cache_dir, dtype), judge_template(cfg, source, root), cfg.parse_retries
     )

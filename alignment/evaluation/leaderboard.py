@@ -108,11 +108,13 @@ def sample(
     settings: dict,
     cache: GenerationCache | None,
     samples_per_prompt: int = 1,
+    batch_size: int = 256,
 ) -> tuple[list[Samples], int]:
     """`samples_per_prompt` samples of every prompt (list index j: the j-th sample of each prompt),
     from the cache where it has them, drawn from `model` where it has not. Returns the samples and how
-    many were drawn now. A cached row without the sampled ids (written before they were kept) counts
-    as missing: its per-prompt seed draws the same sample again, ids included."""
+    many were drawn now; `batch_size` prompts are sampled at once. A cached row without the sampled ids
+    (written before they were kept) counts as missing: its per-prompt seed draws the same sample again,
+    ids included."""
     from alignment.models.generation import ended, generate_ids
 
     cached = cache.load(model_hash, settings) if cache else {}
@@ -128,11 +130,12 @@ def sample(
                 settings["max_new_tokens"],
                 settings["temperature"],
                 settings["top_p"],
+                batch_size,
                 seeds=[prompt_seed(settings["seed"], p, j) for p, j in block],
             ),
             missing,
         )
-        finished = ended(tokenizer, drawn)
+        finished = ended(tokenizer, drawn, model)
         new = [
             {
                 "prompt": p,

@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from alignment.models.loading import load_causal_lm, load_tokenizer
+from alignment.models.scoring import keeps_2d_logits, takes
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 VERDICT_PREFIX = "[["
@@ -33,6 +35,7 @@ class TransformersJudgeBackend:
         max_length: int = 1024,
         model=None,
         tokenizer=None,
+        dtype: torch.dtype | None = None,
     ):
         self.name, self.gguf_file, self.batch_size, self.max_length = (
             str(name_or_path),
@@ -41,7 +44,9 @@ class TransformersJudgeBackend:
             max_length,
         )
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path, gguf_file)
-        self.model = (model if model is not None else load_causal_lm(name_or_path, gguf_file)).eval()
+        if model is None:  # on this process's device, in the run's dtype (None: as the checkpoint stores it)
+            model = load_causal_lm(name_or_path, gguf_file, dtype=dtype).to(distributed.device())
+        self.model = model.eval()
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions and positions < max_length:
             logger.warning(
@@ -92,11 +97,12 @@ class TransformersJudgeBackend:
                 (i for i, (a, b) in enumerate(zip(encoded[0][:shared], ids)) if a != b), min(shared, len(ids))
             )
         shared = min(shared, min(len(ids) for ids in encoded) - 1)  # every row keeps at least its last token
-        prefix = (
-            self.model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True).past_key_values
-            if shared
-            else None
-        )
+        device = next(self.model.parameters()).device
+        cache_key = "cache" if takes(self.model, "cache") else "past_key_values"  # transformers 5's Cache
+        prefix = None
+        if shared:
+            step = self.model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
+            prefix = getattr(step, cache_key)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
         for start in tqdm(
@@ -107,18 +113,27 @@ class TransformersJudgeBackend:
         ):
             rows = [ids[shared:] for ids in encoded[start : start + self.batch_size]]
             width = max(len(r) for r in rows)
-            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rows])
-            positions = torch.arange(shared, shared + width).expand(len(rows), -1)
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor(
+                [[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rows], device=device
+            )
+            positions = torch.arange(shared, shared + width, device=device).expand(len(rows), -1)
             cache = None
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(rows))
+            # each row's verdict is read at its last token: the LM head runs there alone where it can
+            last_positions = torch.tensor([[len(r) - 1] for r in rows], device=device)
+            kept = {"logits_to_keep": last_positions} if keeps_2d_logits(self.model) else {}
             logits = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, **{cache_key: cache}, **kept
             ).logits
-            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
-            out.append(torch.softmax(last[:, self.letters].float(), dim=-1))
+            last = (
+                logits[:, 0]
+                if kept
+                else logits.gather(1, last_positions[..., None].expand(-1, -1, logits.shape[-1]))[:, 0]
+            )
+            out.append(torch.softmax(last[:, self.letters].float(), dim=-1).cpu())
         return torch.cat(out)
 
     def complete(self, requests: list[list[dict[str, str]]], attempt: int = 0) -> list[str | None]:

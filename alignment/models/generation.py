@@ -14,9 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.data.batching import prompt_ids
+from alignment.data.chat import end_of_turn_id
+from alignment.models.scoring import inner_model, takes
+from alignment.training import distributed
 
 
 def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
@@ -57,6 +61,18 @@ def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torc
     return torch.from_numpy(draws).float().to(device)
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """Every id that ends a sample: the chat template's end of turn (what `batching.encode` closes a
+    finished answer with), the tokenizer's EOS, and each id of the model's `generation_config.eos_token_id`
+    (a list for Qwen2.5 and Llama-3.x: their samples stop at <|im_end|> or <|eot_id|> as well as at the
+    end of text)."""
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+    config = getattr(inner_model(model), "generation_config", None) if model is not None else None
+    eos = getattr(config, "eos_token_id", None)
+    ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -71,19 +87,23 @@ def generate_ids(
     *,
     check_every: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per prompt, exactly as sampled: the response ends with EOS when the
-    model emitted one (it is part of the sample's probability) and is cut at max_new_tokens otherwise.
+    """(prompt ids, response ids) per prompt, exactly as sampled: the response ends with its stop token
+    (`stop_token_ids`: EOS, the chat template's end of turn, the model's other end ids) when the model
+    emitted one (it is part of the sample's probability) and is cut at max_new_tokens otherwise.
 
     Prompts are tokenized as every stage tokenizes them (`batching.prompt_ids`) and left-padded so that
     every row's next token sits at the last position; a prompt longer than `max_prompt_tokens` keeps its
-    last tokens (the latest dialogue turns).
+    last tokens (the latest dialogue turns). `batch_size` prompts are sampled at once; the prefill forms
+    logits at each row's last position only, never for the prompt's own positions. Ids past the
+    tokenizer's vocabulary (Qwen pads its embedding to 151,936 rows for 151,665 tokens) are never drawn:
+    they have no text.
     temperature 0 means greedy decoding. With `seeds` (one per prompt) each row draws from its own
     generator, so a prompt's sample does not depend on which prompts share its batch (what lets the
     evaluation cache generations per prompt); without, rows share the global torch RNG.
     `check_every` k: whether every row has ended is asked every k tokens (default: 1 on a CPU, 8 on a
     GPU, where the question makes the host wait for the GPU). A batch's samples are the same for any k:
-    a row's tokens after its EOS are discarded, and rows draw independently. With `seeds` so are all;
-    without, the shared RNG has moved on by up to k - 1 extra draws when the next batch starts.
+    a row's tokens after its stop token are discarded, and rows draw independently. With `seeds` so are
+    all; without, the shared RNG has moved on by up to k - 1 extra draws when the next batch starts.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -94,11 +114,19 @@ def generate_ids(
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     device = next(model.parameters()).device
     limit = max_prompt_tokens or model.config.max_position_embeddings - max_new_tokens
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model)
+    stop = torch.tensor(stops, device=device)
+    vocabulary = len(tokenizer)
     check_every = check_every or (8 if device.type == "cuda" else 1)
+    # transformers 5's Cache keyword (`past_key_values` before it), and whether the LM head can skip the
+    # prompt's positions
+    cache_key = "cache" if takes(model, "cache") else "past_key_values"
+    last_only = {"logits_to_keep": 1} if takes(model, "logits_to_keep") else {}
     out: list[tuple[list[int], list[int]]] = []
+    starts = range(0, len(prompts), batch_size)
+    bar = tqdm(starts, desc="sample", unit="batch", disable=len(starts) <= 1 or not distributed.is_main())
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in bar:
             batch = left_padded(
                 [prompt_ids(tokenizer, p)[-limit:] for p in prompts[start : start + batch_size]],
                 tokenizer.pad_token_id,
@@ -107,7 +135,11 @@ def generate_ids(
             mask = batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             step = model(
-                input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True
+                input_ids=batch["input_ids"],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **last_only,
             )
             position, done, tokens = (
                 positions[:, -1:],
@@ -121,27 +153,27 @@ def generate_ids(
             )
             for t in range(max_new_tokens):
                 u = None if uniforms is None else uniforms[:, t]
-                token = sample_next(step.logits[:, -1], temperature, top_p, u)
+                token = sample_next(step.logits[:, -1, :vocabulary], temperature, top_p, u)
                 tokens.append(token)
-                done |= token == eos
+                done |= torch.isin(token, stop)
                 # note: done.all() is a GPU-to-host sync point, hence asked only every check_every tokens
                 if (len(tokens) % check_every == 0 and done.all()) or len(tokens) == max_new_tokens:
                     break
                 mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
+                cache = step.cache if cache_key == "cache" else step.past_key_values
                 step = model(
                     input_ids=token[:, None],
                     attention_mask=mask,
                     position_ids=position,
-                    past_key_values=step.past_key_values,
                     use_cache=True,
+                    **{cache_key: cache},
                 )
             rows = torch.stack(tokens, dim=1).tolist()
             for ids, row_mask, row in zip(
                 batch["input_ids"].tolist(), batch["attention_mask"].tolist(), rows
             ):
-                end = (
-                    row.index(eos) + 1 if eos in row else len(row)
-                )  # what follows the first EOS is discarded
+                # what follows the first stop token is discarded
+                end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
                 out.append(([i for i, m in zip(ids, row_mask) if m], row[:end]))
     finally:
         model.train(was_training)
@@ -157,10 +189,16 @@ def left_padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, t
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def ended(tokenizer: PreTrainedTokenizerBase, samples: list[tuple[list[int], list[int]]]) -> list[bool]:
-    """Per sample of `generate_ids`, whether the model finished it (emitted EOS) rather than being cut at
-    max_new_tokens: what tells a reward model or a trainer to close the response with EOS."""
-    return [bool(response) and response[-1] == tokenizer.eos_token_id for _, response in samples]
+def ended(
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[tuple[list[int], list[int]]],
+    model: PreTrainedModel | None = None,
+) -> list[bool]:
+    """Per sample of `generate_ids`, whether the model finished it (emitted a stop token) rather than
+    being cut at max_new_tokens: what tells a reward model or a trainer to close the response. `model`:
+    the one that drew the samples, whose generation config may name further end ids."""
+    stops = set(stop_token_ids(tokenizer, model))
+    return [bool(response) and response[-1] in stops for _, response in samples]
 
 
 def generate(

@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from alignment.config import SMOLLM2, ModelConfig
@@ -68,8 +70,13 @@ def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> Pr
 
 def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The transformers config of a fresh small model sized by `cfg` (init: config), over `tokenizer`."""
+    vocab_size = cfg.vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(
+            f"model.vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
     special = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -86,16 +93,32 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pretra
             attn_pdrop=cfg.dropout,
             **special,
         )
-    return LlamaConfig(
+    family = Qwen2Config if cfg.arch == "qwen2" else LlamaConfig
+    return family(
         hidden_size=cfg.n_embd,
         intermediate_size=4 * cfg.n_embd,
         num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
         max_position_embeddings=cfg.max_position_embeddings,
         attention_dropout=cfg.dropout,
         tie_word_embeddings=True,
         **special,
     )
+
+
+ARCHITECTURES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+
+
+def end_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of `cfg.eos_tokens` in `tokenizer` (each must be one token of it), or its EOS alone."""
+    ids = []
+    for token in cfg.eos_tokens:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or found == tokenizer.unk_token_id:
+            raise ValueError(f"model.eos_tokens: {token!r} is not a token of the tokenizer")
+        ids.append(found)
+    return ids or [tokenizer.eos_token_id]
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -109,8 +132,10 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
             attn_implementation=cfg.attn_implementation,
             revision=cfg.revision,
         )
-    config = model_config(cfg, tokenizer)
-    model = GPT2LMHeadModel(config) if cfg.arch == "gpt2" else LlamaForCausalLM(config)
+    model = ARCHITECTURES[cfg.arch](model_config(cfg, tokenizer))
+    if cfg.eos_tokens:  # saved in generation_config.json: what every later sampler stops on
+        ids = end_token_ids(cfg, tokenizer)
+        model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
     # built in float32; `auto` has no checkpoint to follow
     return model if cfg.dtype in ("float32", "auto") else model.to(getattr(torch, cfg.dtype))
 
@@ -119,7 +144,7 @@ def load_causal_lm(
     name_or_path: str | Path,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     revision: str | None = None,
 ) -> PreTrainedModel:
@@ -137,12 +162,19 @@ def load_causal_lm(
     )
 
 
-def load_sequence_classifier(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_sequence_classifier(
+    name_or_path: str | Path, trust_remote_code: bool = False, dtype: str | torch.dtype | None = None
+) -> PreTrainedModel:
     """A sequence-classification model with one output (a causal-LM checkpoint gets a fresh `score` head),
-    or a LoRA adapter folder (its base, the adapter and the trained head merged in)."""
+    or a LoRA adapter folder (its base, the adapter and the trained head merged in). dtype None: as the
+    checkpoint stores it."""
     config = AutoConfig.from_pretrained(str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code)
     return load_pretrained(
-        AutoModelForSequenceClassification, name_or_path, config=config, trust_remote_code=trust_remote_code
+        AutoModelForSequenceClassification,
+        name_or_path,
+        config=config,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_adapter(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
-    """`model` with a fresh adapter (B = 0: it starts as the identity). The base weights are frozen in place;
-    only the adapter trains, and a reward model's `score` head in full (it is fresh, and saved with the
-    adapter)."""
+    """`model` with a fresh adapter (B = 0: it starts as the identity). The base weights are frozen in place
+    (in whatever dtype they were loaded); only the adapter trains, and a reward model's `score` head in
+    full (it is fresh, and saved with the adapter), both in float32."""
     reward_model = hasattr(model, "score")
     targets = cfg.target_modules
     peft_config = PeftLoraConfig(
@@ -50,7 +50,12 @@ def add_adapter(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         task_type="SEQ_CLS" if reward_model else "CAUSAL_LM",
         modules_to_save=["score"] if reward_model else None,
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    # what trains keeps float32 weights over a bf16 / fp16 base (peft upcasts the adapter, not the head)
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+    return model
 
 
 @contextmanager
@@ -106,17 +111,22 @@ class AdapterDisabled(torch.nn.Module):
     def parameters(self, recurse: bool = True):
         return self._policy[0].parameters(recurse)
 
+    def get_base_model(self):
+        """The transformers model inside (its config, generation config, heads), as peft's own method."""
+        return self._policy[0].get_base_model()
+
     @property
     def config(self):
         return self._policy[0].config
 
 
-def load_for_training(path: Path, cfg: LoraConfig) -> tuple[PeftModel, str]:
+def load_for_training(path: Path, cfg: LoraConfig, dtype: torch.dtype | None = None) -> tuple[PeftModel, str]:
     """A LoRA policy to train from the saved model at `path`, and the path of its base: an adapter folder
     goes on training its own adapter on its base (so the adapter off is still that base, the SFT model
-    for a ReST iteration); a whole model gets a fresh adapter."""
+    for a ReST iteration); a whole model gets a fresh adapter. The frozen base in `dtype` (None: as
+    saved), the adapter in float32."""
     if (Path(path) / ADAPTER_CONFIG).is_file():
         base_path = resolve_base(Path(path))
-        base = load_causal_lm(base_path)
+        base = load_causal_lm(base_path, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path), is_trainable=True), base_path
-    return add_adapter(load_causal_lm(path), cfg), str(path)
+    return add_adapter(load_causal_lm(path, dtype=dtype), cfg), str(path)

@@ -11,14 +11,18 @@ from transformers import PreTrainedModel
 
 from alignment.data.batching import collate, encode
 from alignment.losses.logprobs import IGNORE_INDEX, gather_last
+from alignment.models import precision
 from alignment.models.loading import load_sequence_classifier, load_tokenizer
+from alignment.models.scoring import in_batches, inner_model
 from alignment.training import distributed
 
 
-def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_reward_model(
+    name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """A sequence-classification model with one output; a causal-LM checkpoint gets a fresh head; a LoRA
-    adapter folder loads with its adapter and head merged in."""
-    model = load_sequence_classifier(name_or_path, trust_remote_code)
+    adapter folder loads with its adapter and head merged in. dtype None: as the checkpoint stores it."""
+    model = load_sequence_classifier(name_or_path, trust_remote_code, dtype)
     if not hasattr(model, "score"):
         raise ValueError(
             f"{name_or_path}: {type(model).__name__} has no `score` head; use a decoder-only model"
@@ -63,12 +67,7 @@ def sequence_rewards(
     return (scores * response).sum(1) / response.sum(1)
 
 
-def _inner(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model inside the wrappers of training: DDP / FSDP (`.module`), torch.compile
-    (`._orig_mod`), a LoRA adapter (peft's `get_base_model`)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+_inner = inner_model  # the transformers model inside the wrappers of training (DDP, compile, LoRA)
 
 
 def token_scores(
@@ -87,34 +86,46 @@ def token_scores(
 
 
 class RewardScorer:
-    """Scores (prompt, response) texts with a saved reward model, in batches."""
+    """Scores (prompt, response) texts with a saved reward model, `batch_size` sequences per forward.
 
-    def __init__(self, path: str | Path, max_length: int = 256, batch_size: int = 64):
+    `dtype`: the reward model is loaded in it and scores under autocast to it (None: float32, as saved);
+    `model`: a reward model already in memory to score with instead of loading the one at `path` (PPO's
+    critic with its adapter off is the reward model, one copy of the weights for both)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_length: int = 256,
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+        model: torch.nn.Module | None = None,
+    ):
         self.tokenizer = load_tokenizer(path)
-        self.model = load_reward_model(path).eval().requires_grad_(False).to(distributed.device())
-        self.max_length, self.batch_size = max_length, batch_size
+        self.dtype = dtype or torch.float32
+        if model is None:
+            model = load_reward_model(path, dtype=dtype).eval().requires_grad_(False).to(distributed.device())
+        self.model, self.max_length, self.batch_size = model, max_length, batch_size
         self.pad = collate(self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], finished: Sequence[bool]) -> torch.Tensor:
         """(N,) rewards of the (rendered) prompts and responses. `finished[i]`: response i is complete (a
-        data set's answer, or a sample that ended with EOS, `generation.ended`) and is scored closed
-        with EOS; a sample cut at max_new_tokens is scored as it is, so the reward model sees the cut."""
+        data set's answer, or a sample that ended with its stop token, `generation.ended`) and is scored
+        closed with the end of turn; a sample cut at max_new_tokens is scored as it is, so the reward
+        model sees the cut."""
         if not len(prompts) == len(responses) == len(finished):
             raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(finished)} flags")
         encoded = [
             encode(self.tokenizer, p, r, self.max_length, bool(f))
             for p, r, f in zip(prompts, responses, finished)
         ]
-        scores = []
-        for start in range(0, len(encoded), self.batch_size):
-            batch = {
-                k: v.to(self.model.device)
-                for k, v in self.pad(encoded[start : start + self.batch_size]).items()
-            }
-            scores.append(
-                sequence_rewards(
-                    self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                ).cpu()
+        device = next(self.model.parameters()).device
+
+        def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+        with precision.autocast(self.dtype, device):
+            scores = in_batches(
+                score, encoded, self.tokenizer.pad_token_id, self.batch_size, device, "reward"
             )
         return torch.cat(scores) if scores else torch.empty(0)

@@ -24,12 +24,14 @@ from alignment.data.io import write_jsonl
 from alignment.data.prompts import load_prompts
 from alignment.evaluation.heldout import judge_summary
 from alignment.evaluation.leaderboard import best_of, best_of_n_kl
+from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.stages.common import held_out_judges, reward_scorer
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
+from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +51,30 @@ def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int
 
 
 def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, sft = load_tokenizer(paths.sft), load_causal_lm(paths.sft).eval()
-    judges = held_out_judges(paths, reward_scorer(paths, cfg.reward_model, cfg.max_length), cfg.source)
+    dtype = precision.resolve_dtype(cfg.compute.dtype)
+    tokenizer = load_tokenizer(paths.sft)
+    sft = load_causal_lm(paths.sft, dtype=dtype).eval().to(distributed.device())
+    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
+    judges = held_out_judges(paths, reward, cfg.source)
     prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts, tokenizer)
     width = max(cfg.n) + 1  # the last sample of each prompt is the SFT comparison
     repeated = [p for p in prompts for _ in range(width)]
     seeds = [prompt_seed(cfg.seed, p, j) for p in prompts for j in range(width)]
     s = cfg.samples
     logger.info("best-of-n: %d SFT samples on %d held-out prompts", len(repeated), len(prompts))
-    drawn = generate_ids(sft, tokenizer, repeated, s.max_new_tokens, s.temperature, s.top_p, seeds=seeds)
-    responses, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn)
+
+    with precision.autocast(dtype):
+        drawn = generate_ids(
+            sft,
+            tokenizer,
+            repeated,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            cfg.compute.generation_batch_size,
+            seeds=seeds,
+        )
+    responses, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn, sft)
     scores = {
         name: np.asarray(judge(repeated, responses, finished), dtype=float).reshape(len(prompts), width)
         for name, judge in judges.items()
@@ -70,14 +86,12 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
     for n in sorted(cfg.n):
         point = best_of_n_metrics(scores, lengths, n, cfg.seed)
         metrics |= {f"best_of_{n}/{key}": value for key, value in point.items()}
-        curve.append({"n": n, **{key.replace("/", "_"): point[key] for key in CURVE}})
+        curve.append({"n": n, **{key.replace("/", "_"): point.get(key, float("nan")) for key in CURVE}})
         logger.info(
-            "best-of-%d: KL %.2f, gold reward %.3f (win rate vs SFT %.2f), RM reward %.3f",
+            "best-of-%d: KL %.2f, %s",  # gold where the task has a gold scorer
             n,
             point["objective/kl"],
-            point["gold/reward"],
-            point["gold/win_rate_vs_sft"],
-            point["rm/reward"],
+            ", ".join(f"{j} reward {point[f'{j}/reward']:.3f}" for j in scores),
         )
 
     out = paths.out("best_of_n")

@@ -28,6 +28,7 @@ from alignment.data.batching import as_example, collate
 from alignment.data.prompts import load_prompts
 from alignment.losses.brain_loss import brain_loss, log_likelihood
 from alignment.losses.logprobs import sequence_logps
+from alignment.models import precision, scoring
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import check_max_length
 from alignment.models.reward_model import RewardScorer
@@ -38,31 +39,24 @@ from alignment.stages.common import (
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
+    run_dtype,
     save_model,
 )
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
 from alignment.training import distributed
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
-from alignment.training.trainer import train, window_indices
+from alignment.training.trainer import evaluating, train, window_indices
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def score_logps(
-    model, examples: list[dict], pad, temperature: float = 1.0, batch_size: int = 64
-) -> torch.Tensor:
-    """(N,) summed response log-probs of token-level examples under `model` at `temperature`."""
-    device, out = next(model.parameters()).device, []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits / temperature, batch["labels"]).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+def score_logps(model, examples: list[dict], batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """(N,) summed response log-probs of token-level examples under `model` (in eval mode) at
+    `temperature`, `batch_size` sequences per forward."""
+    with evaluating(model):
+        return scoring.sequence_logps(model, examples, batch_size, temperature)
 
 
 class SampleStore:
@@ -94,7 +88,7 @@ class Sampler:
 
     def __init__(self, cfg: BRAInConfig, tokenizer, prompts: list[str], sft, reward: RewardScorer, seed: int):
         self.cfg, self.tokenizer, self.prompts, self.sft, self.reward = cfg, tokenizer, prompts, sft, reward
-        self.pad, self.seed = collate(tokenizer.pad_token_id), seed
+        self.seed, self.dtype = seed, precision.resolve_dtype(cfg.compute.dtype)
 
     def sample(self, model, items: Sequence[tuple[int, int]], step: int) -> list[tuple]:
         """(prompt ids, response ids, log q, log p_sft, reward) of sample `slot` of prompt `i` drawn from
@@ -103,15 +97,26 @@ class Sampler:
             return []
         cfg, prompts = self.cfg, [self.prompts[i] for i, _ in items]
         seeds = [prompt_seed(self.seed * 1_000_003 + step, p, slot) for p, (_, slot) in zip(prompts, items)]
-        drawn = generate_ids(model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, seeds=seeds)
-        examples = [as_example(prompt, response) for prompt, response in drawn]
-        proposal = score_logps(model, examples, self.pad, cfg.temperature)
-        sft = (
-            proposal
-            if model is self.sft and cfg.temperature == 1.0
-            else score_logps(self.sft, examples, self.pad)
-        )
-        rewards = self.reward(prompts, decode_responses(self.tokenizer, drawn), ended(self.tokenizer, drawn))
+        at_once = cfg.compute.scoring_batch_size
+        with precision.autocast(self.dtype):
+            drawn = generate_ids(
+                model,
+                self.tokenizer,
+                prompts,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                batch_size=cfg.compute.generation_batch_size,
+                seeds=seeds,
+            )
+            examples = [as_example(prompt, response) for prompt, response in drawn]
+            proposal = score_logps(model, examples, at_once, cfg.temperature)
+            sft = (
+                proposal
+                if model is self.sft and cfg.temperature == 1.0
+                else score_logps(self.sft, examples, at_once)
+            )
+        finished = ended(self.tokenizer, drawn, model)
+        rewards = self.reward(prompts, decode_responses(self.tokenizer, drawn), finished)
         scores = torch.stack([proposal, sft, rewards], dim=1).tolist()
         return [(prompt, response, *row) for (prompt, response), row in zip(drawn, scores)]
 
@@ -207,10 +212,10 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
     policy, sft = distributed.to_device(policy), distributed.to_device(sft)
     check_max_length(cfg.max_length, policy, "brain.max_length")
-    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
     train_prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     eval_prompts = load_prompts(paths, "eval", cfg.source, max(1, cfg.train_prompts // 10), tokenizer)
     fingerprint = checkpoint_fingerprint("brain", cfg, paths.root)

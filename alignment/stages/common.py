@@ -15,21 +15,31 @@ from alignment.training import distributed
 logger = logging.getLogger(__name__)
 
 
-def load_policy_and_reference(path: Path, lora=None):
+def load_policy_and_reference(path: Path, lora=None, dtype=None):
     """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
-    mode (no dropout, no gradients); with `lora` (a LoraConfig), one copy: the policy is the model with a
-    fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`).
-    Both on this process's device (`distributed.device()`)."""
+    mode (no dropout, no gradients) and in `dtype` (a torch dtype; None: float32), the policy in float32
+    (the weights AdamW updates); with `lora` (a LoraConfig), one copy in `dtype`: the policy is the model
+    with a fresh float32 adapter and the reference the same weights with the adapter off
+    (`lora.AdapterDisabled`). Both on this process's device (`distributed.device()`)."""
+    import torch
+
     from alignment.models.loading import load_causal_lm, load_tokenizer
 
-    device = distributed.device()
+    device, dtype = distributed.device(), dtype or torch.float32
     if lora is not None:
         from alignment.models.lora import AdapterDisabled, add_adapter
 
-        policy = add_adapter(load_causal_lm(path), lora).to(device)
+        policy = add_adapter(load_causal_lm(path, dtype=dtype), lora).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
-    reference = load_causal_lm(path).eval().requires_grad_(False).to(device)
-    return load_tokenizer(path), load_causal_lm(path).to(device), reference
+    reference = load_causal_lm(path, dtype=dtype).eval().requires_grad_(False).to(device)
+    return load_tokenizer(path), load_causal_lm(path, dtype=torch.float32).to(device), reference
+
+
+def run_dtype(cfg):
+    """The torch dtype of a stage's `compute.dtype` on this process's device (auto: bf16 on a GPU)."""
+    from alignment.models.precision import resolve_dtype
+
+    return resolve_dtype(cfg.compute.dtype)
 
 
 def save_model(model, tokenizer, out: Path, lora=None) -> None:
@@ -55,10 +65,19 @@ def reward_model_path(paths: Paths, name: str) -> Path:
     return paths.rm if name == "rm" else paths.resolve(name)
 
 
-def reward_scorer(paths: Paths, name: str, max_length: int):
+def reward_scorer(paths: Paths, name: str, max_length: int, compute=None):
+    """The reward model `name` as a scorer, batched and in the dtype of `compute` (a ComputeConfig)."""
+    from alignment.config import ComputeConfig
+    from alignment.models.precision import resolve_dtype
     from alignment.models.reward_model import RewardScorer
 
-    return RewardScorer(reward_model_path(paths, name), max_length=max_length)
+    compute = compute or ComputeConfig()
+    return RewardScorer(
+        reward_model_path(paths, name),
+        max_length=max_length,
+        batch_size=compute.scoring_batch_size,
+        dtype=resolve_dtype(compute.dtype),
+    )
 
 
 def held_out_judges(paths: Paths, reward, source: str = "imdb") -> dict:
@@ -93,7 +112,14 @@ def compare_on_held_out(
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
     metrics, rows = compare_to_sft(
-        policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward, cfg.source)
+        policy,
+        reference,
+        tokenizer,
+        prompts,
+        cfg.samples,
+        seed,
+        held_out_judges(paths, reward, cfg.source),
+        cfg.compute,
     )
     if out is not None and distributed.is_main():
         write_jsonl(out / "held_out_generations.jsonl", rows)
@@ -143,7 +169,9 @@ def run_online(
     from alignment.training.checkpoint import fingerprint
 
     # step 1. policy, reference, prompts
-    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(
+        paths.sft, cfg.lora, run_dtype(cfg)
+    )
     check_max_length(cfg.max_length, policy, f"{name}.max_length")
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     logger.info(

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
-from alignment.config import DPOConfig
+from alignment.config import PACKED_LOGITS_TRANSFORMERS, DPOConfig, _version
 from alignment.data import packing
 from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.losses.logprobs import sequence_logps, token_logps
 from alignment.losses.preference_loss import dpo_loss, unlikelihood_loss
+from alignment.models import precision, scoring
 from alignment.models.loading import check_max_length
 from alignment.paths import Paths
 from alignment.plots import loss_curve
@@ -23,6 +25,7 @@ from alignment.stages.common import (
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
+    run_dtype,
     save_model,
 )
 from alignment.stages.results import finish
@@ -38,6 +41,8 @@ def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) summed response log-probs of the stacked chosen and rejected rows."""
     if "logit_positions" in batch:
         return response_token_logps(model, batch)[0].sum(-1)
+    if not torch.is_grad_enabled():  # the reference: logits at response positions only, the same sums
+        return scoring.response_token_logps(model, batch).sum(-1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"])
 
@@ -69,12 +74,17 @@ def response_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 @torch.no_grad()
 def precompute_reference(reference, examples: list[dict], pad, batch_size: int) -> None:
     """Reference log-probs once, before training: the reference never changes, so every later epoch
-    and step reads them from the example instead of running a second model. Several processes each
-    compute a block of the examples and all gather."""
+    and step reads them from the example instead of running a second model. `batch_size` pairs per
+    forward, collated by `pad` (the training batches' layout, so that a policy equal to the reference
+    gets exactly its log-probs). Several processes each compute a block of the examples and all gather."""
 
     def logps_of(block: list[dict]) -> list[tuple[float, float]]:
         out = []
-        for start in range(0, len(block), batch_size):
+        starts = range(0, len(block), batch_size)
+        bar = tqdm(
+            starts, desc="reference", unit="batch", disable=len(starts) <= 1 or not distributed.is_main()
+        )
+        for start in bar:
             chunk = block[start : start + batch_size]
             batch = {k: v.to(distributed.device()) for k, v in pad(chunk).items()}
             logps = policy_logps(reference, batch).cpu()
@@ -83,6 +93,20 @@ def precompute_reference(reference, examples: list[dict], pad, batch_size: int) 
 
     for example, logps in zip(examples, distributed.map_sharded(logps_of, examples)):
         example["reference_logps"] = logps
+
+
+def packs(cfg: DPOConfig, model) -> bool:
+    """Whether the run packs its pairs: `padding_free` true, or `auto` where the model's attention takes
+    the block mask of a packed batch (sdpa, eager) and transformers slices logits by a 2-D
+    `logits_to_keep`; flash_attention_2 (no arbitrary mask) and older transformers pad."""
+    implementation = scoring.inner_model(model).config._attn_implementation
+    if cfg.padding_free is True and implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"dpo.padding_free: true needs sdpa or eager attention, the model has {implementation}"
+        )
+    if cfg.padding_free != "auto":
+        return cfg.padding_free
+    return implementation in ("sdpa", "eager") and _version("transformers") >= PACKED_LOGITS_TRANSFORMERS
 
 
 def collate_with_reference(pad_token_id: int, padding_free: bool = False, capacity: int = 512):
@@ -157,21 +181,23 @@ def make_step(reference, cfg: DPOConfig):
 
 
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
     check_max_length(cfg.max_length, policy, "dpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
     eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
-    pad = collate_with_reference(tokenizer.pad_token_id, cfg.padding_free)
+    packed = packs(cfg, policy)
+    pad = collate_with_reference(tokenizer.pad_token_id, packed)
     if cfg.precompute_reference:
-        precompute_reference(
-            reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64
-        )
+        pairs_at_once = max(1, cfg.compute.scoring_batch_size // 2)
+        with precision.autocast(run_dtype(cfg)):
+            precompute_reference(reference, train_examples + eval_examples, pad, pairs_at_once)
     step = make_step(reference, cfg)
     logger.info(
-        "DPO (%s, beta %g): %d train / %d eval pairs",
+        "DPO (%s, beta %g, %s): %d train / %d eval pairs",
         cfg.loss_type,
         cfg.beta,
+        "packed" if packed else "padded",
         len(train_pairs),
         len(eval_pairs),
     )
@@ -191,7 +217,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     out = paths.out("dpo")
     save_model(policy, tokenizer, out, cfg.lora)
 
-    reward = reward_scorer(paths, "rm", cfg.max_length)
+    reward = reward_scorer(paths, "rm", cfg.max_length, cfg.compute)
     held_out, rows = compare_on_held_out(
         policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out
     )

@@ -39,10 +39,11 @@ from alignment.evaluation.leaderboard import (
     token_lengths,
     win_rate_figure,
 )
+from alignment.models.precision import autocast, resolve_dtype
 from alignment.paths import Paths, hash_paths
 from alignment.plots import write_csv
 from alignment.registry import leaderboard_models
-from alignment.stages.common import reward_model_path
+from alignment.stages.common import reward_model_path, reward_scorer
 from alignment.tracking import Tracker
 from alignment.training import distributed
 
@@ -51,12 +52,11 @@ logger = logging.getLogger(__name__)
 
 def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
     from alignment.evaluation.gold_scorer import GoldScorer
-    from alignment.models.reward_model import RewardScorer
 
     judges = []
     if cfg.reward_model:
         rm_path = reward_model_path(paths, cfg.reward_model)
-        scorer = RewardScorer(rm_path, max_length=cfg.max_length)
+        scorer = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
         judges.append(
             ScalarJudge(
                 "rm",
@@ -112,7 +112,11 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
     if cfg.llm_judge.backend != "none":
         judges.append(
             build_llm_judge(
-                cfg.llm_judge, cfg.source, paths.checkpoints("evaluate") / "judge_cache", root=paths.root
+                cfg.llm_judge,
+                cfg.source,
+                paths.checkpoints("evaluate") / "judge_cache",
+                root=paths.root,
+                dtype=resolve_dtype(cfg.compute.dtype),
             )
         )
         limits["llm"] = cfg.llm_judge.max_prompts or len(prompts)
@@ -130,26 +134,38 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
 
     # several processes draw the samples and score the KL, each a block of the prompts; the main process
     # alone judges (LLM judges keep caches: one writer) and reports
-    device = distributed.device()
-    reference_model = load_causal_lm(present[reference_name]).eval().to(device)
+    device, dtype = distributed.device(), resolve_dtype(cfg.compute.dtype)
+    reference_model = load_causal_lm(present[reference_name], dtype=dtype).eval().to(device)
     rows, per_prompt = [], {"prompt": prompts, "reference": references}
     drawn = {}
     for name, path in present.items():
-        model, model_hash = load_causal_lm(path).eval().to(device), hash_paths([path])  # needed for KL anyway
+        model = load_causal_lm(path, dtype=dtype).eval().to(device)
+        model_hash = hash_paths([path])
         if model.config.vocab_size != reference_model.config.vocab_size:
             raise ValueError(
                 f"evaluate.models.{name}: vocabulary of {model.config.vocab_size} tokens, the reference "
                 f"{reference_name} has {reference_model.config.vocab_size}; KL needs a shared tokenizer"
             )
         want = max(cfg.best_of_n.n) if name == cfg.best_of_n.policy and cfg.best_of_n.n else 1
-        samples, new = sample(model, model_hash, tokenizer, prompts, settings, cache, samples_per_prompt=want)
-        drawn[name] = samples
-        first = samples[0]
-        kl = np.asarray(
-            distributed.map_sharded(
-                lambda part: list(kl_to_reference(model, reference_model, part)), first.ids
+        at_once = cfg.compute.scoring_batch_size
+        with autocast(dtype):
+            samples, new = sample(
+                model,
+                model_hash,
+                tokenizer,
+                prompts,
+                settings,
+                cache,
+                want,
+                cfg.compute.generation_batch_size,
             )
-        )
+            first = samples[0]
+            kl = np.asarray(
+                distributed.map_sharded(
+                    lambda part: list(kl_to_reference(model, reference_model, part, at_once)), first.ids
+                )
+            )
+        drawn[name] = samples
         if not distributed.is_main():
             continue
         metrics, judgements = judge_model(

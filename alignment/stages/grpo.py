@@ -21,7 +21,7 @@ from alignment.training.online_methods import GRPO, group_settings
 
 
 def run(cfg: GRPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
     return run_online(
         "grpo",
         cfg,

@@ -14,6 +14,7 @@ from alignment.config import PairsConfig
 from alignment.data.chat import render_prompt
 from alignment.data.io import read_jsonl, write_jsonl
 from alignment.evaluation.gold_scorer import GoldScorer
+from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
@@ -65,7 +66,9 @@ def label_pairs(
 
 
 def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, model = load_tokenizer(paths.sft), load_causal_lm(paths.sft).to(distributed.device())
+    dtype = precision.resolve_dtype(cfg.compute.dtype)
+    tokenizer = load_tokenizer(paths.sft)
+    model = load_causal_lm(paths.sft, dtype=dtype).eval().to(distributed.device())
     gold = GoldScorer.load(paths.gold)
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
@@ -85,17 +88,19 @@ def run(cfg: PairsConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
         seeds = [prompt_seed(cfg.seed, p, j) for p in prompts for j in range(k)]
 
         def draw_and_score(rows: list[int]) -> list:
-            drawn = generate_ids(
-                model,
-                tokenizer,
-                [expanded[i] for i in rows],
-                cfg.max_new_tokens,
-                cfg.temperature,
-                seeds=[seeds[i] for i in rows],
-            )
+            with precision.autocast(dtype):
+                drawn = generate_ids(
+                    model,
+                    tokenizer,
+                    [expanded[i] for i in rows],
+                    cfg.max_new_tokens,
+                    cfg.temperature,
+                    batch_size=cfg.compute.generation_batch_size,
+                    seeds=[seeds[i] for i in rows],
+                )
             texts = decode_responses(tokenizer, drawn)
             rewards = gold.reward([expanded[i] + r for i, r in zip(rows, texts)]).tolist()
-            return list(zip(texts, ended(tokenizer, drawn), rewards))
+            return list(zip(texts, ended(tokenizer, drawn, model), rewards))
 
         responses, finished, rewards = map(
             list, zip(*distributed.map_sharded(draw_and_score, list(range(len(expanded)))))

@@ -6,7 +6,9 @@ RM, log-probs under policy and reference and the critic's values (steps 1-3); pe
 the clipped policy and value losses (step 5); the KL coefficient adapted to a target (step 6).
 
 The critic (`critic_init`): a separate model initialised from the RM (default) or the SFT model with a
-fresh head, or a value head on the policy's own transformer (`policy_head`).
+fresh head, or a value head on the policy's own transformer (`policy_head`); with `critic_lora`, that
+model frozen in the run's dtype under a LoRA adapter, its value head trained in full. A LoRA critic from
+the RM is also the RM: with its adapter off it scores the rollouts, so the two hold one copy of weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from alignment.config import PPOConfig
 from alignment.models.reward_model import RewardScorer, load_reward_model
 from alignment.paths import Paths
-from alignment.stages.common import load_policy_and_reference, reward_model_path, run_online
+from alignment.stages.common import load_policy_and_reference, reward_model_path, run_dtype, run_online
 from alignment.tracking import Tracker
 from alignment.training.online_methods import PPO, ppo_settings
 
@@ -52,13 +54,33 @@ class PolicyValueHead(torch.nn.Module):
         return self.score(hidden)
 
 
+def build_critic(cfg: PPOConfig, policy, path, dtype: torch.dtype) -> torch.nn.Module:
+    """The critic `critic_init` and `critic_lora` describe: a value head on the policy, a whole model
+    (float32, trained in full), or a LoRA adapter and value head over the model at `path` frozen in
+    `dtype`."""
+    if cfg.critic_init == "policy_head":
+        return PolicyValueHead(policy)
+    if cfg.critic_lora is None:
+        return load_reward_model(path)
+    from alignment.models.lora import add_adapter
+
+    return add_adapter(load_reward_model(path, dtype=dtype), cfg.critic_lora)
+
+
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # fresh weights (LoRA adapter, new critic head): the same every run
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    dtype = run_dtype(cfg)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, dtype)
     reward_path = reward_model_path(paths, cfg.reward_model)
-    reward = RewardScorer(reward_path, max_length=cfg.max_length)
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
-    critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
+    critic = build_critic(cfg, policy, critic_path, dtype)
+    rm = None
+    if cfg.critic_lora is not None and cfg.critic_init == "reward_model":
+        from alignment.models.lora import AdapterDisabled  # peft: imported only for a LoRA critic
+
+        rm = AdapterDisabled(critic)  # the RM is the critic with its adapter off: one copy of the weights
+    reward = RewardScorer(reward_path, cfg.max_length, cfg.compute.scoring_batch_size, dtype=dtype, model=rm)
+    critic_label = f"{cfg.critic_init}{' LoRA' if cfg.critic_lora else ''}"
     metrics = run_online(
         "ppo",
         cfg,
@@ -72,6 +94,6 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         policy_and_reference=(tokenizer, policy, reference),
         columns=COLUMNS,
         panels=PANELS,
-        label=f"PPO (kl_coef {cfg.kl_coef}{' adaptive' if cfg.kl_target else ''}, critic {cfg.critic_init})",
+        label=f"PPO (kl_coef {cfg.kl_coef}{' adaptive' if cfg.kl_target else ''}, critic {critic_label})",
     )
     return metrics

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from alignment.config import RestConfig
 from alignment.data.batching import collate, encode, fit
@@ -33,6 +34,7 @@ from alignment.data.chat import render_prompt, render_row
 from alignment.data.io import read_jsonl, write_jsonl, write_metrics
 from alignment.data.prompts import load_incoming, load_prompts
 from alignment.evaluation.heldout import compare_to_sft
+from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import check_max_length, load_causal_lm, load_tokenizer
 from alignment.models.reward_model import RewardScorer
@@ -83,17 +85,19 @@ def grow(
 
     def draw_and_score(rows: list[int]) -> list:  # several processes: each its block, then all gather
         picked = [repeated[i] for i in rows]
-        drawn = generate_ids(
-            policy,
-            tokenizer,
-            picked,
-            g.max_new_tokens,
-            g.temperature,
-            g.top_p,
-            seeds=[seeds[i] for i in rows],
-        )
+        with precision.autocast(precision.resolve_dtype(cfg.compute.dtype)):
+            drawn = generate_ids(
+                policy,
+                tokenizer,
+                picked,
+                g.max_new_tokens,
+                g.temperature,
+                g.top_p,
+                cfg.compute.generation_batch_size,
+                seeds=[seeds[i] for i in rows],
+            )
         texts = decode_responses(tokenizer, drawn)
-        return list(zip(drawn, texts, reward(picked, texts, ended(tokenizer, drawn)).tolist()))
+        return list(zip(drawn, texts, reward(picked, texts, ended(tokenizer, drawn, policy)).tolist()))
 
     sampled, responses, rewards = zip(*distributed.map_sharded(draw_and_score, list(range(len(repeated)))))
     return [
@@ -129,16 +133,16 @@ def load_policy(start: Path, paths: Paths, cfg: RestConfig):
     """(policy, SFT): the iteration's start policy to train, and SFT frozen. With LoRA, an adapter on SFT
     (iteration 1's fresh one, continued by later iterations), SFT being the same weights with the adapter
     off; a start policy with another base (a champion saved whole) needs SFT as a second copy."""
-    device = distributed.device()
+    device, dtype = distributed.device(), precision.resolve_dtype(cfg.compute.dtype)
 
     def sft():
-        return load_causal_lm(paths.sft).eval().requires_grad_(False).to(device)
+        return load_causal_lm(paths.sft, dtype=dtype).eval().requires_grad_(False).to(device)
 
     if cfg.lora is None:
-        return load_causal_lm(start).to(device), sft()
+        return load_causal_lm(start, dtype=torch.float32).to(device), sft()
     from alignment.models.lora import AdapterDisabled, load_for_training
 
-    policy, base = load_for_training(start, cfg.lora)
+    policy, base = load_for_training(start, cfg.lora, dtype)
     policy = policy.to(device)
     if Path(base).resolve() == paths.sft.resolve():
         return policy, AdapterDisabled(policy)
@@ -169,12 +173,14 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     tokenizer = load_tokenizer(start)
     policy, sft = load_policy(start, paths, cfg)
     check_max_length(cfg.max_length, policy, "rest.max_length")
-    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
     judges = held_out_judges(paths, reward, cfg.source)
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts, tokenizer)
 
     def held_out(model) -> dict[str, float]:
-        scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
+        scores, _ = compare_to_sft(
+            model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges, cfg.compute
+        )
         return {k: v for k, v in scores.items() if k != "eval/prompts"}
 
     # step 2. the start policy is iteration 0 of the record

@@ -31,6 +31,7 @@ from alignment.evaluation.judging import (
     judge_template,
     position_stats,
 )
+from alignment.models.precision import resolve_dtype
 from alignment.paths import Paths
 from alignment.tracking import Tracker
 
@@ -91,7 +92,8 @@ def label(judge, pairs: list[dict], rng: np.random.Generator) -> tuple[list[dict
 
 def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     rng = np.random.default_rng(cfg.seed)
-    backend = build_backend(cfg.judge, paths.checkpoints("rlaif") / "judge_cache")
+    dtype = resolve_dtype(cfg.compute.dtype)
+    backend = build_backend(cfg.judge, paths.checkpoints("rlaif") / "judge_cache", dtype)
     judges = {}
     metrics: dict[str, float] = {}
     paths.rlaif.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from alignment.training.online_methods import RLOO, group_settings
 
 
 def run(cfg: RLOOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
     kl = "in the reward" if cfg.kl_in_reward else "as a loss term"
     return run_online(
         "rloo",

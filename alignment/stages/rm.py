@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from alignment.config import RewardModelConfig
 from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.losses.preference_loss import bradley_terry_loss
+from alignment.models import precision
 from alignment.models.loading import check_max_length, load_tokenizer, model_config
 from alignment.models.reward_model import load_reward_model, sequence_rewards
 from alignment.paths import Paths
@@ -85,8 +86,9 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
         init = f"a fresh {cfg.model.arch} ({cfg.model.n_layer} x {cfg.model.n_embd})"
-    else:
-        model = load_reward_model(init)
+    else:  # trained in full: float32 weights; under LoRA the frozen body in the run's dtype
+        dtype = precision.resolve_dtype(cfg.compute.dtype) if cfg.lora is not None else torch.float32
+        model = load_reward_model(init, dtype=dtype)
     if cfg.lora is not None:  # the body frozen under an adapter; the fresh head trains in full
         from alignment.models.lora import add_adapter
 

@@ -13,6 +13,7 @@ from alignment.data.batching import collate, encode
 from alignment.data.chat import render_row
 from alignment.data.io import read_jsonl, write_jsonl
 from alignment.losses.logprobs import sft_loss
+from alignment.models import precision
 from alignment.models.generation import generate
 from alignment.models.loading import build_model, load_tokenizer
 from alignment.paths import Paths
@@ -95,9 +96,20 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_model(model, tokenizer, paths.sft, cfg.lora)
     prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
     s = cfg.samples
-    responses = (
-        generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
-    )
+    with precision.autocast(precision.resolve_dtype(cfg.compute.dtype)):
+        responses = (
+            generate(
+                model,
+                tokenizer,
+                prompts,
+                s.max_new_tokens,
+                s.temperature,
+                s.top_p,
+                batch_size=cfg.compute.generation_batch_size,
+            )
+            if prompts
+            else []
+        )
     generations = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     if distributed.is_main():
         write_jsonl(paths.sft / "generations.jsonl", generations)

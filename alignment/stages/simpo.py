@@ -28,6 +28,7 @@ from alignment.stages.common import (
     load_policy_and_reference,
     log_held_out,
     reward_scorer,
+    run_dtype,
     save_model,
 )
 from alignment.stages.results import finish
@@ -63,7 +64,7 @@ def make_step(cfg: SimPOConfig):
 
 def run(cfg: SimPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     # step 1. the policy, SFT for the held-out comparison, the pairs
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
     check_max_length(cfg.max_length, policy, "simpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
@@ -95,7 +96,7 @@ def run(cfg: SimPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     # step 3. save, compare with SFT on held-out prompts, report
     out = paths.out("simpo")
     save_model(policy, tokenizer, out, cfg.lora)
-    reward = reward_scorer(paths, "rm", cfg.max_length)
+    reward = reward_scorer(paths, "rm", cfg.max_length, cfg.compute)
     held_out, rows = compare_on_held_out(
         policy, reference, tokenizer, paths, cfg, reward, cfg.train.seed, out=out
     )

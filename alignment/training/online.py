@@ -45,10 +45,11 @@ from tqdm.auto import tqdm
 
 from alignment.config import OptimizerConfig
 from alignment.data.batching import as_example, collate
-from alignment.losses.logprobs import IGNORE_INDEX, token_logps
-from alignment.losses.ppo_loss import masked_entropy
+from alignment.losses.logprobs import IGNORE_INDEX, token_entropy, token_logps
+from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.reward_model import token_scores
+from alignment.models.scoring import response_token_logps
 from alignment.training import checkpoint, distributed
 from alignment.training.trainer import evaluating, make_optimizer, prepare_model, window_indices
 
@@ -71,6 +72,8 @@ class LoopSettings:
     max_new_tokens: int
     temperature: float  # of the sampler; log-probs are of this distribution
     critic_learning_rate: float | None = None  # PPO's critic, a parameter group of its own
+    generation_batch_size: int = 256  # prompts sampled at once (step 1)
+    scoring_batch_size: int = 64  # sequences per forward pass of step 3
 
 
 @dataclass
@@ -109,7 +112,7 @@ class Outputs:
     """Step 5's forward pass over a minibatch: what a method's loss reads."""
 
     logps: torch.Tensor  # (B, T - 1) sampled-token log-probs, with gradient
-    logits: torch.Tensor  # (B, T - 1, V) at the sampling temperature, position j predicting token j + 1
+    entropy: torch.Tensor  # (B, T - 1) of the sampling distribution at position j (token j + 1), no gradient
     values: torch.Tensor | None  # (B, T - 1) the critic's, with gradient (PPO)
 
 
@@ -176,9 +179,16 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def policy_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """(B, T - 1) sampled-token log-probs at the sampling temperature."""
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logps(logits.float() / temperature, batch["labels"])[0]
+    """(B, T - 1) sampled-token log-probs at the sampling temperature (logits at response positions only)."""
+    return response_token_logps(policy, batch, temperature)
+
+
+def by_rows(fn, batch: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """fn over blocks of `size` rows of a padded batch, concatenated: one forward never holds more."""
+    rows = batch["input_ids"].shape[0]
+    return torch.cat(
+        [fn({key: value[i : i + size] for key, value in batch.items()}) for i in range(0, rows, size)]
+    )
 
 
 @torch.no_grad()
@@ -201,23 +211,33 @@ def experience(
     seeds = [prompt_seed(seed, prompt, i) for prompt in prompts for i in range(k)]
     with evaluating(policy):
         drawn = generate_ids(
-            policy, tokenizer, expanded, settings.max_new_tokens, settings.temperature, seeds=seeds
+            policy,
+            tokenizer,
+            expanded,
+            settings.max_new_tokens,
+            settings.temperature,
+            batch_size=settings.generation_batch_size,
+            seeds=seeds,
         )
     examples = [as_example(prompt, response) for prompt, response in drawn]
     device = next(policy.parameters()).device
     batch = {key: value.to(device) for key, value in collate(tokenizer.pad_token_id)(examples).items()}
 
     # step 2. score every completion
-    finished = ended(tokenizer, drawn)
+    finished = ended(tokenizer, drawn, policy)
     scores = torch.as_tensor(np.asarray(reward(expanded, decode_responses(tokenizer, drawn), finished)))
 
     # step 3. log-probs under the sampling policy, the critic's values, the reference's log-probs
+    size = settings.scoring_batch_size
     with evaluating(policy, *([critic] if critic is not None else [])):
-        columns = {"logps": policy_logps(policy, batch, settings.temperature)}
+        columns = {"logps": by_rows(lambda b: policy_logps(policy, b, settings.temperature), batch, size)}
         if critic is not None:
-            columns["values"] = critic_values(critic, batch["input_ids"], batch["attention_mask"])
+            values = lambda b: critic_values(critic, b["input_ids"], b["attention_mask"])  # noqa: E731
+            columns["values"] = by_rows(values, batch, size)
     if reference is not None:
-        columns["reference_logps"] = policy_logps(reference, batch, settings.temperature)
+        columns["reference_logps"] = by_rows(
+            lambda b: policy_logps(reference, b, settings.temperature), batch, size
+        )
     lengths = [len(example["input_ids"]) - 1 for example in examples]
     return [
         example
@@ -298,9 +318,10 @@ def optimise(
             whole = _units(rollout.mask[minibatch], method.loss_units)
             share = _units(rows.mask, method.loss_units) / whole * world  # exactly 1 on one process
             logits, values = model(rows.batch["input_ids"], rows.batch["attention_mask"])
-            logits = logits.float() / settings.temperature
-            logps, _ = token_logps(logits, rows.batch["labels"])
-            loss, stats = method.loss(Outputs(logps, logits[:, :-1], values), rows)
+            # the vocabulary-wide softmaxes a chunk of rows at a time, at the sampling temperature
+            logps, _ = token_logps(logits, rows.batch["labels"], settings.temperature)
+            entropy = token_entropy(logits[:, :-1], settings.temperature)
+            loss, stats = method.loss(Outputs(logps, entropy, values), rows)
             accelerator.backward(loss * share)
             grad_norm = accelerator.clip_grad_norm_(
                 model.parameters(), settings.train.max_grad_norm or math.inf
@@ -308,8 +329,8 @@ def optimise(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             weight = share.item()
-            with torch.no_grad():  # TRL's `entropy`: the token mean over completion tokens
-                entropy = masked_entropy(logits[:, :-1], rows.mask).sum() / rows.mask.sum().clamp(min=1)
+            # TRL's `entropy`: the token mean over completion tokens
+            entropy = torch.where(rows.mask.bool(), entropy, 0).sum(-1).sum() / rows.mask.sum().clamp(min=1)
             stats = {key: value * weight for key, value in stats.items()} | {"loss": loss.item() * weight}
             stats |= {"entropy": entropy.item() * weight, "grad_norm": float(grad_norm)}
             for key, value in stats.items():
@@ -351,7 +372,7 @@ def train(
     # step_scheduler_with_optimizer off, as in the shared trainer (there is no scheduler to step)
     accelerator = Accelerator(
         cpu=distributed.use_cpu(cfg.device),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision.training_precision(cfg),
         step_scheduler_with_optimizer=False,
     )
     world = distributed.world()

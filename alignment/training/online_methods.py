@@ -23,7 +23,6 @@ from alignment.losses.ppo_loss import (
     FixedKLController,
     gae,
     kl_penalized_rewards,
-    masked_entropy,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
@@ -79,8 +78,7 @@ class PPO(OnlineMethod):
         vf_loss, vf_stats = ppo_value_loss(
             outputs.values, rows.old_values, rows.returns, rows.mask, cfg.clip_range_value
         )
-        with torch.no_grad():
-            entropy = masked_entropy(outputs.logits, rows.mask).mean().item()
+        entropy = torch.where(rows.mask.bool(), outputs.entropy, 0).sum(-1).mean().item()
         stats = {
             "policy/approxkl_avg": pg_stats["approxkl"],
             "policy/clipfrac_avg": pg_stats["clipfrac"],
@@ -113,6 +111,8 @@ def ppo_settings(cfg: PPOConfig) -> LoopSettings:
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         critic_learning_rate=cfg.train.critic_learning_rate,
+        generation_batch_size=cfg.compute.generation_batch_size,
+        scoring_batch_size=cfg.compute.scoring_batch_size,
     )
 
 
@@ -126,6 +126,8 @@ def group_settings(cfg: GRPOConfig | RLOOConfig) -> LoopSettings:
         minibatch_size=cfg.minibatch_size,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
+        generation_batch_size=cfg.compute.generation_batch_size,
+        scoring_batch_size=cfg.compute.scoring_batch_size,
     )
 
 

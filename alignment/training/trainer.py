@@ -30,6 +30,7 @@ from transformers import get_scheduler
 
 from alignment.config import OptimizerConfig, TrainConfig
 from alignment.losses.logprobs import IGNORE_INDEX, sft_loss
+from alignment.models import precision
 from alignment.training import checkpoint
 from alignment.training.distributed import parameters_sharded, reduce_mean, use_cpu
 
@@ -167,7 +168,9 @@ def train(
     # every optimizer step (it assumes each process's data loader is 1/N as long), and N processes would
     # follow another learning-rate curve than one
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=use_cpu(cfg.device), step_scheduler_with_optimizer=False
+        mixed_precision=precision.training_precision(cfg),
+        cpu=use_cpu(cfg.device),
+        step_scheduler_with_optimizer=False,
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = None
@@ -287,7 +290,7 @@ def train(
 
 def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: TrainResult, log_metrics) -> None:
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the training steps' precision
         metrics = evaluate(accelerator.unwrap_model(model))
     model.train()
     result.eval_history.append({"step": step, **metrics})

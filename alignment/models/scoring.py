@@ -1,0 +1,115 @@
+"""Log-probabilities of token sequences under a causal LM without gradients, in batches of a given size,
+with logits formed only where a response token is predicted.
+
+A forward pass's logits are (B, T, V) floats: with a 152k vocabulary and 1,000-token rows, 0.6 GB of
+float32 per row. A scorer needs them only at the positions that predict a response token, so the hidden
+states are cut to those positions before the LM head (transformers' 2-D boolean `logits_to_keep`), and
+the log-softmax over the vocabulary runs a chunk of rows at a time (`logprobs.selected_logps`). Each row's
+logits are the ones a full forward gives, bit for bit (the LM head is a matmul per row).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from alignment.config import PACKED_LOGITS_TRANSFORMERS, _version
+from alignment.data.batching import collate
+from alignment.losses.logprobs import IGNORE_INDEX, selected_logps
+from alignment.training import distributed
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside the wrappers of training and scoring: DDP / FSDP (`.module`),
+    torch.compile (`._orig_mod`), a LoRA adapter or a reference with its adapter off (`get_base_model`)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def takes(model: torch.nn.Module, keyword: str) -> bool:
+    """Whether the transformers model inside `model` has a forward argument `keyword` (a wrapper passes
+    its keywords through)."""
+    return keyword in inspect.signature(inner_model(model).forward).parameters
+
+
+def keeps_2d_logits(model: torch.nn.Module) -> bool:
+    """Whether the model slices its hidden states by a 2-D `logits_to_keep` before the LM head."""
+    return takes(model, "logits_to_keep") and _version("transformers") >= PACKED_LOGITS_TRANSFORMERS
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits predict a response token (labels[:, t + 1] counts)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def logits_at(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """(N, V) the logits at the N positions where `keep` (B, T) is True, in row-major order; the LM head
+    runs on those positions alone where the model can slice before it."""
+    if keeps_2d_logits(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+
+
+@torch.no_grad()
+def response_token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """(B, T - 1) float32 log-probs of each response token on the shifted grid of `logprobs.token_logps`
+    (column j is token j + 1), 0 off the response: the same values, without prompt or padding logits."""
+    keep = response_positions(batch["labels"])
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)
+    targets = batch["labels"][:, 1:][keep[:, :-1]]
+    grid = torch.zeros(keep[:, :-1].shape, dtype=torch.float32, device=logits.device)
+    grid[keep[:, :-1]] = selected_logps(logits, targets, temperature)
+    return grid
+
+
+def in_batches(
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    examples: Sequence[dict],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "score",
+) -> list[torch.Tensor]:
+    """fn over right-padded batches of `batch_size` examples ({"input_ids", "labels"}) on `device`, each
+    result moved to the CPU; a progress bar on the main process when there is more than one batch."""
+    pad, out = collate(pad_token_id), []
+    starts = range(0, len(examples), batch_size)
+    bar = tqdm(
+        starts,
+        desc=desc,
+        unit="batch",
+        mininterval=2.0,
+        disable=len(starts) <= 1 or not distributed.is_main(),
+    )
+    for start in bar:
+        batch = {
+            key: value.to(device) for key, value in pad(list(examples[start : start + batch_size])).items()
+        }
+        out.append(fn(batch).cpu())
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(
+    model, examples: Sequence[dict], batch_size: int, temperature: float = 1.0, pad_token_id: int = 0
+) -> torch.Tensor:
+    """(N,) summed response log-probs of token-level examples ({"input_ids", "labels"}, labels
+    IGNORE_INDEX off the response) under `model` at `temperature`, `batch_size` sequences per forward.
+    Right padding: no real token attends to a pad, so the pad id does not matter."""
+    device = next(model.parameters()).device
+    parts = in_batches(
+        lambda batch: response_token_logps(model, batch, temperature).sum(-1),
+        examples,
+        pad_token_id,
+        batch_size,
+        device,
+    )
+    return torch.cat(parts) if parts else torch.empty(0)
