@@ -74,11 +74,19 @@ class TokenizerConfig(Section):
     gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path
     vocab_size: int = Field(default=4096, ge=256, le=1_000_000)  # train only
     min_frequency: int = Field(default=2, ge=1)  # train only
+    family: Literal["qwen2", "llama3"] | None = None
+    """train only: the CPU twin of a model family's tokenizer (alignment/models/families.py): its special
+    tokens at their ids, EOS, pad, BOS and chat template over the BPE trained here, padded with tokens
+    that never occur to the family's size (qwen2: 151,665; llama3: 128,256), which replaces vocab_size"""
 
     @model_validator(mode="after")
     def _pretrained_needs_a_name(self) -> TokenizerConfig:
         if self.source == "pretrained" and not self.name_or_path:
             raise ValueError("source: pretrained needs name_or_path")
+        if self.family is not None and self.source != "train":
+            raise ValueError("family builds a twin tokenizer from the data: it needs source: train")
+        if self.family is not None and "vocab_size" in self.model_fields_set:
+            raise ValueError(f"vocab_size goes without family: the {self.family} twin has the family's size")
         return self
 
 
@@ -180,9 +188,9 @@ class ComputeConfig(Section):
     vocabulary logits per step (the prompt's own logits are never formed)"""
     scoring_batch_size: int = Field(default=64, ge=1)
     """sequences per forward pass without gradients: reward-model scores, the log-probs of the policy,
-    the reference and the critic's values on sampled batches, DPO's reference log-probs (two per pair),
-    the held-out KL. Logits are formed only at response positions, so a batch holds about
-    scoring_batch_size x response length x vocabulary floats of them"""
+    the reference and the critic's values on sampled batches, the held-out KL (DPO's reference
+    log-probs: that many pairs, two sequences each). Logits are formed only at response positions, so a
+    batch holds about scoring_batch_size x response length x vocabulary floats of them"""
 
 
 # --------------------------------------------------------------------------------------- training

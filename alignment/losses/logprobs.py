@@ -24,13 +24,14 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _chunks(logits: torch.Tensor):
-    """(b, slice) of every chunk of a (B, T, V) tensor: `logits[b, slice]` is a contiguous (rows, V) block
-    whenever the last dimension is (a view such as logits[:, :-1] needs no copy)."""
+def _chunks(logits: torch.Tensor, positions: int | None = None):
+    """(b, slice) of every chunk of the first `positions` (default: all) of a (B, T, V) tensor:
+    `logits[b, slice]` is a contiguous (rows, V) block whenever the last dimension is."""
     rows = chunk_rows(logits.shape[-1])
     for b in range(logits.shape[0]):
-        for start in range(0, logits.shape[1], rows):
-            yield b, slice(start, start + rows)
+        for start in range(0, logits.shape[1] if positions is None else positions, rows):
+            end = start + rows if positions is None else min(start + rows, positions)
+            yield b, slice(start, end)
 
 
 def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,12 +41,14 @@ def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class _SelectedLogSoftmax(torch.autograd.Function):
-    """log_softmax(logits / temperature)[..., index], chunk by chunk; backward recomputes each chunk."""
+    """log_softmax(logits / temperature)[:, :T', index], chunk by chunk, for the first T' = index.shape[1]
+    positions (a causal LM's last position predicts nothing: taking it here, not as a slice of the
+    logits, spares the backward pass a second vocabulary-wide gradient); backward recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
         out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
-        for b, rows in _chunks(logits):
+        for b, rows in _chunks(logits, index.shape[1]):
             logps = torch.log_softmax(_scaled(logits[b, rows], temperature), dim=-1)
             out[b, rows] = logps.gather(-1, index[b, rows].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, index)
@@ -55,8 +58,10 @@ class _SelectedLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, index = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        for b, rows in _chunks(logits):
+        grad_logits = (
+            torch.zeros_like(logits) if index.shape[1] < logits.shape[1] else torch.empty_like(logits)
+        )
+        for b, rows in _chunks(logits, index.shape[1]):
             logps = torch.log_softmax(_scaled(logits[b, rows], ctx.temperature), dim=-1)
             # the gradient the gather hands log_softmax: the chosen entry's, 0 elsewhere
             picked = index[b, rows].unsqueeze(-1)
@@ -73,10 +78,11 @@ def selected_logps(logits: torch.Tensor, index: torch.Tensor, temperature: float
 
     Args:
         logits: (B, T, V) or (N, V), any float dtype (a chunk at a time is taken to float32).
-        index: (B, T) or (N,) long, the chosen token of each row (any valid id where the row is unused).
+        index: (B, T') or (N,) long, the chosen token of each of the first T' <= T positions (any valid id
+            where the position is unused).
         temperature: the sampler's; 1 leaves the logits as they are.
     Returns:
-        (B, T) or (N,) float32 log-probabilities, with gradient to `logits`.
+        (B, T') or (N,) float32 log-probabilities, with gradient to `logits`.
     """
     if logits.dim() == 2:
         return _SelectedLogSoftmax.apply(logits.unsqueeze(0), index.unsqueeze(0), temperature).squeeze(0)
@@ -116,7 +122,7 @@ def token_logps(
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    logps = selected_logps(logits[:, :-1], labels.masked_fill(~mask, 0), temperature)
+    logps = selected_logps(logits, labels.masked_fill(~mask, 0), temperature)  # positions 0 .. T - 2
     return logps * mask, mask.float()
 
 
@@ -134,7 +140,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     """
     labels = labels[:, 1:]
     ignored = labels == IGNORE_INDEX
-    logps = selected_logps(logits[:, :-1], labels.masked_fill(ignored, 0))
+    logps = selected_logps(logits, labels.masked_fill(ignored, 0))  # positions 0 .. T - 2
     # nll_loss over one class sums the chosen log-probs in the order F.cross_entropy summed them over the
     # whole vocabulary (the reduction depends on the row count alone): the loss is bit for bit the old one
     targets = torch.zeros_like(labels).masked_fill(ignored, IGNORE_INDEX)

@@ -72,9 +72,7 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pretra
     """The transformers config of a fresh small model sized by `cfg` (init: config), over `tokenizer`."""
     vocab_size = cfg.vocab_size or len(tokenizer)
     if vocab_size < len(tokenizer):
-        raise ValueError(
-            f"model.vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
-        )
+        raise ValueError(f"model.vocab_size {vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     special = dict(
         vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,

@@ -29,19 +29,13 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return getattr(torch, name)
 
 
-def autocast_mode(mixed_precision: str, device: torch.device) -> str:
-    """accelerate's `mixed_precision` for a training loop on `device`: `auto` is bf16 on a CUDA GPU that
-    supports it, `no` elsewhere; any other value as it is."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    return "bf16" if gpu_has_bf16(device) else "no"
-
-
 def training_precision(train) -> str:
-    """accelerate's `mixed_precision` for a training loop's `train` section (an OptimizerConfig), `auto`
-    resolved for the device the loop trains on."""
-    on = torch.device("cpu") if distributed.use_cpu(train.device) else distributed.device()
-    return autocast_mode(train.mixed_precision, on)
+    """accelerate's `mixed_precision` for a training loop's `train` section (an OptimizerConfig): `auto` is
+    bf16 when the loop trains on a CUDA GPU that supports it, `no` elsewhere; any other value as it is."""
+    if train.mixed_precision != "auto":
+        return train.mixed_precision
+    on_gpu = not distributed.use_cpu(train.device) and gpu_has_bf16(distributed.device())
+    return "bf16" if on_gpu else "no"
 
 
 def autocast(dtype: torch.dtype, device: torch.device | None = None):

@@ -3,9 +3,9 @@ with logits formed only where a response token is predicted.
 
 A forward pass's logits are (B, T, V) floats: with a 152k vocabulary and 1,000-token rows, 0.6 GB of
 float32 per row. A scorer needs them only at the positions that predict a response token, so the hidden
-states are cut to those positions before the LM head (transformers' 2-D boolean `logits_to_keep`), and
-the log-softmax over the vocabulary runs a chunk of rows at a time (`logprobs.selected_logps`). Each row's
-logits are the ones a full forward gives, bit for bit (the LM head is a matmul per row).
+states are cut to those positions before the LM head (transformers' 2-D `logits_to_keep`), and the
+log-softmax over the vocabulary runs a chunk of rows at a time (`logprobs.selected_logps`). Each kept
+row's logits are the ones a full forward gives, bit for bit (the LM head is a matmul per row).
 """
 
 from __future__ import annotations
@@ -41,33 +41,40 @@ def keeps_2d_logits(model: torch.nn.Module) -> bool:
     return takes(model, "logits_to_keep") and _version("transformers") >= PACKED_LOGITS_TRANSFORMERS
 
 
-def response_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions whose logits predict a response token (labels[:, t + 1] counts)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions' logits predict a response token (labels[:, t + 1] counts), as (B, K) positions,
+    each row's in order and then padded with position 0, and (B, K) bool, which slots are real; K is the
+    most response tokens of a row. Counted on the host (a copy of the labels): shapes that do not depend
+    on a device's data."""
+    real = (labels[:, 1:] != IGNORE_INDEX).cpu()
+    k = max(1, int(real.sum(-1).max()))
+    order = torch.argsort((~real).int(), dim=1, stable=True)[:, :k]  # a row's real positions first
+    slots = real.gather(1, order)
+    return torch.where(slots, order, 0).to(labels.device), slots.to(labels.device)
 
 
 def logits_at(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """(N, V) the logits at the N positions where `keep` (B, T) is True, in row-major order; the LM head
-    runs on those positions alone where the model can slice before it."""
+    """(B, K, V) the logits at `positions` (B, K); the LM head runs on those positions alone where the model
+    can slice its hidden states before it."""
     if keeps_2d_logits(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return torch.take_along_dim(logits, positions.unsqueeze(-1), dim=1)
 
 
 @torch.no_grad()
 def response_token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """(B, T - 1) float32 log-probs of each response token on the shifted grid of `logprobs.token_logps`
     (column j is token j + 1), 0 off the response: the same values, without prompt or padding logits."""
-    keep = response_positions(batch["labels"])
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)
-    targets = batch["labels"][:, 1:][keep[:, :-1]]
-    grid = torch.zeros(keep[:, :-1].shape, dtype=torch.float32, device=logits.device)
-    grid[keep[:, :-1]] = selected_logps(logits, targets, temperature)
-    return grid
+    labels = batch["labels"]
+    positions, slots = response_positions(labels)
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], positions)
+    targets = labels.gather(1, positions + 1).masked_fill(~slots, 0)
+    picked = selected_logps(logits, targets, temperature) * slots  # filler slots add 0 to position 0
+    grid = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float32, device=logits.device)
+    return grid.scatter_add_(1, positions, picked)
 
 
 def in_batches(

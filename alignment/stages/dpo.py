@@ -189,9 +189,10 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     packed = packs(cfg, policy)
     pad = collate_with_reference(tokenizer.pad_token_id, packed)
     if cfg.precompute_reference:
-        pairs_at_once = max(1, cfg.compute.scoring_batch_size // 2)
-        with precision.autocast(run_dtype(cfg)):
-            precompute_reference(reference, train_examples + eval_examples, pad, pairs_at_once)
+        with precision.autocast(run_dtype(cfg)):  # scoring_batch_size pairs at once
+            precompute_reference(
+                reference, train_examples + eval_examples, pad, cfg.compute.scoring_batch_size
+            )
     step = make_step(reference, cfg)
     logger.info(
         "DPO (%s, beta %g, %s): %d train / %d eval pairs",

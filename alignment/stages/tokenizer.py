@@ -1,5 +1,6 @@
 """tokenizer: a pretrained tokenizer (path, hub id, GGUF), or a byte-level BPE trained on the SFT
-training text (the embedded default), saved in the HF format."""
+training text (the embedded default; with `family`, the CPU twin of a model family's tokenizer), saved in
+the HF format."""
 
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ def run(cfg: TokenizerConfig, paths: Paths, log: Tracker | None) -> dict[str, fl
             render_prompt(None, r["prompt"]) + r["response"]
             for r in read_jsonl(paths.data / "sft_train.jsonl")
         )
-        tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+        if cfg.family is None:
+            tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+        else:  # a model family's tokenizer, for a CPU twin of its models (alignment/models/families.py)
+            from alignment.models.families import twin_tokenizer
+
+            tokenizer = twin_tokenizer(texts, cfg.family, cfg.min_frequency)
     tokenizer.save_pretrained(paths.tokenizer)
     rows = [
         render_row(tokenizer, row) for _, row in zip(range(200), read_jsonl(paths.data / "sft_eval.jsonl"))
