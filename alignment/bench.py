@@ -1,7 +1,11 @@
-"""Training throughput of the pipeline's own SFT and DPO steps: steps/s, tokens/s and, on a GPU, MFU.
+"""Training throughput of the pipeline's own SFT and DPO steps: steps/s, tokens/s and, on a GPU, MFU; and
+(`--view memory`) the peak memory and tokens/s of sampling and scoring at a given vocabulary, length and
+batch, with the code before and after logits were cut to the positions that need them.
 
     python -m alignment.bench --stage dpo --model gpt2:4x256 --batch-size 8 --max-length 256 --steps 20
     python -m alignment.bench --stage dpo --model gpt2:4x256 --padding-free --device cuda --dtype bf16
+    python -m alignment.bench --view memory --model qwen2:2x64 --vocab-size 151936 --max-length 640 \
+        --batch-size 16 --new-tokens 64
 
 It runs the shared training loop (alignment/training/trainer.py) with the stage's collate and step, DPO
 with its
@@ -144,6 +148,8 @@ def bench(args) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m alignment.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--view", choices=("training", "memory"), default="training")
+    parser.add_argument("--new-tokens", type=int, default=64, help="memory view: sampled tokens per row")
     parser.add_argument("--stage", choices=("sft", "dpo"), default="dpo")
     parser.add_argument("--model", default="gpt2:4x256", help="gpt2:LxW, llama:LxW or a path")
     parser.add_argument("--vocab-size", type=int, default=4096, help="of the BPE trained for a fresh model")
@@ -171,7 +177,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(bench(parse_args(argv))))
+    args = parse_args(argv)
+    if args.view == "memory":
+        from alignment.bench_memory import memory_view
+
+        for row in memory_view(args):
+            print(json.dumps(row))
+        return
+    print(json.dumps(bench(args)))
 
 
 if __name__ == "__main__":
