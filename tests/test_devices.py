@@ -121,7 +121,8 @@ def test_kl_to_reference_scores_on_the_models_device(tokenizer):
     ]
     with HostSeesZeros():
         kl = kl_to_reference(policy, reference, samples)
-    assert kl.shape == (1,) and len(seen) == 4 and set(seen) == {META}  # each model: ids and mask
+    # each model: ids, mask and the positions whose logits it forms
+    assert kl.shape == (1,) and len(seen) == 6 and set(seen) == {META}
 
 
 def test_dpo_reference_logps_are_computed_on_the_device(on_meta, tokenizer):
@@ -135,6 +136,18 @@ def test_dpo_reference_logps_are_computed_on_the_device(on_meta, tokenizer):
     with HostSeesZeros():
         precompute_reference(reference, examples, collate_pairs(tokenizer.pad_token_id), batch_size=4)
     assert examples[0]["reference_logps"] == (0.0, 0.0) and seen and set(seen) == {META}
+
+
+def test_the_local_judge_loads_onto_the_device_and_feeds_it(on_meta, paths):
+    from alignment.evaluation.local_judge import TransformersJudgeBackend
+
+    backend = TransformersJudgeBackend(paths.sft)
+    assert on_meta_only(backend.model)
+    seen = called_on(backend.model)
+    chats = [[{"role": "user", "content": f"The film {word}"}] for word in ("was a joy", "bored me")]
+    with HostSeesZeros():
+        probabilities = backend.probabilities(chats)
+    assert probabilities.shape == (2, 3) and seen and set(seen) == {META}
 
 
 # a device named in the code: torch.device("cuda"...), .to("cpu"), device="cuda", .cuda()

@@ -101,7 +101,8 @@ class TransformersJudgeBackend:
         cache_key = "cache" if takes(self.model, "cache") else "past_key_values"  # transformers 5's Cache
         prefix = None
         if shared:
-            step = self.model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
+            ids = torch.tensor([encoded[0][:shared]], device=device)
+            step = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
             prefix = getattr(step, cache_key)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
