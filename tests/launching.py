@@ -90,11 +90,12 @@ def launch(
     kill_when_opening: str | None = None,
     check: bool = True,
     timeout: int = 900,
+    sharding: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `python -m alignment <stage>` for each of `stages` in turn (`rest_iter@1` for an item of a
     foreach stage) as `nproc` processes in `project`, one launch for all; with `check`, asserts it
     succeeded. `kill_when_opening`: SIGKILL the launch (its process group) as soon as any process opens
-    a path containing this string."""
+    a path containing this string. `sharding`: "fsdp2" shards the models (the launch section's `sharding`)."""
     hooks = project / ".mp_hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(_SITECUSTOMIZE)
@@ -107,8 +108,16 @@ def launch(
     }
     # the project's own MLflow store and device: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so an
     # earlier in-process test may have left another store in this process's environment
-    for key in ("KILL_WHEN_OPENING", "MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID", "ALIGNMENT_DEVICE"):
+    for key in (
+        "KILL_WHEN_OPENING",
+        "MLFLOW_TRACKING_URI",
+        "ALIGNMENT_PARENT_RUN_ID",
+        "ALIGNMENT_DEVICE",
+        "ALIGNMENT_SHARDING",
+    ):
         env.pop(key, None)
+    if sharding:
+        env["ALIGNMENT_SHARDING"] = sharding
     if kill_when_opening:
         env["KILL_WHEN_OPENING"] = kill_when_opening
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), str(hooks / "chain.py")]

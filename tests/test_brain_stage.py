@@ -63,7 +63,7 @@ def test_brain_trains_refreshes_and_resumes_exactly(upstream, monkeypatch):
     # (not at 4: training ends there), and no side files are left
     checkpoints = root / "checkpoints/brain"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step_0000004"]
-    refreshed = torch.load(checkpoints / "step_0000004/extra_state.pt", weights_only=True)
+    refreshed = torch.load(checkpoints / "step_0000004/state.pt", weights_only=True)["extra"]
     assert (refreshed["drawn_at"][:, -1] == 2).all() and (refreshed["drawn_at"][:, 0] == 0).all()
     uninterrupted = weights(root)
 

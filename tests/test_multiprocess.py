@@ -1,8 +1,10 @@
-"""Several processes, one result. The stages below run once as 1 process x batch b and once as 2 processes
-(torchrun, gloo) x batch b/2, each chain in one launch on the same upstream outputs; the two must train the
-same weights, draw the same samples, write each output once (from the main process) and log one MLflow run
-per stage and one registered version per model. A 2-process stage killed with SIGKILL mid-stage resumes
-from its checkpoint to the weights of the run that was never interrupted."""
+"""Several processes, one result. The stages below run once as 1 process x batch b and twice as 2 processes
+(torchrun, gloo) x batch b/2: replicated (DDP) and sharded (FSDP2, the project's own fully_shard: the code a
+GPU launch with configs/accelerate/fsdp2.yaml runs), each chain in one launch on the same upstream outputs.
+Each must train the weights of one process, draw the same samples, write each output once (from the main
+process) and log one MLflow run per stage and one registered version per model. A 2-process stage killed
+with SIGKILL mid-stage resumes from its checkpoint to the weights of the run that was never interrupted,
+replicated and sharded."""
 
 from __future__ import annotations
 
@@ -28,24 +30,30 @@ from launching import (
 
 pytestmark = pytest.mark.slow
 
-CHAIN = ["pairs", "sft", "rm", "dpo", "brain", "ppo", "rest_iter@1", "evaluate"]
+CHAIN = ["pairs", "sft", "rm", "dpo", "simpo", "brain", "ppo", "grpo", "rloo", "rest_iter@1", "evaluate"]
 # stage -> its model folder
 MODELS = {
     "sft": "outputs/sft",
     "rm": "outputs/rm",
     "dpo": "outputs/dpo",
+    "simpo": "outputs/simpo",
     "brain": "outputs/brain",
     "ppo": "outputs/ppo",
+    "grpo": "outputs/grpo",
+    "rloo": "outputs/rloo",
     "rest_iter@1": "outputs/rest/1/policy",
 }
+LAUNCHES = {"ddp": None, "fsdp2": "fsdp2"}  # 2 processes: replicated, sharded
 
 
 def chain_params(processes: int) -> dict:
     """Micro params with the global batch of every trained stage fixed: per-process batch x processes."""
     params = copy.deepcopy(MICRO_PARAMS)
-    for section, batch in (("sft", 8), ("rm", 8), ("dpo", 8), ("brain", 2)):
+    for section, batch in (("sft", 8), ("rm", 8), ("dpo", 8), ("simpo", 8), ("brain", 2)):
         params[section]["train"]["batch_size"] = batch // processes
     params["ppo"] |= {"rollout_batch_size": 4 // processes, "minibatch_size": 2 // processes}
+    for section in ("grpo", "rloo"):  # a group of 3 samples stays on the process that drew it
+        params[section] |= {"prompts_per_batch": 2 // processes, "minibatch_size": 6 // processes}
     params["rest"]["improve"]["train"]["batch_size"] = 2 // processes
     # a Bradley-Terry loss is blind to a shift of every reward: the final norm's bias gets exactly zero
     # gradient, and Adam turns the float noise of summing it in another order into steps of +-lr; the
@@ -55,21 +63,34 @@ def chain_params(processes: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chains(upstream, tmp_path_factory):
+def launched(upstream, tmp_path_factory) -> dict:
+    """The chain as one process, and as two processes replicated and sharded: three launches side by side
+    (the module takes the time of the slowest)."""
     root = tmp_path_factory.mktemp("chains")
-    one, two = (fork(upstream, root / name, chain_params(n)) for name, n in (("one", 1), ("two", 2)))
-    for project in (one, two):  # what other tests left in `upstream`: none of it is resumed
+    projects = {"one": fork(upstream, root / "one", chain_params(1))}
+    projects |= {name: fork(upstream, root / name, chain_params(2)) for name in LAUNCHES}
+    for project in projects.values():  # what other tests left in `upstream`: none of it is resumed
         shutil.rmtree(project / "checkpoints")
-    with ThreadPoolExecutor(2) as pool:  # side by side: the test takes the time of the slower
-        list(pool.map(lambda args: launch(*args), [(one, CHAIN, 1), (two, CHAIN, 2, True)]))
-    return one, two
+    runs = [(projects["one"], CHAIN, 1)] + [
+        (projects[name], CHAIN, 2, True, None, True, 900, sharding) for name, sharding in LAUNCHES.items()
+    ]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(lambda args: launch(*args), runs))
+    return projects
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHES))
+def chains(launched, request):
+    """(one process, two processes) for each way of launching two."""
+    return launched["one"], launched[request.param]
 
 
 @pytest.mark.parametrize("stage", list(MODELS))
 def test_two_processes_train_the_weights_of_one(chains, stage):
     one, two = chains
     a, b = weights(one / MODELS[stage]), weights(two / MODELS[stage])
-    print(f"{stage}: relative {relative_difference(a, b):.1e}, max abs {max_abs_difference(a, b):.1e}")
+    relative, most = relative_difference(a, b), max_abs_difference(a, b)
+    print(f"{two.name} {stage}: relative {relative:.1e}, max abs {most:.1e}")
     assert relative_difference(a, b) < 1e-5
     assert max_abs_difference(a, b) < 1e-5
 
@@ -77,7 +98,7 @@ def test_two_processes_train_the_weights_of_one(chains, stage):
 def test_brain_draws_and_scores_the_samples_of_one_process(chains):
     """The SFT draw and the policy's refresh at step 2, as the last checkpoint holds them."""
     stores = [
-        torch.load(p / "checkpoints/brain/step_0000004/extra_state.pt", weights_only=True) for p in chains
+        torch.load(p / "checkpoints/brain/step_0000004/state.pt", weights_only=True)["extra"] for p in chains
     ]
     for key in ("prompt_ids", "response_ids"):
         assert stores[0][key] == stores[1][key]
@@ -115,24 +136,41 @@ def test_one_writer_one_run_per_stage_one_version_per_model(chains):
         versions = dict(db.execute("select name, count(*) from model_versions group by name").fetchall())
         processes = {v for (v,) in db.execute("select value from tags where key = 'num_processes'")}
     assert runs == {stage: 1 for stage in CHAIN}
-    assert versions == {f"alignment-{stage}": 1 for stage in ("sft", "rm", "dpo", "brain", "ppo")}
+    registered = ("sft", "rm", "dpo", "simpo", "brain", "ppo", "grpo", "rloo")
+    assert versions == {f"alignment-{stage}": 1 for stage in registered}
     assert processes == {"2"}
+
+
+def test_a_sharded_run_saves_whole_models_that_load_alone(launched):
+    """FSDP2 gathers the shards into one model folder that plain transformers loads, and its checkpoints
+    hold each process's shards (torch distributed checkpoint), not rank 0's state alone."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = launched["fsdp2"]
+    model = AutoModelForCausalLM.from_pretrained(sharded / "outputs/dpo")
+    assert sorted(dict(model.named_parameters())) == sorted(weights(launched["one"] / "outputs/dpo"))
+    step = sorted((sharded / "checkpoints/dpo").glob("step_*"))[-1]
+    assert (step / "sharded" / ".metadata").is_file() and len(list((step / "sharded").glob("*.distcp"))) == 2
+    assert {p.name for p in step.glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
 
 
 def test_a_killed_two_process_stage_resumes_to_the_same_weights(chains, tmp_path):
     _, two = chains
+    sharding = LAUNCHES[two.name]
     params = chain_params(2)
     params["dpo"]["train"]["checkpoint_every"] = 1
     project = fork(two, tmp_path / "killed", params)
     for name in ("outputs/dpo", "checkpoints/dpo"):
         subprocess.run(["rm", "-rf", str(project / name)], check=True)
     # SIGKILL to the launcher and both processes the moment one of them starts writing step 2's checkpoint
-    killed = launch(project, ["dpo"], 2, kill_when_opening=".step_0000002.partial", check=False)
+    killed = launch(
+        project, ["dpo"], 2, kill_when_opening=".step_0000002.partial", check=False, sharding=sharding
+    )
     assert killed.returncode == -signal.SIGKILL
     assert (project / "checkpoints/dpo/step_0000001").is_dir()
     assert not (project / "outputs/dpo/model.safetensors").exists()
 
-    resumed = launch(project, ["dpo"], 2)
+    resumed = launch(project, ["dpo"], 2, sharding=sharding)
     assert "resumed from" in resumed.stderr
     a, b = weights(two / "outputs/dpo"), weights(project / "outputs/dpo")
     print(f"resumed dpo: relative {relative_difference(a, b):.1e}, max abs {max_abs_difference(a, b):.1e}")

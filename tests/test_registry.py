@@ -152,7 +152,7 @@ def test_launch_section_refuses_what_cannot_run(stages, message):
         parse("launch", {"stages": stages})
 
 
-@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp2"])
 def test_shipped_accelerate_configs_load(name):
     """Each file under configs/accelerate/ is a config `accelerate launch --config_file` reads."""
     from accelerate.commands.config.config_args import load_config_from_file

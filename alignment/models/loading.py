@@ -216,6 +216,12 @@ def save_pretrained(
     """Model (safetensors) and tokenizer in one folder: everything a later stage needs to load it.
     `state_dict`: the weights, when the model in memory holds only this process's shard of them."""
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # a gathered state dict holds a tied weight under both names: save it once, as transformers does
+        tied = (
+            getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     record_attention(model.config, out)
     tokenizer.save_pretrained(out)

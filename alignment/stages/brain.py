@@ -42,7 +42,7 @@ from alignment.stages.common import (
 )
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import train, window_indices
 
@@ -117,7 +117,8 @@ class Sampler:
 
     def draw(self, model, store: SampleStore, slots: range, step: int) -> None:
         items = [(i, slot) for i in range(len(self.prompts)) for slot in slots]
-        scored = distributed.map_sharded(lambda part: self.sample(model, part, step), items)
+        with sharding.gathered(model, self.sft):  # whole on every process (FSDP2): each draws its own block
+            scored = distributed.map_sharded(lambda part: self.sample(model, part, step), items)
         for (i, slot), (prompt, response, proposal, sft, reward) in zip(items, scored):
             store.prompt_ids[i] = prompt  # as the model saw it (left-truncated if too long)
             store.response_ids[i][slot] = response
@@ -132,7 +133,8 @@ class Sampler:
         self.draw(self.sft, store, range(store.n), step=0)
         if self.cfg.likelihood == "bradley_terry":
             items = [(i, store.n) for i in range(len(self.prompts))]
-            baseline = distributed.map_sharded(lambda part: self.sample(self.sft, part, 0), items)
+            with sharding.gathered(self.sft):
+                baseline = distributed.map_sharded(lambda part: self.sample(self.sft, part, 0), items)
             store.baseline_rewards = torch.tensor([reward for *_, reward in baseline])
         return store
 

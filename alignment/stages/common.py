@@ -10,7 +10,7 @@ from pathlib import Path
 
 from alignment.data.io import write_jsonl
 from alignment.paths import Paths
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ def load_policy_and_reference(path: Path, lora=None):
         policy = add_adapter(load_causal_lm(path), lora).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
     reference = load_causal_lm(path).eval().requires_grad_(False).to(device)
+    if sharding.enabled():  # a frozen copy as big as the policy: sharded too, gathered where it samples
+        sharding.shard(reference)
     return load_tokenizer(path), load_causal_lm(path).to(device), reference
 
 
@@ -92,9 +94,9 @@ def compare_on_held_out(
     from alignment.evaluation.heldout import compare_to_sft
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
-    metrics, rows = compare_to_sft(
-        policy, reference, tokenizer, prompts, cfg.samples, seed, held_out_judges(paths, reward, cfg.source)
-    )
+    judges = held_out_judges(paths, reward, cfg.source)
+    with sharding.gathered(policy, reference):  # whole on every process (FSDP2): each samples its own block
+        metrics, rows = compare_to_sft(policy, reference, tokenizer, prompts, cfg.samples, seed, judges)
     if out is not None and distributed.is_main():
         write_jsonl(out / "held_out_generations.jsonl", rows)
     return metrics, rows

@@ -27,7 +27,7 @@ from alignment.stages.common import (
 )
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import step_evaluation, train
 
@@ -164,9 +164,10 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     eval_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
     pad = collate_with_reference(tokenizer.pad_token_id, cfg.padding_free)
     if cfg.precompute_reference:
-        precompute_reference(
-            reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64
-        )
+        with sharding.gathered(reference):  # whole on every process (FSDP2): each scores its own block
+            precompute_reference(
+                reference, train_examples + eval_examples, collate_pairs(tokenizer.pad_token_id), 64
+            )
     step = make_step(reference, cfg)
     logger.info(
         "DPO (%s, beta %g): %d train / %d eval pairs",

@@ -39,7 +39,7 @@ from alignment.models.reward_model import RewardScorer
 from alignment.paths import Paths
 from alignment.stages.common import held_out_judges, held_out_summary, reward_scorer, save_model
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.rest_rules import above, guard, learning_rate, thresholds
 from alignment.training.trainer import count_response_tokens, nll_step, train
 
@@ -174,7 +174,8 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts, tokenizer)
 
     def held_out(model) -> dict[str, float]:
-        scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
+        with sharding.gathered(model, sft):  # whole on every process (FSDP2): each samples its own block
+            scores, _ = compare_to_sft(model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges)
         return {k: v for k, v in scores.items() if k != "eval/prompts"}
 
     # step 2. the start policy is iteration 0 of the record

@@ -20,7 +20,7 @@ from alignment.plots import loss_curve
 from alignment.stages.common import save_model
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import count_response_tokens, nll_step, train
 
@@ -95,9 +95,10 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_model(model, tokenizer, paths.sft, cfg.lora)
     prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
     s = cfg.samples
-    responses = (
-        generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
-    )
+    with sharding.gathered(model):  # whole on every process (FSDP2): each samples on its own
+        responses = (
+            generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p) if prompts else []
+        )
     generations = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     if distributed.is_main():
         write_jsonl(paths.sft / "generations.jsonl", generations)
