@@ -64,7 +64,7 @@ class StageLaunch(Section):
                 f"sharding applies to launcher torchrun (accelerate: its config file), not {self.launcher}"
             )
         if self.timeout_minutes is not None and self.launcher == "python":
-            raise ValueError("timeout_minutes applies to several processes (torchrun, accelerate), not python")
+            raise ValueError("timeout_minutes applies to several processes (torchrun, accelerate)")
         if self.config_file is not None and "deepspeed" in self.config_file.lower():
             raise ValueError(
                 "DeepSpeed is not supported (never started by a test here): use configs/accelerate/fsdp2.yaml"
