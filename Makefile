@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # the temporary Prefect server of `make pipeline` may start slowly on a busy machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup setup-cuda pipeline sweep test lint dvc-yaml mlflow-ui prefect-server serve clean
+.PHONY: setup setup-cuda pipeline sweep test test-unit lint dvc-yaml mlflow-ui prefect-server serve clean
 
 setup: .venv/.installed
 
@@ -40,10 +40,16 @@ pipeline: setup
 sweep: setup
 	$(PY) -m flows.sweep
 
+# what CI runs (.ci/run): lint, then both tiers, tests/unit (fast, no servers) and tests/integration (servers,
+# real dvc repro, torchrun, the profiles' smokes)
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	$(PY) -m pytest
+
+# the fast tier, for development: a couple of minutes on 2 cores
+test-unit: setup
+	$(PY) -m pytest tests/unit -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check .

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible judge backend against a real HTTP server on loopback (tests/fake_openai.py),
-through `PairwiseJudge`, so parsing, both orders, re-asks, retries and the cache are tested together."""
+"""The OpenAI-compatible judge backend against a real HTTP server on loopback
+(tests/integration/fake_openai.py), through `PairwiseJudge`, so parsing, both orders, re-asks, retries and
+the cache are tested together."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 
 from alignment.evaluation.judging import PairwiseJudge, load_template, position_stats, rates, win_rate_summary
 from alignment.evaluation.openai_judge import JudgeBackendError, OpenAIChatBackend
-from tests import fake_openai as fake
 from tests.conftest import ROOT
-from tests.fake_openai import FakeOpenAI
+from tests.integration import fake_openai as fake
+from tests.integration.fake_openai import FakeOpenAI
 
 TEMPLATES = ROOT / "data/judge/templates.jsonl"
 SENTIMENT = load_template(TEMPLATES, "sentiment-pair")

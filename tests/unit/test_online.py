@@ -88,3 +88,24 @@ def test_the_gpu_knobs_reach_the_group_methods(tokenizer, monkeypatch):
     )
     online.train(policy, None, length_reward, tokenizer, PROMPTS, group_settings(cfg), GRPO(cfg), None, "")
     assert seen == [{"gradient_checkpointing_kwargs": {"use_reentrant": False}}]
+
+
+@pytest.mark.parametrize(
+    "name, train, message",
+    [
+        ("grpo", {"mixed_precision": "fp16"}, "fp16 would need a loss scaler"),
+        ("rloo", {"gradient_checkpointing_everywhere": True}, "Extra inputs are not permitted"),
+        (
+            "ppo",
+            {"ppo_epochs": 2},
+            "Extra inputs are not permitted",
+        ),  # a PPO knob under train: not read there
+    ],
+)
+def test_online_configs_refuse_what_the_loop_does_not_do(name, train, message):
+    """Every knob of the online stages' `train` section reaches the shared loop or is refused: an unknown
+    one, or fp16 (no loss scaler), fails validation naming the key."""
+    from alignment.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse(name, {"train": train})

@@ -118,6 +118,7 @@ def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
             "stages": {
                 "sft": {"launcher": "torchrun", "processes": 2},
                 "dpo": {"launcher": "accelerate", "config_file": "configs/accelerate/multi_gpu.yaml"},
+                "ppo": {"launcher": "torchrun", "processes": 8, "sharding": "fsdp2", "timeout_minutes": 60},
             }
         },
     )
@@ -127,6 +128,10 @@ def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
         "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m alignment dpo"
     )
     assert stages["rm"]["cmd"] == "python -m alignment rm"
+    assert stages["ppo"]["cmd"] == (
+        "env ALIGNMENT_SHARDING=fsdp2 ALIGNMENT_PROCESS_GROUP_TIMEOUT_MINUTES=60 "
+        "torchrun --standalone --nproc_per_node 8 -m alignment ppo"
+    )
     assert stages["rest_iter"]["do"]["cmd"] == "python -m alignment rest_iter --iteration ${key}"
     profile = YAML(typ="safe").load(dvc_yaml.dvc_yaml(["sft", "dpo"], "../..", launch))["stages"]
     assert profile["dpo"]["cmd"].startswith("accelerate launch --config_file ../../configs/accelerate/")
@@ -142,6 +147,13 @@ def test_launch_section_starts_the_stage_commands_it_names(tmp_path):
         ({"sftt": {"launcher": "python"}}, "not a stage"),
         ({"sft": {"launcher": "accelerate"}}, "needs a config_file"),
         ({"sft": {"launcher": "python", "processes": 2}}, "processes applies to launcher torchrun"),
+        ({"sft": {"launcher": "python", "sharding": "fsdp2"}}, "sharding applies to launcher torchrun"),
+        ({"sft": {"launcher": "python", "timeout_minutes": 5}}, "timeout_minutes applies to several"),
+        (
+            {"sft": {"launcher": "accelerate", "config_file": "configs/accelerate/deepspeed_zero3.yaml"}},
+            "DeepSpeed is not supported",
+        ),
+        ({"sft": {"launcher": "torchrun", "sharding": "zero3"}}, "sharding: Input should be"),
     ],
 )
 def test_launch_section_refuses_what_cannot_run(stages, message):

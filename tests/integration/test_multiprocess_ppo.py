@@ -1,9 +1,9 @@
 """PPO as several processes, where their response tokens differ in number. The stage's run on micro params
-(tests/test_multiprocess.py: 2 processes x rollout_batch_size r/2 and minibatch_size m/2 train the weights
-of 1 process x r, m) samples responses that never end before max_new_tokens, so every process holds as
-many response tokens as the other; a tiny policy that ends its responses early checks the token weighting
-of the losses and statistics across processes, with the value head on the policy (one transformer under
-one DDP wrapper)."""
+(tests/integration/test_multiprocess.py: 2 processes x rollout_batch_size r/2 and minibatch_size m/2 train
+the weights of 1 process x r, m) samples responses that never end before max_new_tokens, so every process
+holds as many response tokens as the other; a tiny policy that ends its responses early checks the token
+weighting of the losses and statistics across processes, with the value head on the policy (one
+transformer under one DDP wrapper)."""
 
 from __future__ import annotations
 

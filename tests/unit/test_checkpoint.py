@@ -17,7 +17,7 @@ from alignment.stages import ppo
 from alignment.training import checkpoint, online
 from alignment.training.online_methods import PPO
 from flows.config import parse
-from tests.test_trainer import TEXTS, run
+from tests.unit.test_trainer import TEXTS, run
 
 
 def write_marker(text: str):

@@ -14,8 +14,7 @@ from alignment.data.chat import hh_messages, render_prompt, render_row
 from alignment.data.io import DataError
 from alignment.data.sources import prepare
 from alignment.losses.logprobs import IGNORE_INDEX
-from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
-from alignment.models.loading import load_causal_lm, load_tokenizer, smollm2_gguf
+from alignment.models.loading import load_tokenizer, smollm2_gguf
 from tests.conftest import ROOT
 
 HH = ROOT / "data" / "embedded" / "hh_pairs.jsonl.gz"
@@ -85,31 +84,6 @@ def test_without_a_chat_template_a_conversation_is_the_hh_transcript_again(tmp_p
     pair, original = prepared_hh_pair(tmp_path), multi_turn_hh_pair()
     assert render_prompt(None, pair["prompt"]) + pair["chosen"] == original["chosen"]
     assert hh_messages("no turns here") is None
-
-
-@pytest.mark.slow
-def test_smollm2_samples_are_trained_on_token_for_token(smollm2, chat_tokenizer):
-    """Sample SmolLM2 on chat prompts; the sampled ids, re-encoded from the decoded text as every text
-    path does (DPO pairs, the RM), are the ids trained on: the round trip is exact, EOS included where
-    the model emitted it and absent where it was cut."""
-    tokenizer, model = chat_tokenizer, load_causal_lm(*smollm2)
-    conversations = [
-        [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red."}]
-        + [{"role": "user", "content": "Two more, please."}],
-    ]
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
-    seeds = [prompt_seed(0, p) for p in prompts]
-    drawn = generate_ids(model, tokenizer, prompts * 2, 24, temperature=0.7, seeds=seeds * 2)
-    drawn += generate_ids(model, tokenizer, prompts, 3, temperature=0.7, seeds=seeds)  # cut at 3 tokens
-    finished = ended(tokenizer, drawn)
-    assert any(finished) and not all(finished)
-    for (p_ids, r_ids), text, done, prompt in zip(
-        drawn, decode_responses(tokenizer, drawn), finished, prompts * 3
-    ):
-        example = encode(tokenizer, prompt, text, max_length=512, finished=done)
-        assert example["input_ids"] == p_ids + r_ids
-        assert example["labels"] == [IGNORE_INDEX] * len(p_ids) + r_ids
 
 
 def test_a_cut_response_is_scored_without_eos_and_a_finished_one_with_it(chat_tokenizer, tmp_path):

