@@ -24,7 +24,7 @@ from alignment import registry, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
 from alignment.paths import Paths, hash_paths
-from alignment.training import checkpoint, distributed
+from alignment.training import checkpoint, distributed, sharding
 
 
 def keep_freed_memory() -> None:
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = registry.load_section(stage.params_section, args.params)
         experiment = registry.load_section("tracking", args.params).experiment
+        if sharding.enabled() and (refused := sharding.unsupported(stage.name, cfg)):
+            raise ConfigError(f"{args.params}: {refused}")
         if args.iteration is not None and str(args.iteration) not in cfg.iterations:
             raise ConfigError(
                 f"{args.params}: rest.iterations has no iteration {args.iteration!r}; "

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from alignment.config import ConfigError, Section, parse_section, read_params
 from alignment.registry import PIPELINE_STAGES, STAGES
 from alignment.registry import SECTIONS as STAGE_SECTIONS
+from alignment.training.sharding import unsupported
 
 
 class ScheduleConfig(Section):
@@ -241,10 +242,16 @@ def check_sections(params: dict[str, Any], path: str | Path = "params.yaml") -> 
 
 
 def load_all(path: str | Path = "params.yaml") -> dict[str, Section]:
-    """Every section, validated: what a flow checks before it starts any stage."""
+    """Every section, validated: what a flow checks before it starts any stage (the launch section against
+    the stages it launches too)."""
     raw = read_params(path)
     check_sections(raw, path)
-    return {name: parse(name, raw.get(name), path) for name in SECTIONS}
+    sections = {name: parse(name, raw.get(name), path) for name in SECTIONS}
+    for name, launch in sections["launch"].stages.items():
+        stage = STAGES[name]
+        if launch.sharding == "fsdp2" and (refused := unsupported(name, sections[stage.params_section])):
+            raise ConfigError(f"{path}: launch.stages.{name}: {refused}")
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:

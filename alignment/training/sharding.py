@@ -47,6 +47,17 @@ def enabled() -> bool:
     )
 
 
+def unsupported(stage: str, cfg) -> str | None:
+    """Why `stage` with settings `cfg` cannot run under FSDP2, or None: the combinations the project
+    refuses before any model is loaded (README "Scale-out")."""
+    lora = getattr(cfg, "lora", None) or getattr(getattr(cfg, "improve", None), "lora", None)
+    if lora is not None:
+        return f"{stage}: a LoRA adapter under FSDP2 is not supported; launch it with DDP (no sharding)"
+    if getattr(cfg, "critic_init", None) == "policy_head":
+        return f"{stage}: critic_init policy_head under FSDP2 is not supported; use reward_model or sft"
+    return None
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

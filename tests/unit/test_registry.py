@@ -197,3 +197,31 @@ def test_flow_settings_are_no_stage_dependency():
         entry = entry.get("do", entry)
         assert not any(dep.startswith("flows/") for dep in entry["deps"]), name
         assert set(entry["params"]) <= set(SECTIONS) - {"tracking"}, name
+
+
+def test_a_launch_the_project_cannot_run_fails_before_any_stage(tmp_path, micro_params):
+    """LoRA (or PPO's value head on the policy) under FSDP2 is refused when the params are validated, naming
+    the stage and what to launch instead; the same stage with DDP is fine."""
+    from alignment.config import ConfigError
+    from flows.config import load_all
+    from tests.conftest import write_params
+
+    micro_params["dpo"]["lora"] = {"r": 4, "merge_on_save": True}
+    micro_params["launch"] = {
+        "stages": {"dpo": {"launcher": "torchrun", "processes": 2, "sharding": "fsdp2"}}
+    }
+    write_params(tmp_path / "params.yaml", micro_params)
+    with pytest.raises(
+        ConfigError, match="launch.stages.dpo: dpo: a LoRA adapter under FSDP2 is not supported"
+    ):
+        load_all(tmp_path / "params.yaml")
+    micro_params["launch"]["stages"]["dpo"].pop("sharding")
+    write_params(tmp_path / "params.yaml", micro_params)
+    assert load_all(tmp_path / "params.yaml")["launch"].stages["dpo"].sharding == "none"
+    micro_params["ppo"]["critic_init"] = "policy_head"
+    micro_params["launch"] = {
+        "stages": {"ppo": {"launcher": "torchrun", "processes": 2, "sharding": "fsdp2"}}
+    }
+    write_params(tmp_path / "params.yaml", micro_params)
+    with pytest.raises(ConfigError, match="critic_init policy_head under FSDP2 is not supported"):
+        load_all(tmp_path / "params.yaml")
