@@ -35,10 +35,11 @@ from alignment.models.loading import (
 logger = logging.getLogger(__name__)
 
 
-def add_adapter(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+def add_adapter(model: PreTrainedModel, cfg: LoraConfig, seed: int = 0) -> PeftModel:
     """`model` with a fresh adapter (B = 0: it starts as the identity). The base weights are frozen in place;
     only the adapter trains, and a reward model's `score` head in full (it is fresh, and saved with the
-    adapter)."""
+    adapter). A is drawn from `seed` alone (the global RNG is left as it was), so the adapter is the same
+    whatever ran before it: in any process of a launch, and for any number of processes."""
     reward_model = hasattr(model, "score")
     targets = cfg.target_modules
     peft_config = PeftLoraConfig(
@@ -50,7 +51,9 @@ def add_adapter(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         task_type="SEQ_CLS" if reward_model else "CAUSAL_LM",
         modules_to_save=["score"] if reward_model else None,
     )
-    return get_peft_model(model, peft_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config)
 
 
 @contextmanager
@@ -111,7 +114,7 @@ class AdapterDisabled(torch.nn.Module):
         return self._policy[0].config
 
 
-def load_for_training(path: Path, cfg: LoraConfig) -> tuple[PeftModel, str]:
+def load_for_training(path: Path, cfg: LoraConfig, seed: int = 0) -> tuple[PeftModel, str]:
     """A LoRA policy to train from the saved model at `path`, and the path of its base: an adapter folder
     goes on training its own adapter on its base (so the adapter off is still that base, the SFT model
     for a ReST iteration); a whole model gets a fresh adapter."""
@@ -119,4 +122,4 @@ def load_for_training(path: Path, cfg: LoraConfig) -> tuple[PeftModel, str]:
         base_path = resolve_base(Path(path))
         base = load_causal_lm(base_path)
         return PeftModel.from_pretrained(base, str(path), is_trainable=True), base_path
-    return add_adapter(load_causal_lm(path), cfg), str(path)
+    return add_adapter(load_causal_lm(path), cfg, seed), str(path)

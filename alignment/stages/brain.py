@@ -209,7 +209,7 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
     policy, sft = distributed.to_device(policy), distributed.to_device(sft)
     check_max_length(cfg.max_length, policy, "brain.max_length")
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length)

@@ -15,7 +15,7 @@ from alignment.training import distributed, sharding
 logger = logging.getLogger(__name__)
 
 
-def load_policy_and_reference(path: Path, lora=None):
+def load_policy_and_reference(path: Path, lora=None, seed: int = 0):
     """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
     mode (no dropout, no gradients); with `lora` (a LoraConfig), one copy: the policy is the model with a
     fresh adapter and the reference the same weights with the adapter off (`lora.AdapterDisabled`).
@@ -26,7 +26,7 @@ def load_policy_and_reference(path: Path, lora=None):
     if lora is not None:
         from alignment.models.lora import AdapterDisabled, add_adapter
 
-        policy = add_adapter(load_causal_lm(path), lora).to(device)
+        policy = add_adapter(load_causal_lm(path), lora, seed).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
     reference = load_causal_lm(path).eval().requires_grad_(False).to(device)
     if sharding.enabled():  # a frozen copy as big as the policy: sharded too, gathered where it samples
@@ -145,7 +145,7 @@ def run_online(
     from alignment.training.checkpoint import fingerprint
 
     # step 1. policy, reference, prompts
-    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
     check_max_length(cfg.max_length, policy, f"{name}.max_length")
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     logger.info(

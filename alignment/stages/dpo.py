@@ -157,7 +157,7 @@ def make_step(reference, cfg: DPOConfig):
 
 
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
     check_max_length(cfg.max_length, policy, "dpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]

@@ -54,7 +54,7 @@ class PolicyValueHead(torch.nn.Module):
 
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # fresh weights (LoRA adapter, new critic head): the same every run
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
     reward_path = reward_model_path(paths, cfg.reward_model)
     reward = RewardScorer(reward_path, max_length=cfg.max_length)
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)

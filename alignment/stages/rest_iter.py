@@ -138,7 +138,7 @@ def load_policy(start: Path, paths: Paths, cfg: RestConfig):
         return load_causal_lm(start).to(device), sft()
     from alignment.models.lora import AdapterDisabled, load_for_training
 
-    policy, base = load_for_training(start, cfg.lora)
+    policy, base = load_for_training(start, cfg.lora, cfg.improve.train.seed)
     policy = policy.to(device)
     if Path(base).resolve() == paths.sft.resolve():
         return policy, AdapterDisabled(policy)

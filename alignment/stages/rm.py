@@ -90,7 +90,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     if cfg.lora is not None:  # the body frozen under an adapter; the fresh head trains in full
         from alignment.models.lora import add_adapter
 
-        model = add_adapter(model, cfg.lora)
+        model = add_adapter(model, cfg.lora, cfg.train.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.reward_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     check_max_length(cfg.max_length, model, "rm.max_length")

@@ -67,7 +67,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     if cfg.lora is not None:
         from alignment.models.lora import add_adapter  # peft: imported only for a LoRA run
 
-        model = add_adapter(model, cfg.lora)
+        model = add_adapter(model, cfg.lora, cfg.train.seed)
     logger.info(
         "model: %.2fM parameters, %d train / %d eval examples",
         model.num_parameters() / 1e6,

@@ -63,7 +63,7 @@ def make_step(cfg: SimPOConfig):
 
 def run(cfg: SimPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     # step 1. the policy, SFT for the held-out comparison, the pairs
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
     check_max_length(cfg.max_length, policy, "simpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]

@@ -175,3 +175,22 @@ def test_a_killed_two_process_stage_resumes_to_the_same_weights(chains, tmp_path
     a, b = weights(two / "outputs/dpo"), weights(project / "outputs/dpo")
     print(f"resumed dpo: relative {relative_difference(a, b):.1e}, max abs {max_abs_difference(a, b):.1e}")
     assert relative_difference(a, b) < 1e-6
+
+
+def test_a_lora_adapter_trains_the_same_under_ddp(upstream, tmp_path):
+    """LoRA DPO, 1 process x batch 8 against DDP's 2 x 4: the same adapter (its A is drawn from the train
+    seed alone; drawn from the global RNG, whatever ran before in each process decided it)."""
+    projects = []
+    for name, processes in (("one", 1), ("two", 2)):
+        params = copy.deepcopy(MICRO_PARAMS)
+        params["dpo"]["train"]["batch_size"] = 8 // processes
+        params["dpo"]["lora"] = {"r": 4, "alpha": 8, "merge_on_save": True}
+        projects.append((fork(upstream, tmp_path / name, params), processes))
+    for project, _ in projects:
+        shutil.rmtree(project / "checkpoints")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda args: launch(args[0], ["dpo"], args[1]), projects))
+    (one, _), (two, _) = projects
+    a, b = weights(one / "outputs/dpo/adapter"), weights(two / "outputs/dpo/adapter")
+    print(f"lora dpo, ddp: relative {relative_difference(a, b):.1e}, max abs {max_abs_difference(a, b):.1e}")
+    assert relative_difference(a, b) < 1e-5
