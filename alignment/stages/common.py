@@ -145,7 +145,8 @@ def run_online(
     from alignment.training.checkpoint import fingerprint
 
     # step 1. policy, reference, prompts
-    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
+    loaded = policy_and_reference or load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
+    tokenizer, policy, reference = loaded
     check_max_length(cfg.max_length, policy, f"{name}.max_length")
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     logger.info(
