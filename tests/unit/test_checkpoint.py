@@ -105,14 +105,17 @@ def test_a_checkpoint_of_another_fingerprint_is_ignored(tmp_path):
     assert checkpoint.load(tmp_path / "nothing_here", "a") is None
 
 
-def test_every_process_writes_its_share_and_only_the_main_one_points(tmp_path):
-    """Two 'processes' as threads behind a real barrier, each writing its own file, as accelerate's
-    save_state does with its RNG states."""
+def test_every_process_writes_its_share_and_only_the_main_one_points(tmp_path, monkeypatch):
+    """Two 'processes' as threads behind a real barrier, each writing its own file, as every process of a
+    launch writes its RNG state (and, sharded, its shard)."""
     barrier = threading.Barrier(2, timeout=10)
+    local = threading.local()
+    processes = SimpleNamespace(is_main=lambda: local.rank == 0, barrier=barrier.wait)
+    monkeypatch.setattr(checkpoint, "distributed", processes)
     errors = []
 
     def process(rank: int) -> None:
-        processes = SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=barrier.wait)
+        local.rank = rank
         try:
             for step in (2, 4):
                 checkpoint.save(
@@ -121,7 +124,6 @@ def test_every_process_writes_its_share_and_only_the_main_one_points(tmp_path):
                     "a",
                     lambda f: (f / f"rank_{rank}.txt").write_text(str(step)),
                     {"rank": rank},
-                    processes,
                 )
         except Exception as error:  # noqa: BLE001 - reported below, from the test's own thread
             errors.append(error)
@@ -151,9 +153,15 @@ def draws() -> tuple:
 def test_online_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path):
     """The online loop's checkpoint (PPO with a value head on the policy): models, AdamW, the method's KL
     controller and every RNG, loadable with weights_only=True."""
+    from alignment.config import OptimizerConfig
+    from alignment.training.engine import Engine
+
+    engine = Engine(OptimizerConfig())
     policy = tiny_policy()
-    critic = ppo.PolicyValueHead(policy)
-    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.own_parameters()}])
+    state = online.PolicyAndCritic(policy, online.TokenValues(ppo.PolicyValueHead(policy)))
+    optimizer = torch.optim.AdamW(
+        [{"params": policy.parameters()}, {"params": state.critic.critic.score.parameters()}]
+    )
     policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()  # optimizer state with tensors in it
     method = PPO(parse("ppo", {"kl_target": 6.0, "kl_coef": 0.1}))
@@ -161,19 +169,21 @@ def test_online_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path):
     history = [{"step": 1, "objective/kl": 0.25, "val/num_eos_tokens": 3}]
     np.random.randn()  # numpy now holds a cached gaussian too
 
-    online.save_checkpoint(tmp_path, "a", 1, policy, critic, optimizer, method, history)
-    state = torch.load(tmp_path / "step_0000001" / "state.pt", weights_only=True)  # no pickled numpy or code
-    assert set(state) == {"policy", "critic", "optimizer", "method", "rng"}
+    online.save_checkpoint(engine, tmp_path, "a", 1, state, optimizer, method, history)
+    saved = torch.load(tmp_path / "step_0000001" / "state.pt", weights_only=True)  # no pickled numpy or code
+    assert set(saved) == {"model", "optimizer", "extra"} and set(saved["extra"]) == {"method"}
+    assert (tmp_path / "step_0000001" / "rng_0.pt").is_file()
     expected = draws()
 
     fresh = tiny_policy()
-    fresh_critic = ppo.PolicyValueHead(fresh)
+    fresh_state = online.PolicyAndCritic(fresh, online.TokenValues(ppo.PolicyValueHead(fresh)))
     fresh_optimizer = torch.optim.AdamW(
-        [{"params": fresh.parameters()}, {"params": fresh_critic.own_parameters()}]
+        [{"params": fresh.parameters()}, {"params": fresh_state.critic.critic.score.parameters()}]
     )
     fresh_method = PPO(parse("ppo", {"kl_target": 6.0, "kl_coef": 0.1}))
-    done, restored = online.load_checkpoint(tmp_path, "a", fresh, fresh_critic, fresh_optimizer, fresh_method)
-    assert (done, restored) == (1, history)
+    folder, meta = checkpoint.load(tmp_path, "a")
+    fresh_method.load_state_dict(engine.load_state(folder, fresh_state, fresh_optimizer)["method"])
+    assert (meta["step"], meta["history"]) == (1, history)
     assert draws() == expected
     assert fresh_method.kl_control.value == method.kl_control.value != 0.1
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1

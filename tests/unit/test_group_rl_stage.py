@@ -138,8 +138,8 @@ def run_stage(name, root, monkeypatch, kill_after: int | None = None) -> dict:
     if kill_after is not None:
         real_save = online.save_checkpoint
 
-        def save_then_die(path, fingerprint, done, *args):
-            real_save(path, fingerprint, done, *args)
+        def save_then_die(engine, path, fingerprint, done, *args):
+            real_save(engine, path, fingerprint, done, *args)
             if done == kill_after:
                 raise Killed
 
