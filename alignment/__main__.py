@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
     os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))
-    run_stage = importlib.import_module(stage.module).run
+    run = importlib.import_module(stage.module).run
     name = stage.name
     if args.iteration is not None:  # the DVC stage rest_iter@<k>
-        run_stage, name = (
-            functools.partial(run_stage, iteration=int(args.iteration)),
+        run, name = (
+            functools.partial(run, iteration=int(args.iteration)),
             f"{stage.name}@{args.iteration}",
         )
     if stage.checkpoints:  # a declared DVC out: it must exist even when the run was too short to save one
@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.no_tracking or not distributed.is_main():  # one MLflow run per stage, whatever the launch
-            metrics = run_stage(cfg, paths, None)
+            metrics = run(cfg, paths, None)
             distributed.barrier()  # the main process may still be logging: leave together
         else:
             resume = run_to_continue(stage, name, cfg, paths, args.iteration)
             with (
-                tracking.stage_run(name, experiment, resume_run_id=resume) as log,
+                tracking.mlflow_stage_run(name, experiment, resume_run_id=resume) as log,
                 run_ledger(paths, name, log.run_id),
             ):
                 log.params(flatten(cfg))
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         "num_processes": str(distributed.world()),
                     }
                 )
-                metrics = run_stage(cfg, paths, log)
+                metrics = run(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started})
             distributed.barrier()
     except DataError as error:

@@ -34,7 +34,7 @@ from alignment.training.trainer import step_evaluation, train
 logger = logging.getLogger(__name__)
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) summed response log-probs of the stacked chosen and rejected rows."""
     if "logit_positions" in batch:
         return response_token_logps(model, batch)[0].sum(-1)
@@ -77,7 +77,7 @@ def precompute_reference(reference, examples: list[dict], pad, batch_size: int) 
         for start in range(0, len(block), batch_size):
             chunk = block[start : start + batch_size]
             batch = {k: v.to(distributed.device()) for k, v in pad(chunk).items()}
-            logps = policy_logps(reference, batch).cpu()
+            logps = summed_logps(reference, batch).cpu()
             out += [(logps[i].item(), logps[len(chunk) + i].item()) for i in range(len(chunk))]
         return out
 
@@ -119,7 +119,7 @@ def make_step(reference, cfg: DPOConfig):
             reference_logps = batch["reference_logps"]
         else:
             with torch.no_grad():
-                reference_logps = policy_logps(reference, batch)
+                reference_logps = summed_logps(reference, batch)
         if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:
             # per-token averages, the IPO paper's form (see DPOConfig): one target margin for short and
             # long answers. The counts come from this batch's labels, the very tokens the reference

@@ -194,7 +194,7 @@ def batch_seed(seed: int, batch: int) -> int:
     return seed * 1_000_003 + batch
 
 
-def policy_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def sampled_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     """(B, T - 1) sampled-token log-probs at the sampling temperature."""
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return token_logps(logits.float() / temperature, batch["labels"])[0]
@@ -232,11 +232,11 @@ def experience(
 
     # step 3. log-probs under the sampling policy, the critic's values, the reference's log-probs
     with evaluating(policy, *([critic] if critic is not None else [])):
-        columns = {"logps": policy_logps(policy, batch, settings.temperature)}
+        columns = {"logps": sampled_logps(policy, batch, settings.temperature)}
         if critic is not None:
             columns["values"] = critic(batch["input_ids"], batch["attention_mask"])
     if reference is not None:
-        columns["reference_logps"] = policy_logps(reference, batch, settings.temperature)
+        columns["reference_logps"] = sampled_logps(reference, batch, settings.temperature)
     lengths = [len(example["input_ids"]) - 1 for example in examples]
     return [
         example

@@ -55,7 +55,7 @@ def run_evaluate(root, monkeypatch, log=None, **overrides):
 def test_leaderboard_cache_and_mlflow_child_runs(root, monkeypatch, tmp_path):
     shutil.rmtree(root / "checkpoints/evaluate", ignore_errors=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    with tracking.stage_run("evaluate", root=tmp_path) as log:
+    with tracking.mlflow_stage_run("evaluate", root=tmp_path) as log:
         log.params(flatten(parse("evaluate", EVALUATE)))  # as the CLI does
         run_evaluate(root, monkeypatch, log)
         stage_run_id = log.run_id

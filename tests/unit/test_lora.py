@@ -201,7 +201,7 @@ def test_registered_adapter_loads_back(tokenizer, tmp_path, monkeypatch):
     save_pretrained(tiny(tokenizer), tokenizer, tmp_path / "outputs/sft")
     policy = add_adapter(load_causal_lm("outputs/sft"), LORA)
     save_adapter(policy, tokenizer, tmp_path / "outputs/dpo")
-    with tracking.stage_run("dpo", root=tmp_path) as log:
+    with tracking.mlflow_stage_run("dpo", root=tmp_path) as log:
         log.register_model(tmp_path / "outputs/dpo", "lora-test")
     assert tracking._mlflow(tmp_path).get_run(log.run_id).data.tags["lora_base_model"] == "outputs/sft"
     local = tracking.load_registered_model("lora-test", version="1")

@@ -111,7 +111,7 @@ def test_packed_and_padded_give_the_same_sequence_logps(build, attention):
     packed = dpo.collate_with_reference(0, padding_free=True, capacity=24)(examples)
     assert packed["input_ids"].shape[0] > 1  # several packed rows
     torch.testing.assert_close(
-        dpo.policy_logps(model, packed), dpo.policy_logps(model, padded), rtol=1e-5, atol=1e-5
+        dpo.summed_logps(model, packed), dpo.summed_logps(model, padded), rtol=1e-5, atol=1e-5
     )
     assert dpo.pairs_in(packed).item() == dpo.pairs_in(padded).item() == len(examples)
 
@@ -121,7 +121,7 @@ def test_packed_and_padded_give_the_same_dpo_loss_and_gradients(loss_type):
     model = gpt2("sdpa")
     examples = pairs(1)
     with torch.no_grad():  # a reference a little off the policy, so the log-ratios are not all 0
-        reference = dpo.policy_logps(model, dpo.collate_with_reference(0)(examples)) - 0.3
+        reference = dpo.summed_logps(model, dpo.collate_with_reference(0)(examples)) - 0.3
     for i, example in enumerate(examples):
         example["reference_logps"] = (reference[i].item(), reference[len(examples) + i].item())
     step = dpo.make_step(None, DPOConfig(beta=0.5, loss_type=loss_type))
