@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ALIGNMENT_PARENT_RUN_ID"
 HF_ARTIFACT = "hf_model"
-STAGE_RUN_ENV = "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, for checkpoints to record (see mlflow_stage_run)
+STAGE_RUN_ENV = (
+    "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, for checkpoints to record (see mlflow_stage_run)
+)
 # a params key whose last part names a secret (or the variable holding one) is never logged; counts of
 # tokens (`max_new_tokens`) and tokenizer settings are not secrets
 _SECRET = re.compile(r"(^|_)(api_?key|key|token|secret|password|authorization)(_env)?$|api_?key")
