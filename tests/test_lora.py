@@ -255,9 +255,10 @@ def test_lora_config_is_optional_on_every_training_stage():
     "model, message",
     [
         (
-            {"torch_dtype": "float64"},
-            "sft.model.torch_dtype: Input should be 'float32', 'bfloat16', 'float16' or",
+            {"dtype": "float64"},
+            "sft.model.dtype: Input should be 'float32', 'bfloat16', 'float16' or",
         ),
+        ({"torch_dtype": "bfloat16"}, "sft.model: Value error, torch_dtype is now dtype"),
         (
             {"attn_implementation": "flash"},
             "sft.model.attn_implementation: Input should be 'eager', 'sdpa' or",

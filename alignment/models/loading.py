@@ -105,14 +105,14 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
             cfg.name_or_path,
             cfg.gguf_file,
             cfg.trust_remote_code,
-            dtype=cfg.torch_dtype,
+            dtype=cfg.dtype,
             attn_implementation=cfg.attn_implementation,
             revision=cfg.revision,
         )
     config = model_config(cfg, tokenizer)
     model = GPT2LMHeadModel(config) if cfg.arch == "gpt2" else LlamaForCausalLM(config)
     # built in float32; `auto` has no checkpoint to follow
-    return model if cfg.torch_dtype in ("float32", "auto") else model.to(getattr(torch, cfg.torch_dtype))
+    return model if cfg.dtype in ("float32", "auto") else model.to(getattr(torch, cfg.dtype))
 
 
 def load_causal_lm(
