@@ -91,7 +91,7 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     assert (project / "outputs/sft/model.safetensors").exists()
     assert load_causal_lm(project / "outputs/sft").config.n_embd == 32
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))
-    assert any("val/loss" in json.dumps(v) for v in metrics.values())
+    assert any("eval/loss" in json.dumps(v) for v in metrics.values())
     plots = dvc(project, "plots", "show", "--json")
     assert "plots/sft/train.csv" in plots
 
@@ -140,10 +140,10 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     dpo_metrics = json.loads((project / "metrics/dpo.json").read_text())
     assert {"gold/reward", "gold/sft_reward", "objective/kl", "rewards/margins"} <= {
-        k.removeprefix("val/") for k in dpo_metrics
+        k.removeprefix("eval/") for k in dpo_metrics
     }
     brain_metrics = json.loads((project / "metrics/brain.json").read_text())
-    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "val/brain/ess"} <= set(brain_metrics)
+    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "eval/brain/ess"} <= set(brain_metrics)
     assert (tracking.load_registered_model("alignment-brain", version="2") / "model.safetensors").exists()
     assert {"brain_variance", "ppo_training"} <= set(json.loads(plots)["data"])  # top-level plots of dvc.yaml
     ppo_metrics = json.loads((project / "metrics/ppo.json").read_text())

@@ -292,7 +292,7 @@ def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: Trai
     model.train()
     result.eval_history.append({"step": step, **metrics})
     if log_metrics:
-        log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 
