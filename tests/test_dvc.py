@@ -128,9 +128,10 @@ def test_repro_then_noop_then_only_sft_reruns(project, monkeypatch):
     local = tracking.load_registered_model("alignment-sft", version="2")
     assert (local / "model.safetensors").exists()
     assert load_causal_lm(local).num_parameters() == load_causal_lm(project / "outputs/sft").num_parameters()
-    # the registered MLflow model itself serves: a pyfunc that continues prompts
+    # the registered MLflow model itself serves: a chat model (docs/models.md)
     pyfunc = mlflow.pyfunc.load_model("models:/alignment-sft/2")
-    assert len(pyfunc.predict(["The film was", "I think"], params={"max_new_tokens": 3})) == 2
+    answer = pyfunc.predict({"messages": [{"role": "user", "content": "The film was"}], "max_tokens": 3})
+    assert answer[0]["choices"][0]["message"]["role"] == "assistant"
     import pandas as pd
 
     rm_pyfunc = mlflow.pyfunc.load_model("models:/alignment-rm/2")
