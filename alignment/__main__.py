@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import registry, tracking
+from alignment import registry, settings_doc, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
 from alignment.paths import Paths, hash_paths
@@ -72,7 +72,21 @@ def link_checkpoints(folder: Path, shared: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignment", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["config"]:
+        return show_config(argv[1:])
+    if argv[:1] and argv[0] in registry.STAGES and {"-h", "--help"} & set(argv):
+        stage = registry.STAGES[argv[0]]
+        print(
+            settings_doc.stage_help(stage.name, stage.params_section, stage.config, stage.desc, stage.module)
+        )
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment",
+        description=__doc__.splitlines()[0],
+        epilog="`python -m alignment <stage> --help` lists a stage's settings; `python -m alignment config "
+        "<stage> [--params FILE]` prints its section as resolved.",
+    )
     parser.add_argument(
         "stage",
         choices=[*registry.STAGES, "check", "dvc-yaml"],
@@ -160,6 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2)
     )
+    return 0
+
+
+def show_config(argv: list[str]) -> int:
+    """`python -m alignment config <stage> [--params FILE]`: the stage's section, validated and with every
+    default filled in, as YAML."""
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment config", description="print a stage's params section as resolved"
+    )
+    parser.add_argument("stage", choices=list(registry.STAGES))
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    section = registry.STAGES[args.stage].params_section
+    try:
+        cfg = registry.load_section(section, args.params)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(settings_doc.resolved_yaml(section, cfg), end="")
     return 0
 
 
