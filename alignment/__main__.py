@@ -40,6 +40,28 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+class _TiedWeightsSaved(logging.Filter):
+    """accelerate warns at every checkpoint of a model with tied embeddings (GPT-2's lm_head is its input
+    embedding) that it saved the shared tensor once: expected, and `load_state` ties them again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """A stage's log holds its own INFO lines, every library's warnings and its own progress bar, not the
+    libraries' INFO chatter (accelerate's line per checkpoint file, MLflow's model logging) or their
+    per-file bars (transformers' weight loading and saving, MLflow's artifact transfers)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level on import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it on import
+    for name in ("accelerate", "mlflow", "transformers", "peft", "datasets", "huggingface_hub", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsSaved())
+    if "transformers" in sys.modules:  # imported already: its bars were decided then
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 CHECKPOINTS_ENV = "ALIGNMENT_CHECKPOINTS_DIR"
 
 
@@ -133,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     keep_freed_memory()
+    quiet_libraries()
     # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
     os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))

@@ -42,6 +42,8 @@ transformers flavor as a chat model. Prompts go through the tokenizer's chat tem
 def chat_tokenizer(folder: Path):
     """The folder's tokenizer, with the HH template when it has none; and whether one was added."""
     tokenizer = load_tokenizer(folder)
+    # transformers ignores it for a BPE (warning at each load of the logged copy); False means the same
+    tokenizer.clean_up_tokenization_spaces = False
     added = not getattr(tokenizer, "chat_template", None)
     if added:
         tokenizer.chat_template = HH_CHAT_TEMPLATE

@@ -201,8 +201,13 @@ def train(
         result.resumed_from, result.history, result.eval_history = loaded
     if on_start is not None:
         on_start(result.resumed_from)
-    progress = tqdm(
-        total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0
+    progress = tqdm(  # one bar, the main process's
+        total=total_steps,
+        initial=result.resumed_from,
+        desc="train",
+        unit="step",
+        mininterval=2.0,
+        disable=not accelerator.is_main_process,
     )
 
     model.train()
