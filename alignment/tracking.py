@@ -160,6 +160,8 @@ _MODEL_FILES = re.compile(
 
 
 def content_hash(folder: Path, kind: str) -> str:
+    """What identifies a logged model: its kind and the model files of `folder` (an adapter's config
+    names its base, so the same adapter on another base is another model)."""
     digest = hashlib.sha256(kind.encode())
     for file in sorted(f for f in Path(folder).iterdir() if f.is_file() and _MODEL_FILES.fullmatch(f.name)):
         digest.update(file.name.encode())
