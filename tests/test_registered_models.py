@@ -38,11 +38,12 @@ PROMPTS = ["The film was", "\n\nHuman: Any good?\n\nAssistant:"]
 RESPONSES = [" wonderful, I loved it.", " No."]
 
 # Run by the venv's python where `import alignment` fails: the editable install's finder and every
-# sys.path entry inside the project are gone, and the working directory is elsewhere.
+# sys.path entry inside the project (but its .venv, where CI keeps the packages) are gone, and the working
+# directory is elsewhere.
 CLEAN = """
 import importlib.util, json, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "alignment_pipeline" not in repr(f)]
-sys.path[:] = [p for p in sys.path if p and not p.startswith({root!r})]
+sys.path[:] = [p for p in sys.path if p and (not p.startswith({root!r}) or p.startswith({venv!r}))]
 assert importlib.util.find_spec("alignment") is None, "the project is importable"
 import mlflow, pandas as pd
 chat = {{"messages": [{{"role": "user", "content": "The film was"}}], "max_tokens": 4}}
@@ -126,7 +127,7 @@ def test_registered_models_load_without_the_project(in_project):
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(project)
-    script = CLEAN.format(root=str(ROOT), policies=policies, rows=rows)
+    script = CLEAN.format(root=str(ROOT), venv=str(ROOT / ".venv"), policies=policies, rows=rows)
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
     )
