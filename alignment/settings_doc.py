@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 from ruamel.yaml import YAML
 
 from alignment.config import Section
@@ -82,7 +81,7 @@ def settings(
             rows.append((f"{prefix}{name}", "null" if default is None else "", about))
             rows += settings(sub, default if isinstance(default, sub) else None, f"{prefix}{name}.")
             continue
-        shown = "(required)" if default is PydanticUndefined else _yaml_inline(default)
+        shown = "(required)" if defaults is None and field.is_required() else _yaml_inline(default)
         rows.append((f"{prefix}{name}", shown, docs.get(name, "")))
     return rows
 
