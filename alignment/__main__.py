@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import registry, tracking
+from alignment import registry, settings_doc, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
 from alignment.paths import Paths, hash_paths
@@ -38,6 +38,28 @@ def keep_freed_memory() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+class _TiedWeightsSaved(logging.Filter):
+    """accelerate warns at every checkpoint of a model with tied embeddings (GPT-2's lm_head is its input
+    embedding) that it saved the shared tensor once: expected, and `load_state` ties them again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """A stage's log holds its own INFO lines, every library's warnings and its own progress bar, not the
+    libraries' INFO chatter (accelerate's line per checkpoint file, MLflow's model logging) or their
+    per-file bars (transformers' weight loading and saving, MLflow's artifact transfers)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level on import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it on import
+    for name in ("accelerate", "mlflow", "transformers", "peft", "datasets", "huggingface_hub", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsSaved())
+    if "transformers" in sys.modules:  # imported already: its bars were decided then
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 CHECKPOINTS_ENV = "ALIGNMENT_CHECKPOINTS_DIR"
@@ -72,7 +94,21 @@ def link_checkpoints(folder: Path, shared: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignment", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["config"]:
+        return show_config(argv[1:])
+    if argv[:1] and argv[0] in registry.STAGES and {"-h", "--help"} & set(argv):
+        stage = registry.STAGES[argv[0]]
+        print(
+            settings_doc.stage_help(stage.name, stage.params_section, stage.config, stage.desc, stage.module)
+        )
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment",
+        description=__doc__.splitlines()[0],
+        epilog="`python -m alignment <stage> --help` lists a stage's settings; `python -m alignment config "
+        "<stage> [--params FILE]` prints its section as resolved.",
+    )
     parser.add_argument(
         "stage",
         choices=[*registry.STAGES, "check", "dvc-yaml"],
@@ -121,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     keep_freed_memory()
+    quiet_libraries()
     # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
     os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))
@@ -162,6 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1), **metrics}, indent=2)
     )
+    return 0
+
+
+def show_config(argv: list[str]) -> int:
+    """`python -m alignment config <stage> [--params FILE]`: the stage's section, validated and with every
+    default filled in, as YAML."""
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment config", description="print a stage's params section as resolved"
+    )
+    parser.add_argument("stage", choices=list(registry.STAGES))
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    section = registry.STAGES[args.stage].params_section
+    try:
+        cfg = registry.load_section(section, args.params)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(settings_doc.resolved_yaml(section, cfg), end="")
     return 0
 
 

@@ -94,7 +94,7 @@ class ModelConfig(Section):
     gguf_file: str | None = None  # pretrained from a GGUF file inside name_or_path (dequantised)
     revision: str | None = None  # pretrained from the hub: a branch, tag or commit (None: the default)
     trust_remote_code: bool = False
-    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """the weights' dtype; auto: as the checkpoint stores them (init: config builds float32)"""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """None: transformers' default (sdpa where the model supports it); flash_attention_2 needs flash_attn"""
@@ -104,6 +104,14 @@ class ModelConfig(Section):
     n_head: int = Field(default=4, ge=1)
     max_position_embeddings: int = Field(default=512, ge=16)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_renamed(cls, data: Any) -> Any:
+        # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`; an old params file says which
+        if isinstance(data, dict) and "torch_dtype" in data:
+            raise ValueError("torch_dtype is now dtype (as in transformers 5): rename the key")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

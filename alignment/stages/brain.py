@@ -281,7 +281,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     held_out, rows = compare_on_held_out(policy, sft, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
     log_held_out("BRAIn", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {
         "train/loss": result.history[-1]["loss"],
         "steps": result.steps,

@@ -198,7 +198,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     )
     log_held_out("DPO", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
     figure = loss_curve(
         result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"

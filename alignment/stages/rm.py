@@ -114,7 +114,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     save_model(model, tokenizer, paths.rm, cfg.lora)
 
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"}
     metrics |= {
         "train/loss": result.history[-1]["loss"],
         "train/accuracy": result.history[-1]["accuracy"],

@@ -106,8 +106,8 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     final_eval = result.eval_history[-1]
     metrics = {
         "train/loss": result.history[-1]["loss"],
-        "val/loss": final_eval["loss"],
-        "val/perplexity": final_eval["perplexity"],
+        "eval/loss": final_eval["loss"],
+        "eval/perplexity": final_eval["perplexity"],
         "steps": result.steps,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second,

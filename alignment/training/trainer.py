@@ -198,7 +198,7 @@ def train(
         result.resumed_from, result.history, result.eval_history = loaded
     if on_start is not None:
         on_start(result.resumed_from)
-    progress = tqdm(
+    progress = tqdm(  # one bar, the main process's
         total=total_steps,
         initial=result.resumed_from,
         desc="train",
@@ -295,7 +295,7 @@ def _run_eval(evaluate, wrapped, model, step: int, result: TrainResult, log_metr
     wrapped.train()
     result.eval_history.append({"step": step, **metrics})
     if log_metrics:
-        log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 

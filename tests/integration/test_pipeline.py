@@ -145,7 +145,7 @@ def test_outputs_metrics_plots_and_the_registry(pipeline_run):
     assert (project / "outputs/sft/model.safetensors").exists()
     assert load_causal_lm(project / "outputs/sft").config.n_embd == 32
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))
-    assert any("val/loss" in json.dumps(v) for v in metrics.values())
+    assert any("eval/loss" in json.dumps(v) for v in metrics.values())
     plots = dvc(project, "plots", "show", "--json")
     assert "plots/sft/train.csv" in plots
 
@@ -174,9 +174,10 @@ def test_outputs_metrics_plots_and_the_registry(pipeline_run):
     local = tracking.load_registered_model("alignment-sft", version="1")
     assert (local / "model.safetensors").exists()
     assert load_causal_lm(local).num_parameters() == load_causal_lm(project / "outputs/sft").num_parameters()
-    # the registered MLflow model itself serves: a pyfunc that continues prompts
+    # the registered MLflow model itself serves: a chat model (docs/models.md)
     pyfunc = mlflow.pyfunc.load_model("models:/alignment-sft/1")
-    assert len(pyfunc.predict(["The film was", "I think"], params={"max_new_tokens": 3})) == 2
+    answer = pyfunc.predict({"messages": [{"role": "user", "content": "The film was"}], "max_tokens": 3})
+    assert answer[0]["choices"][0]["message"]["role"] == "assistant"
     import pandas as pd
 
     rm_pyfunc = mlflow.pyfunc.load_model("models:/alignment-rm/1")
@@ -186,10 +187,10 @@ def test_outputs_metrics_plots_and_the_registry(pipeline_run):
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     dpo_metrics = json.loads((project / "metrics/dpo.json").read_text())
     assert {"gold/reward", "gold/sft_reward", "objective/kl", "rewards/margins"} <= {
-        k.removeprefix("val/") for k in dpo_metrics
+        k.removeprefix("eval/") for k in dpo_metrics
     }
     brain_metrics = json.loads((project / "metrics/brain.json").read_text())
-    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "val/brain/ess"} <= set(brain_metrics)
+    assert {"gold/reward", "rm/win_rate_vs_sft", "objective/kl", "eval/brain/ess"} <= set(brain_metrics)
     assert (tracking.load_registered_model("alignment-brain", version="1") / "model.safetensors").exists()
     assert {"brain_variance", "ppo_training"} <= set(json.loads(plots)["data"])  # top-level plots of dvc.yaml
     ppo_metrics = json.loads((project / "metrics/ppo.json").read_text())

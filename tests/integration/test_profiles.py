@@ -81,7 +81,8 @@ def test_smollm2_profile_smoke_runs_every_stage_in_one_dvc_repro(tmp_path):
     assert (outputs / "sft" / "adapter" / "adapter_config.json").is_file()
     for name in ("rm", "dpo", "brain", "ppo", "rest/2/policy"):
         adapter = json.loads((outputs / name / "adapter_config.json").read_text())
-        assert adapter["base_model_name_or_path"] == "outputs/sft", name
+        assert adapter["base_model_name_or_path"] == str((outputs / "sft").resolve()), name
+        assert json.loads((outputs / name / "base_model.json").read_text()) == {"project_path": "outputs/sft"}
         assert not (outputs / name / "model.safetensors").exists(), name  # the adapter alone
     prepared = json.loads((outputs / "data" / "preference_train.jsonl").read_text().splitlines()[0])
     assert isinstance(prepared["prompt"], list)  # HH as messages

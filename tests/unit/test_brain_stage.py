@@ -51,10 +51,10 @@ def test_brain_trains_refreshes_and_resumes_exactly(upstream, monkeypatch):
         "gold/sft_reward",
         "rm/win_rate_vs_sft",
         "objective/kl",
-        "val/brain/ess",
-        "val/loss",
+        "eval/brain/ess",
+        "eval/loss",
     } <= set(metrics)
-    assert 1.0 <= metrics["val/brain/ess"] <= 3.0
+    assert 1.0 <= metrics["eval/brain/ess"] <= 3.0
     history = json.loads((root / "metrics/brain.json").read_text())
     assert history["steps"] == 4
     train_csv = (root / "plots/brain/train.csv").read_text().splitlines()

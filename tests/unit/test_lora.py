@@ -2,7 +2,9 @@
 saved adapters load back through the ordinary loaders; the config rejects bad values by key."""
 
 import copy
+import json
 import math
+import shutil
 from importlib.util import find_spec
 
 import pytest
@@ -158,6 +160,46 @@ def test_relative_base_resolves_from_anywhere_and_adapters_chain(tokenizer, tmp_
     )
 
 
+def test_an_adapter_records_its_base_by_a_path_that_resolves_outside_the_project(
+    tokenizer, tmp_path, monkeypatch
+):
+    """adapter_config.json names the base by its absolute path (plain peft loads a copy of the folder from
+    anywhere); base_model.json keeps `outputs/sft`, by which a moved checkout finds its own base."""
+    from peft import AutoPeftModelForCausalLM
+
+    project = tmp_path / "project"
+    save_pretrained(tiny(tokenizer), tokenizer, project / "outputs/sft")
+    monkeypatch.chdir(project)
+    policy = add_adapter(load_causal_lm("outputs/sft"), LORA)
+    train_step(policy, *batch(tokenizer))
+    save_adapter(policy, tokenizer, project / "outputs/dpo")
+    saved = json.loads((project / "outputs/dpo/adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((project / "outputs/sft").resolve())
+    record = json.loads((project / "outputs/dpo/base_model.json").read_text())
+    assert record == {"project_path": "outputs/sft"}
+
+    ids, _ = batch(tokenizer)
+    expected = policy.eval()(ids).logits
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(project / "outputs/dpo", tmp_path / "elsewhere")
+    plain = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "elsewhere")).eval()
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
+    # a checkout moved (or a worker's, at another path): its own outputs/sft, not the vanished one
+    shutil.move(project, tmp_path / "moved")
+    moved = load_causal_lm(tmp_path / "moved/outputs/dpo").eval()
+    torch.testing.assert_close(moved(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_merged_adapter_is_saved_in_the_dtype_its_base_stores(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    save_pretrained(tiny(tokenizer).to(torch.bfloat16), tokenizer, tmp_path / "base")
+    policy = add_adapter(load_causal_lm(tmp_path / "base", dtype="float32"), LORA)  # trained in float32
+    save_adapter(policy, tokenizer, tmp_path / "merged", merge=True)
+    with safe_open(str(tmp_path / "merged/model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+
+
 def test_reward_model_adapter_trains_its_head_and_loads_back(tokenizer, tmp_path):
     save_pretrained(tiny(tokenizer), tokenizer, tmp_path / "sft")
     model = load_sequence_classifier(tmp_path / "sft")
@@ -203,7 +245,9 @@ def test_registered_adapter_loads_back(tokenizer, tmp_path, monkeypatch):
     save_adapter(policy, tokenizer, tmp_path / "outputs/dpo")
     with tracking.mlflow_stage_run("dpo", root=tmp_path) as log:
         log.register_model(tmp_path / "outputs/dpo", "lora-test")
-    assert tracking._mlflow(tmp_path).get_run(log.run_id).data.tags["lora_base_model"] == "outputs/sft"
+    # the base, logged as a model of its own (no registered version of it here), is named by its URI
+    tags = tracking._mlflow(tmp_path).get_run(log.run_id).data.tags
+    assert tags["lora_base_model"].startswith("models:/m-")
     local = tracking.load_registered_model("lora-test", version="1")
     ids, _ = batch(tokenizer)
     torch.testing.assert_close(
@@ -255,9 +299,10 @@ def test_lora_config_is_optional_on_every_training_stage():
     "model, message",
     [
         (
-            {"torch_dtype": "float64"},
-            "sft.model.torch_dtype: Input should be 'float32', 'bfloat16', 'float16' or",
+            {"dtype": "float64"},
+            "sft.model.dtype: Input should be 'float32', 'bfloat16', 'float16' or",
         ),
+        ({"torch_dtype": "bfloat16"}, "sft.model: Value error, torch_dtype is now dtype"),
         (
             {"attn_implementation": "flash"},
             "sft.model.attn_implementation: Input should be 'eager', 'sdpa' or",

@@ -47,18 +47,18 @@ def test_models_built_from_a_config_save_as_safetensors_and_load_back(arch, tmp_
 
 
 def test_load_options_reach_the_model(tmp_path):
-    """torch_dtype and attn_implementation: passed to from_pretrained (init: pretrained), applied by cast
+    """dtype and attn_implementation: passed to from_pretrained (init: pretrained), applied by cast
     and config (init: config); the defaults leave the model as before, float32 with the default attention."""
     tokenizer = train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
     small = dict(n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32)
     default = build_model(ModelConfig(**small), tokenizer)
     assert default.dtype == torch.float32
     assert default.config._attn_implementation == GPT2LMHeadModel(GPT2Config()).config._attn_implementation
-    fresh = build_model(ModelConfig(**small, torch_dtype="bfloat16", attn_implementation="eager"), tokenizer)
+    fresh = build_model(ModelConfig(**small, dtype="bfloat16", attn_implementation="eager"), tokenizer)
     assert fresh.dtype == torch.bfloat16 and fresh.config._attn_implementation == "eager"
     save_pretrained(default, tokenizer, tmp_path)
     cfg = ModelConfig(
-        init="pretrained", name_or_path=str(tmp_path), torch_dtype="float16", attn_implementation="eager"
+        init="pretrained", name_or_path=str(tmp_path), dtype="float16", attn_implementation="eager"
     )
     loaded = build_model(cfg, tokenizer)
     assert loaded.dtype == torch.float16 and loaded.config._attn_implementation == "eager"

@@ -253,7 +253,7 @@ def test_rm_of_its_own_a_fresh_mean_pooled_model_over_the_sft_tokenizer(upstream
     cfg = parse("rm", params | {"init_from": "model", "model": model})
     metrics = rm.run(cfg, Paths(root), None)
 
-    assert metrics["steps"] == 3 and 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert metrics["steps"] == 3 and 0.0 <= metrics["eval/accuracy"] <= 1.0
     config = json.loads((root / "outputs" / "rm" / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["reward_pooling"]) == (3, 48, "mean")
     sft = json.loads((root / "outputs" / "sft" / "config.json").read_text())
