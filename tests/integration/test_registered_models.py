@@ -32,7 +32,7 @@ from alignment.models.lora import add_adapter, save_adapter
 from alignment.models.reward_model import RewardScorer
 
 pytestmark = pytest.mark.slow  # a subprocess
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["The film was wonderful.", "A dull, lifeless plot.", "\n\nHuman: hi\n\nAssistant: hello"] * 20
 PROMPTS = ["The film was", "\n\nHuman: Any good?\n\nAssistant:"]
 RESPONSES = [" wonderful, I loved it.", " No."]
