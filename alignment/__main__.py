@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment import registry, tracking
+from alignment import registry, settings_doc, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
-from alignment.models.precision import enable_tf32
 from alignment.paths import Paths, hash_paths
-from alignment.training import checkpoint, distributed
+from alignment.precision import enable_tf32
+from alignment.training import checkpoint, distributed, sharding
 
 
 def keep_freed_memory() -> None:
@@ -39,6 +39,28 @@ def keep_freed_memory() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+class _TiedWeightsSaved(logging.Filter):
+    """accelerate warns at every checkpoint of a model with tied embeddings (GPT-2's lm_head is its input
+    embedding) that it saved the shared tensor once: expected, and `load_state` ties them again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """A stage's log holds its own INFO lines, every library's warnings and its own progress bar, not the
+    libraries' INFO chatter (accelerate's line per checkpoint file, MLflow's model logging) or their
+    per-file bars (transformers' weight loading and saving, MLflow's artifact transfers)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level on import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it on import
+    for name in ("accelerate", "mlflow", "transformers", "peft", "datasets", "huggingface_hub", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsSaved())
+    if "transformers" in sys.modules:  # imported already: its bars were decided then
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 CHECKPOINTS_ENV = "ALIGNMENT_CHECKPOINTS_DIR"
@@ -73,7 +95,21 @@ def link_checkpoints(folder: Path, shared: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignment", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["config"]:
+        return show_config(argv[1:])
+    if argv[:1] and argv[0] in registry.STAGES and {"-h", "--help"} & set(argv):
+        stage = registry.STAGES[argv[0]]
+        print(
+            settings_doc.stage_help(stage.name, stage.params_section, stage.config, stage.desc, stage.module)
+        )
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment",
+        description=__doc__.splitlines()[0],
+        epilog="`python -m alignment <stage> --help` lists a stage's settings; `python -m alignment config "
+        "<stage> [--params FILE]` prints its section as resolved.",
+    )
     parser.add_argument(
         "stage",
         choices=[*registry.STAGES, "check", "dvc-yaml"],
@@ -110,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = registry.load_section(stage.params_section, args.params)
         experiment = registry.load_section("tracking", args.params).experiment
+        if sharding.enabled() and (refused := sharding.unsupported(stage.name, cfg)):
+            raise ConfigError(f"{args.params}: {refused}")
         if args.iteration is not None and str(args.iteration) not in cfg.iterations:
             raise ConfigError(
                 f"{args.params}: rest.iterations has no iteration {args.iteration!r}; "
@@ -120,15 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     keep_freed_memory()
+    quiet_libraries()
     enable_tf32()
     # where this process's models go (distributed.device): `train.device: cpu` keeps a stage off the GPU
     os.environ.setdefault("ALIGNMENT_DEVICE", stage_device(cfg))
     paths = Paths(Path("."))
-    run_stage = importlib.import_module(stage.module).run
+    run = importlib.import_module(stage.module).run
     name = stage.name
     if args.iteration is not None:  # the DVC stage rest_iter@<k>
-        run_stage, name = (
-            functools.partial(run_stage, iteration=int(args.iteration)),
+        run, name = (
+            functools.partial(run, iteration=int(args.iteration)),
             f"{stage.name}@{args.iteration}",
         )
     if stage.checkpoints:  # a declared DVC out: it must exist even when the run was too short to save one
@@ -136,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.no_tracking or not distributed.is_main():  # one MLflow run per stage, whatever the launch
-            metrics = run_stage(cfg, paths, None)
+            metrics = run(cfg, paths, None)
             distributed.barrier()  # the main process may still be logging: leave together
         else:
             resume = run_to_continue(stage, name, cfg, paths, args.iteration)
             with (
-                tracking.stage_run(name, experiment, resume_run_id=resume) as log,
+                tracking.mlflow_stage_run(name, experiment, resume_run_id=resume) as log,
                 run_ledger(paths, name, log.run_id),
             ):
                 log.params(flatten(cfg))
@@ -151,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         "num_processes": str(distributed.world()),
                     }
                 )
-                metrics = run_stage(cfg, paths, log)
+                metrics = run(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started} | peak_memory())
             distributed.barrier()
     except DataError as error:
@@ -175,6 +214,25 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
+
+
+def show_config(argv: list[str]) -> int:
+    """`python -m alignment config <stage> [--params FILE]`: the stage's section, validated and with every
+    default filled in, as YAML."""
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment config", description="print a stage's params section as resolved"
+    )
+    parser.add_argument("stage", choices=list(registry.STAGES))
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    section = registry.STAGES[args.stage].params_section
+    try:
+        cfg = registry.load_section(section, args.params)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(settings_doc.resolved_yaml(section, cfg), end="")
+    return 0
 
 
 def stage_device(cfg) -> str:

@@ -18,6 +18,7 @@ word-level tokenizer of `vocab_size` tokens: its weights do not matter, its shap
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import time
 
@@ -52,10 +53,14 @@ def full_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (logps.squeeze(-1) * mask).sum(-1)
 
 
+def resident_bytes() -> int:
+    """This process's resident set now (Linux's /proc; the peak comes from getrusage)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _measure(task: str, code: str, settings: dict, results) -> None:
     """One (task, code) in this fresh process: its peak memory above the set-up, and tokens/s."""
-    import psutil
-
     from alignment.models import generation, scoring
     from alignment.models.loading import build_model
 
@@ -96,7 +101,7 @@ def _measure(task: str, code: str, settings: dict, results) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = psutil.Process().memory_info().rss
+        before = resident_bytes()
     started = time.perf_counter()
     run()
     if device.type == "cuda":

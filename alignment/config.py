@@ -176,7 +176,7 @@ def _check_adapter_base(lora: LoraConfig | None, model: ModelConfig) -> None:
 # ---------------------------------------------------------------------------------------- compute
 class ComputeConfig(Section):
     """How a stage runs its models outside the optimizer step: in which dtype, and how much at once
-    (alignment/models/precision.py; docs/scale.md sizes them for a 0.5B and a 7B model)."""
+    (alignment/precision.py; docs/scale.md sizes them for a 0.5B and a 7B model)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """every model the stage only runs (the frozen reference, the reward model, a critic's or a LoRA

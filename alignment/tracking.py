@@ -9,13 +9,14 @@ the CLI, a bare `dvc repro`) is a top-level run.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 import re
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ALIGNMENT_PARENT_RUN_ID"
-HF_ARTIFACT = "hf_model"
-STAGE_RUN_ENV = "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, for checkpoints to record (see stage_run)
+STAGE_RUN_ENV = "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, which checkpoints record (mlflow_stage_run)
 # a params key whose last part names a secret (or the variable holding one) is never logged; counts of
 # tokens (`max_new_tokens`) and tokenizer settings are not secrets
 _SECRET = re.compile(r"(^|_)(api_?key|key|token|secret|password|authorization)(_env)?$|api_?key")
@@ -48,9 +48,10 @@ def _experiment_id(mlflow, name: str, root: Path | None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # keep artifacts beside the default store
-        artifacts = ((Path.cwd() if root is None else root) / "mlartifacts").resolve().as_uri()
+    artifacts, root = None, Path.cwd() if root is None else root
+    # keep artifacts beside the default store (MLFLOW_TRACKING_URI cannot tell: set_tracking_uri sets it)
+    if mlflow.get_tracking_uri() == f"sqlite:///{(root / 'mlflow.db').resolve()}":
+        artifacts = (root / "mlartifacts").resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
@@ -64,12 +65,13 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
-def _pip_requirements(adapter: bool = False) -> list[str]:
-    # pinned from what is installed, without MLflow's slow (and network-hungry) inference
+def _pip_requirements(*names: str) -> list[str]:
+    """Pinned as installed, less a local build tag: `torch==2.13.0+cu128` installs only from that index,
+    `torch==2.13.0` from PyPI (or any index with that build). Read from the installed packages rather than
+    by MLflow's inference, which is slow and needs the network."""
     from importlib.metadata import version
 
-    names = ("torch", "transformers", "safetensors", "mlflow") + (("peft",) if adapter else ())
-    return [f"{name}=={version(name)}" for name in names]
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", *names)]
 
 
 def _is_secret(key: str) -> bool:
@@ -129,33 +131,154 @@ class Tracker:
             yield child
 
     def register_model(self, model_dir: Path, name: str, kind: str = "causal_lm") -> str:
-        """Log a saved HF model folder as an MLflow model and register it; returns the new version.
+        """Register the saved model folder `model_dir` as a new version of `name`; returns the version.
 
-        The MLflow model is a pyfunc around the folder (`predict` generates continuations for a
-        causal LM, returns scores for a reward model given `prompt` and `response` columns), so it
-        loads with `mlflow.pyfunc.load_model("models:/<name>/<version>")`; the HF folder itself comes
-        back with `load_registered_model`. A LoRA adapter folder is registered as it is, without its base
-        model: the run's `lora_base_model` tag names the base, which must be reachable where it loads.
+        A policy (`causal_lm`) is an MLflow transformers model, task `llm/v1/chat`: it loads with
+        `mlflow.transformers.load_model` or `mlflow.pyfunc.load_model` where this project is not
+        installed, and `mlflow models serve` serves it as a chat model (docs/models.md). A LoRA adapter is
+        logged as an adapter on its base: a hub id as such, a local base (the SFT model) as the MLflow
+        model of its own weights, named by its registered version's URI. A reward model (`reward`) is the
+        pyfunc of alignment/reward_pyfunc.py, which scores (prompt, response) rows. Weights already logged
+        (the same files, found by their content hash) are registered again, not copied again.
         """
-        from alignment.serving import PYFUNCS
-
-        adapter_config = Path(model_dir) / "adapter_config.json"  # alignment.models.loading.ADAPTER_CONFIG
-        info = self._mlflow.pyfunc.log_model(
-            name="model",
-            python_model=PYFUNCS[kind](),
-            artifacts={HF_ARTIFACT: str(model_dir)},
-            pip_requirements=_pip_requirements(adapter=adapter_config.is_file()),
-            registered_model_name=name,
-        )
-        version = str(info.registered_model_version)
+        model_uri, base = log_once(self._mlflow, Path(model_dir), kind, name)
+        version = str(self._mlflow.register_model(model_uri, name).version)
         self.tags({"registered_model": f"{name}/{version}"})  # the run says which version it made
-        if adapter_config.is_file():
-            self.tags({"lora_base_model": json.loads(adapter_config.read_text())["base_model_name_or_path"]})
+        if base:
+            self.tags({"lora_base_model": base})
         return version
 
 
+CONTENT_TAG = "content_hash"  # on a logged model: its kind and the hash of its files (see log_once)
+BASE_TAG = "base_model"  # on a logged adapter: its base (a hub id or a registered version's URI)
+REWARD_PYFUNC = Path(__file__).with_name("reward_pyfunc.py")
+# what a saved folder holds of the model itself (not its samples, reports or the adapter beside a merge)
+_MODEL_FILES = re.compile(
+    r".*\.safetensors|(adapter_|generation_)?config\.json|tokenizer.*|special_tokens_map\.json"
+    r"|chat_template\.jinja|vocab\.json|merges\.txt|.*\.model|base_model\.json"
+)
+
+
+def content_hash(folder: Path, kind: str) -> str:
+    """What identifies a logged model: its kind and the model files of `folder` (an adapter's config
+    names its base, so the same adapter on another base is another model)."""
+    digest = hashlib.sha256(kind.encode())
+    for file in sorted(f for f in Path(folder).iterdir() if f.is_file() and _MODEL_FILES.fullmatch(f.name)):
+        digest.update(file.name.encode())
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def log_once(mlflow, folder: Path, kind: str, name: str) -> tuple[str, str | None]:
+    """The URI of the MLflow model holding `folder`'s weights as `kind`, and an adapter's base: an
+    already logged one (any experiment, any stage) when the same files were logged before, else one
+    logged now to the active run."""
+    from alignment.models.loading import ADAPTER_CONFIG
+
+    content = content_hash(folder, kind)
+    experiments = [e.experiment_id for e in mlflow.MlflowClient().search_experiments()]
+    for found in mlflow.search_logged_models(
+        experiment_ids=experiments, filter_string=f"tags.{CONTENT_TAG} = '{content}'", output_format="list"
+    ):
+        if str(found.status) in ("READY", "LoggedModelStatus.READY"):
+            logger.info("%s: the same weights as %s, registered again without a copy", folder, found.model_id)
+            return found.model_uri, found.tags.get(BASE_TAG)
+    tags = {CONTENT_TAG: content}
+    if kind == "reward":
+        return _log_reward_model(mlflow, folder, tags).model_uri, None
+    if (folder / ADAPTER_CONFIG).is_file():
+        return _log_adapter(mlflow, folder, name, tags)
+    return _log_chat_model(mlflow, folder, name, tags).model_uri, None
+
+
+def _log_chat_model(mlflow, folder: Path, name: str, tags: dict, model=None, requirements=(), **kwargs):
+    from alignment import serving
+
+    model = serving.causal_lm(folder) if model is None else model
+    tokenizer, added = serving.chat_tokenizer(folder)
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="llm/v1/chat",
+        torch_dtype=model.dtype,  # loaded as saved, not in MLflow's default float32
+        input_example=serving.CHAT_EXAMPLE,
+        pip_requirements=_pip_requirements("torch", "transformers", "safetensors", *requirements),
+        model_card=serving.model_card(name, added),
+        metadata={serving.ADDED_TEMPLATE: added},
+        tags=tags,
+        **kwargs,
+    )
+
+
+def _log_adapter(mlflow, folder: Path, name: str, tags: dict) -> tuple[str, str]:
+    """A LoRA adapter on its base. A local base is logged (or found) as a model of its own, and the
+    adapter's MLflow model refers to that model's files; a hub base is MLflow's hub reference."""
+    from alignment import serving
+    from alignment.models.loading import ADAPTER_CONFIG, load_causal_lm, resolve_base
+
+    base_path = resolve_base(folder)
+    if (Path(base_path) / ADAPTER_CONFIG).is_file():  # an adapter on an adapter: MLflow has no chains
+        logger.info("%s: an adapter on the adapter %s, logged merged", folder, base_path)
+        info = _log_chat_model(mlflow, folder, name, tags, model=load_causal_lm(folder))
+        return info.model_uri, None
+    if not Path(base_path).is_dir():  # a hub id: MLflow records the base's commit, not its weights
+        model = serving.adapter_on(folder, base_path, base_path)
+        info = _log_chat_model(mlflow, folder, name, tags | {BASE_TAG: base_path}, model, ["peft"])
+        return info.model_uri, base_path
+    base_uri, _ = log_once(mlflow, Path(base_path), "causal_lm", f"{name} base")
+    base_name = _registered_uri(mlflow, base_uri) or base_uri
+    model = serving.adapter_on(folder, base_path, base_name)
+    # on a local artifact store this is the store's own copy of the base (no download), which the
+    # adapter's MLflow model loads from wherever it runs; elsewhere load_model(base_model_path=...)
+    base_files = Path(mlflow.artifacts.download_artifacts(artifact_uri=base_uri)) / "model"
+    with warnings.catch_warnings():  # peft looks for the base's config.json at the URI to check its vocab
+        warnings.filterwarnings("ignore", message="Could not find a config file in models:/")
+        info = _log_chat_model(
+            mlflow,
+            folder,
+            name,
+            tags | {BASE_TAG: base_name},
+            model,
+            ["peft"],
+            base_model_path=str(base_files),
+        )
+    return info.model_uri, base_name
+
+
+def _registered_uri(mlflow, model_uri: str) -> str | None:
+    """`models:/<name>/<version>` of the first registered version of the logged model `model_uri`."""
+    versions = mlflow.MlflowClient().search_model_versions(f"source_path = '{model_uri}'")
+    first = min(versions, key=lambda v: v.creation_timestamp, default=None)
+    return first and f"models:/{first.name}/{first.version}"
+
+
+def _log_reward_model(mlflow, folder: Path, tags: dict):
+    from alignment import serving
+
+    with tempfile.TemporaryDirectory() as merged:
+        if (folder / "adapter_config.json").is_file():  # the pyfunc loads a plain model: merge the adapter
+            from alignment.models.loading import save_pretrained
+            from alignment.models.reward_model import load_reward_model
+
+            save_pretrained(load_reward_model(folder), serving.load_tokenizer(folder), Path(merged))
+            folder = Path(merged)
+        import pandas as pd
+
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(REWARD_PYFUNC),  # a model from code: the file travels with the model
+            artifacts={"reward_model": str(folder)},
+            model_config={"max_length": 256, "batch_size": 32},
+            input_example=pd.DataFrame(serving.REWARD_EXAMPLE),
+            pip_requirements=_pip_requirements("torch", "transformers", "safetensors", "pandas"),
+            tags=tags,
+        )
+
+
 @contextmanager
-def stage_run(
+def mlflow_stage_run(
     stage: str, experiment: str = "alignment", root: Path | None = None, resume_run_id: str | None = None
 ) -> Iterator[Tracker]:
     """An MLflow run for one stage: nested under the pipeline run when one handed us its id. With
@@ -223,9 +346,12 @@ def pipeline_run(
 
 
 def load_registered_model(name: str, version: str | None = None, alias: str | None = None) -> Path:
-    """Download a registered model (latest version unless `version` or `alias` given) to a local folder.
-    A LoRA adapter comes back alone; `load_causal_lm` on it finds a relative base from the working
-    directory (the project root) or, once copied into the project, from the folder's own place."""
+    """Download a registered model (latest version unless `version` or `alias` given) as a saved-model
+    folder the project's loaders read (`load_causal_lm`, `load_reward_model`); the temporary folder of
+    the download is its grandparent. An adapter comes back naming its base by a local path: the store's
+    own copy of the base where the store is local, else a download of the base's registered version."""
+    from alignment import serving
+
     mlflow = _mlflow()
     if alias:
         uri = f"models:/{name}@{alias}"
@@ -235,9 +361,19 @@ def load_registered_model(name: str, version: str | None = None, alias: str | No
             version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         uri = f"models:/{name}/{version}"
     target = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
-    return local / flavor["artifacts"][HF_ARTIFACT]["path"]
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target / "mlflow")))
+    model = mlflow.models.Model.load(str(local))
+    base = None
+    conf = model.flavors.get("transformers", {})
+    if conf.get("peft_adaptor") and conf.get("local_base_model_path"):
+        base = Path(conf["local_base_model_path"])
+        if not base.is_dir():  # logged on another machine: its base's registered version, downloaded
+            base_uri = conf["source_model_name"]  # the URI the adapter names its base by
+            base = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=str(target / "base"))
+            )
+            base = base / "model"
+    return serving.hf_folder(local, model.flavors, model.metadata, base)
 
 
 def alias_version(name: str, alias: str, root: Path | None = None) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from alignment.config import ConfigError, Section, parse_section, read_params
 from alignment.registry import PIPELINE_STAGES, STAGES
 from alignment.registry import SECTIONS as STAGE_SECTIONS
+from alignment.training.sharding import unsupported
 
 
 class ScheduleConfig(Section):
@@ -40,13 +41,18 @@ class RetrainConfig(Section):
 
 class StageLaunch(Section):
     """How dvc.yaml's `cmd` starts one stage: `python -m alignment <stage>` (one process), or as several
-    processes through `torchrun --standalone --nproc_per_node <processes>` (one machine; gloo on CPU,
-    NCCL on GPUs) or `accelerate launch --config_file <config_file>` (configs/accelerate/: one GPU,
-    DDP, FSDP2, DeepSpeed ZeRO-2/3)."""
+    processes through `torchrun --standalone --nproc_per_node <processes>` (one machine; gloo on CPU, NCCL on
+    GPUs) or `accelerate launch --config_file <config_file>` (configs/accelerate/: one GPU, DDP, FSDP2).
+    Several processes replicate the model (DDP) unless `sharding: fsdp2` (or accelerate's fsdp2.yaml) shards
+    it: the project's own FSDP2 (alignment/training/sharding.py), the same code on CPU processes and GPUs."""
 
     launcher: Literal["python", "torchrun", "accelerate"] = "python"
     processes: int = Field(default=1, ge=1)  # torchrun only: processes on this machine
     config_file: str | None = None  # accelerate only: a path from the project root
+    sharding: Literal["none", "fsdp2"] = "none"  # torchrun only (accelerate: its config file says)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+    """how long a collective waits for the other processes (torch's default: 10 minutes), e.g. while the
+    main process alone registers a big model in MLflow or runs a judge; None: torch's default"""
 
     @model_validator(mode="after")
     def _options_match_launcher(self) -> StageLaunch:
@@ -54,15 +60,33 @@ class StageLaunch(Section):
             raise ValueError(f"processes applies to launcher torchrun, not {self.launcher}")
         if (self.launcher == "accelerate") != (self.config_file is not None):
             raise ValueError("launcher accelerate needs a config_file, and only it takes one")
+        if self.sharding != "none" and self.launcher != "torchrun":
+            raise ValueError(
+                f"sharding applies to launcher torchrun (accelerate: its config file), not {self.launcher}"
+            )
+        if self.timeout_minutes is not None and self.launcher == "python":
+            raise ValueError("timeout_minutes applies to several processes (torchrun, accelerate)")
+        if self.config_file is not None and "deepspeed" in self.config_file.lower():
+            raise ValueError(
+                "DeepSpeed is not supported (never started by a test here): use configs/accelerate/fsdp2.yaml"
+            )
         return self
 
     def command(self, root: str = "") -> str:
         """The command that runs `-m alignment ...` for this launch (`root`: the way up to the project)."""
+        settings = {"ALIGNMENT_SHARDING": self.sharding if self.sharding != "none" else None}
+        settings["ALIGNMENT_PROCESS_GROUP_TIMEOUT_MINUTES"] = self.timeout_minutes
+        env = " ".join(
+            f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in settings.items()
+            if value is not None
+        )
+        prefix = f"env {env} " if env else ""
         if self.launcher == "torchrun":
-            return f"torchrun --standalone --nproc_per_node {self.processes}"
+            return f"{prefix}torchrun --standalone --nproc_per_node {self.processes}"
         if self.launcher == "accelerate":
             config = f"{root}/{self.config_file}" if root else self.config_file
-            return f"accelerate launch --config_file {config}"
+            return f"{prefix}accelerate launch --config_file {config}"
         return "python"
 
 
@@ -218,10 +242,16 @@ def check_sections(params: dict[str, Any], path: str | Path = "params.yaml") -> 
 
 
 def load_all(path: str | Path = "params.yaml") -> dict[str, Section]:
-    """Every section, validated: what a flow checks before it starts any stage."""
+    """Every section, validated: what a flow checks before it starts any stage (the launch section against
+    the stages it launches too)."""
     raw = read_params(path)
     check_sections(raw, path)
-    return {name: parse(name, raw.get(name), path) for name in SECTIONS}
+    sections = {name: parse(name, raw.get(name), path) for name in SECTIONS}
+    for name, launch in sections["launch"].stages.items():
+        stage = STAGES[name]
+        if launch.sharding == "fsdp2" and (refused := unsupported(name, sections[stage.params_section])):
+            raise ConfigError(f"{path}: launch.stages.{name}: {refused}")
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from alignment.config import ConfigError, flatten
 from flows.config import WorkersConfig
 from flows.overrides import parse_overrides, validated, write_overrides
 from flows.workers import check_deployments, collect, dispatch, revision
-from tasks.dvc import run_stage
+from tasks.dvc import repro_stage
 
 
 def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -107,7 +107,7 @@ def pipeline(
             results = dispatch(chosen, project, workers, overrides, parent)
             collect(project, results, workers.pull_outputs)
             return results
-        stage_task = run_stage.with_options(retries=retries)
+        stage_task = repro_stage.with_options(retries=retries)
         results = {}
         for stage in chosen:
             results[stage] = stage_task(stage, str(project), parent)

@@ -250,7 +250,7 @@ def write_report(points: list[dict], cfg: SweepConfig, root: Path, run_id: str, 
     write_csv(root / "plots" / "sweep" / "frontier.csv", plot_rows)
     (out / "frontier.md").write_text(analysis.frontier_markdown(rows))
     (out / "claims.md").write_text(analysis.claims_markdown(claims))
-    rm = [p["val/accuracy"] for p in points if p["method"] == "rm" and "val/accuracy" in p]
+    rm = [p["eval/accuracy"] for p in points if p["method"] == "rm" and "eval/accuracy" in p]
     summary: dict[str, float] = {"points": len(points)}
     if rm:
         mean, low, high = analysis.t_interval(rm, cfg.level)

@@ -71,7 +71,7 @@ def stream(
 # retries=0: a failed training stage is expensive to repeat and usually fails the same way again;
 # the flow's `retries` parameter raises it for flaky environments. NO_CACHE: DVC is the only cache.
 @task(task_run_name="dvc repro {stage}", retries=0, cache_policy=NO_CACHE)
-def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[str, Any]:
+def repro_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Reproduce one DVC stage (and any out-of-date stage upstream of it) in the project at `root`."""
     logger = get_run_logger()
     # this venv's bin first: both `dvc` and the stage command `python -m alignment ...` resolve there

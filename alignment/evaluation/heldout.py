@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from alignment import precision
 from alignment.config import ComputeConfig, SampleConfig
 from alignment.data.batching import as_example
 from alignment.evaluation.judging import bootstrap_ci
-from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.scoring import sequence_logps
 from alignment.training import distributed

@@ -37,7 +37,7 @@ METRICS = (
     "rm/win_rate_vs_sft",
     "length/mean_tokens",
     "length/sft_mean_tokens",
-    "val/accuracy",
+    "eval/accuracy",
 )
 BOOTSTRAPPED = ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft")
 

@@ -14,13 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.data.batching import prompt_ids
 from alignment.data.chat import end_of_turn_id
-from alignment.models.scoring import inner_model, takes
-from alignment.training import distributed
+from alignment.models.scoring import inner_model, progress, takes
 
 
 def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:
@@ -124,9 +122,8 @@ def generate_ids(
     last_only = {"logits_to_keep": 1} if takes(model, "logits_to_keep") else {}
     out: list[tuple[list[int], list[int]]] = []
     starts = range(0, len(prompts), batch_size)
-    bar = tqdm(starts, desc="sample", unit="batch", disable=len(starts) <= 1 or not distributed.is_main())
     try:
-        for start in bar:
+        for start in progress(starts, "sample"):
             batch = left_padded(
                 [prompt_ids(tokenizer, p)[-limit:] for p in prompts[start : start + batch_size]],
                 tokenizer.pad_token_id,

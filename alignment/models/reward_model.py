@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from alignment import precision
 from alignment.data.batching import collate, encode
 from alignment.losses.logprobs import IGNORE_INDEX, gather_last
-from alignment.models import precision
 from alignment.models.loading import load_sequence_classifier, load_tokenizer
 from alignment.models.scoring import in_batches, inner_model
 from alignment.training import distributed

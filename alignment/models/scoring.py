@@ -11,6 +11,7 @@ row's logits are the ones a full forward gives, bit for bit (the LM head is a ma
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,7 +20,19 @@ from tqdm.auto import tqdm
 from alignment.config import PACKED_LOGITS_TRANSFORMERS, _version
 from alignment.data.batching import collate
 from alignment.losses.logprobs import IGNORE_INDEX, selected_logps
-from alignment.training import distributed
+
+
+def on_main_process() -> bool:
+    """Rank 0 of a launch (torchrun and accelerate set RANK), or a process of its own: the one that shows
+    progress bars. (distributed.is_main says the same, from a floor above the models.)"""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def progress(starts: range, desc: str):
+    """A progress bar over batches, on the main process, when there is more than one batch."""
+    return tqdm(
+        starts, desc=desc, unit="batch", mininterval=2.0, disable=len(starts) <= 1 or not on_main_process()
+    )
 
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,14 +102,7 @@ def in_batches(
     result moved to the CPU; a progress bar on the main process when there is more than one batch."""
     pad, out = collate(pad_token_id), []
     starts = range(0, len(examples), batch_size)
-    bar = tqdm(
-        starts,
-        desc=desc,
-        unit="batch",
-        mininterval=2.0,
-        disable=len(starts) <= 1 or not distributed.is_main(),
-    )
-    for start in bar:
+    for start in progress(starts, desc):
         batch = {
             key: value.to(device) for key, value in pad(list(examples[start : start + batch_size])).items()
         }

@@ -19,12 +19,12 @@ import logging
 
 import numpy as np
 
+from alignment import precision
 from alignment.config import BestOfNStageConfig
 from alignment.data.io import write_jsonl
 from alignment.data.prompts import load_prompts
 from alignment.evaluation.heldout import judge_summary
 from alignment.evaluation.leaderboard import best_of, best_of_n_kl
-from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths

@@ -23,12 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from alignment import precision
 from alignment.config import BRAInConfig
 from alignment.data.batching import as_example, collate
 from alignment.data.prompts import load_prompts
 from alignment.losses.brain_loss import brain_loss, log_likelihood
 from alignment.losses.logprobs import sequence_logps
-from alignment.models import precision, scoring
+from alignment.models import scoring
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import check_max_length
 from alignment.models.reward_model import RewardScorer
@@ -44,7 +45,7 @@ from alignment.stages.common import (
 )
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import evaluating, train, window_indices
 
@@ -122,7 +123,8 @@ class Sampler:
 
     def draw(self, model, store: SampleStore, slots: range, step: int) -> None:
         items = [(i, slot) for i in range(len(self.prompts)) for slot in slots]
-        scored = distributed.map_sharded(lambda part: self.sample(model, part, step), items)
+        with sharding.gathered(model, self.sft):  # whole on every process (FSDP2): each draws its own block
+            scored = distributed.map_sharded(lambda part: self.sample(model, part, step), items)
         for (i, slot), (prompt, response, proposal, sft, reward) in zip(items, scored):
             store.prompt_ids[i] = prompt  # as the model saw it (left-truncated if too long)
             store.response_ids[i][slot] = response
@@ -137,7 +139,8 @@ class Sampler:
         self.draw(self.sft, store, range(store.n), step=0)
         if self.cfg.likelihood == "bradley_terry":
             items = [(i, store.n) for i in range(len(self.prompts))]
-            baseline = distributed.map_sharded(lambda part: self.sample(self.sft, part, 0), items)
+            with sharding.gathered(self.sft):
+                baseline = distributed.map_sharded(lambda part: self.sample(self.sft, part, 0), items)
             store.baseline_rewards = torch.tensor([reward for *_, reward in baseline])
         return store
 
@@ -212,7 +215,7 @@ def evaluation(store: SampleStore, cfg: BRAInConfig, pad_token_id: int, step, ba
 
 
 def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
+    tokenizer, policy, sft = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed, run_dtype(cfg))
     policy, sft = distributed.to_device(policy), distributed.to_device(sft)
     check_max_length(cfg.max_length, policy, "brain.max_length")
     reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
@@ -284,7 +287,7 @@ def run(cfg: BRAInConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     held_out, rows = compare_on_held_out(policy, sft, tokenizer, paths, cfg, reward, cfg.train.seed, out=out)
     log_held_out("BRAIn", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {
         "train/loss": result.history[-1]["loss"],
         "steps": result.steps,

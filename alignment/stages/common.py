@@ -10,12 +10,12 @@ from pathlib import Path
 
 from alignment.data.io import write_jsonl
 from alignment.paths import Paths
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 
 logger = logging.getLogger(__name__)
 
 
-def load_policy_and_reference(path: Path, lora=None, dtype=None):
+def load_policy_and_reference(path: Path, lora=None, seed: int = 0, dtype=None):
     """(tokenizer, policy, reference): two copies of the model at `path`, the reference frozen in eval
     mode (no dropout, no gradients) and in `dtype` (a torch dtype; None: float32), the policy in float32
     (the weights AdamW updates); with `lora` (a LoraConfig), one copy in `dtype`: the policy is the model
@@ -29,15 +29,17 @@ def load_policy_and_reference(path: Path, lora=None, dtype=None):
     if lora is not None:
         from alignment.models.lora import AdapterDisabled, add_adapter
 
-        policy = add_adapter(load_causal_lm(path, dtype=dtype), lora).to(device)
+        policy = add_adapter(load_causal_lm(path, dtype=dtype), lora, seed).to(device)
         return load_tokenizer(path), policy, AdapterDisabled(policy)
     reference = load_causal_lm(path, dtype=dtype).eval().requires_grad_(False).to(device)
+    if sharding.enabled():  # a frozen copy as big as the policy: sharded too, gathered where it samples
+        sharding.shard(reference)
     return load_tokenizer(path), load_causal_lm(path, dtype=torch.float32).to(device), reference
 
 
 def run_dtype(cfg):
     """The torch dtype of a stage's `compute.dtype` on this process's device (auto: bf16 on a GPU)."""
-    from alignment.models.precision import resolve_dtype
+    from alignment.precision import resolve_dtype
 
     return resolve_dtype(cfg.compute.dtype)
 
@@ -68,8 +70,8 @@ def reward_model_path(paths: Paths, name: str) -> Path:
 def reward_scorer(paths: Paths, name: str, max_length: int, compute=None):
     """The reward model `name` as a scorer, batched and in the dtype of `compute` (a ComputeConfig)."""
     from alignment.config import ComputeConfig
-    from alignment.models.precision import resolve_dtype
     from alignment.models.reward_model import RewardScorer
+    from alignment.precision import resolve_dtype
 
     compute = compute or ComputeConfig()
     return RewardScorer(
@@ -111,16 +113,11 @@ def compare_on_held_out(
     from alignment.evaluation.heldout import compare_to_sft
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
-    metrics, rows = compare_to_sft(
-        policy,
-        reference,
-        tokenizer,
-        prompts,
-        cfg.samples,
-        seed,
-        held_out_judges(paths, reward, cfg.source),
-        cfg.compute,
-    )
+    judges = held_out_judges(paths, reward, cfg.source)
+    with sharding.gathered(policy, reference):  # whole on every process (FSDP2): each samples its own block
+        metrics, rows = compare_to_sft(
+            policy, reference, tokenizer, prompts, cfg.samples, seed, judges, cfg.compute
+        )
     if out is not None and distributed.is_main():
         write_jsonl(out / "held_out_generations.jsonl", rows)
     return metrics, rows
@@ -169,9 +166,10 @@ def run_online(
     from alignment.training.checkpoint import fingerprint
 
     # step 1. policy, reference, prompts
-    tokenizer, policy, reference = policy_and_reference or load_policy_and_reference(
-        paths.sft, cfg.lora, run_dtype(cfg)
+    loaded = policy_and_reference or load_policy_and_reference(
+        paths.sft, cfg.lora, cfg.train.seed, run_dtype(cfg)
     )
+    tokenizer, policy, reference = loaded
     check_max_length(cfg.max_length, policy, f"{name}.max_length")
     prompts = load_prompts(paths, "train", cfg.source, cfg.train_prompts, tokenizer)
     logger.info(

@@ -11,12 +11,13 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from alignment import precision
 from alignment.config import PACKED_LOGITS_TRANSFORMERS, DPOConfig, _version
 from alignment.data import packing
 from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.losses.logprobs import sequence_logps, token_logps
 from alignment.losses.preference_loss import dpo_loss, unlikelihood_loss
-from alignment.models import precision, scoring
+from alignment.models import scoring
 from alignment.models.loading import check_max_length
 from alignment.paths import Paths
 from alignment.plots import loss_curve
@@ -30,14 +31,14 @@ from alignment.stages.common import (
 )
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import step_evaluation, train
 
 logger = logging.getLogger(__name__)
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) summed response log-probs of the stacked chosen and rejected rows."""
     if "logit_positions" in batch:
         return response_token_logps(model, batch)[0].sum(-1)
@@ -87,7 +88,7 @@ def precompute_reference(reference, examples: list[dict], pad, batch_size: int) 
         for start in bar:
             chunk = block[start : start + batch_size]
             batch = {k: v.to(distributed.device()) for k, v in pad(chunk).items()}
-            logps = policy_logps(reference, batch).cpu()
+            logps = summed_logps(reference, batch).cpu()
             out += [(logps[i].item(), logps[len(chunk) + i].item()) for i in range(len(chunk))]
         return out
 
@@ -143,7 +144,7 @@ def make_step(reference, cfg: DPOConfig):
             reference_logps = batch["reference_logps"]
         else:
             with torch.no_grad():
-                reference_logps = policy_logps(reference, batch)
+                reference_logps = summed_logps(reference, batch)
         if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:
             # per-token averages, the IPO paper's form (see DPOConfig): one target margin for short and
             # long answers. The counts come from this batch's labels, the very tokens the reference
@@ -181,7 +182,9 @@ def make_step(reference, cfg: DPOConfig):
 
 
 def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
+    tokenizer, policy, reference = load_policy_and_reference(
+        paths.sft, cfg.lora, cfg.train.seed, run_dtype(cfg)
+    )
     check_max_length(cfg.max_length, policy, "dpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
@@ -189,7 +192,8 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     packed = packs(cfg, policy)
     pad = collate_with_reference(tokenizer.pad_token_id, packed)
     if cfg.precompute_reference:
-        with precision.autocast(run_dtype(cfg)):  # scoring_batch_size pairs at once
+        # whole on every process (FSDP2): each scores its own block, scoring_batch_size pairs at once
+        with sharding.gathered(reference), precision.autocast(run_dtype(cfg)):
             precompute_reference(
                 reference, train_examples + eval_examples, pad, cfg.compute.scoring_batch_size
             )
@@ -224,7 +228,7 @@ def run(cfg: DPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     )
     log_held_out("DPO", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
     figure = loss_curve(
         result.history, result.eval_history, f"DPO ({cfg.loss_type}) loss", ylabel="loss per pair"

@@ -39,9 +39,9 @@ from alignment.evaluation.leaderboard import (
     token_lengths,
     win_rate_figure,
 )
-from alignment.models.precision import autocast, resolve_dtype
 from alignment.paths import Paths, hash_paths
 from alignment.plots import write_csv
+from alignment.precision import autocast, resolve_dtype
 from alignment.registry import leaderboard_models
 from alignment.stages.common import reward_model_path, reward_scorer
 from alignment.tracking import Tracker

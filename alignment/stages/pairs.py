@@ -10,11 +10,11 @@ from itertools import combinations
 
 import numpy as np
 
+from alignment import precision
 from alignment.config import PairsConfig
 from alignment.data.chat import render_prompt
 from alignment.data.io import read_jsonl, write_jsonl
 from alignment.evaluation.gold_scorer import GoldScorer
-from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths

@@ -70,7 +70,7 @@ def build_critic(cfg: PPOConfig, policy, path, dtype: torch.dtype) -> torch.nn.M
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # fresh weights (LoRA adapter, new critic head): the same every run
     dtype = run_dtype(cfg)
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, dtype)
+    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed, dtype)
     reward_path = reward_model_path(paths, cfg.reward_model)
     critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
     critic = build_critic(cfg, policy, critic_path, dtype)

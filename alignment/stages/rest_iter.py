@@ -28,20 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignment import precision
 from alignment.config import RestConfig
 from alignment.data.batching import collate, encode, fit
 from alignment.data.chat import render_prompt, render_row
 from alignment.data.io import read_jsonl, write_jsonl, write_metrics
 from alignment.data.prompts import load_incoming, load_prompts
 from alignment.evaluation.heldout import compare_to_sft
-from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import check_max_length, load_causal_lm, load_tokenizer
 from alignment.models.reward_model import RewardScorer
 from alignment.paths import Paths
 from alignment.stages.common import held_out_judges, held_out_summary, reward_scorer, save_model
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.rest_rules import above, guard, learning_rate, thresholds
 from alignment.training.trainer import count_response_tokens, nll_step, train
 
@@ -142,7 +142,7 @@ def load_policy(start: Path, paths: Paths, cfg: RestConfig):
         return load_causal_lm(start, dtype=torch.float32).to(device), sft()
     from alignment.models.lora import AdapterDisabled, load_for_training
 
-    policy, base = load_for_training(start, cfg.lora, dtype)
+    policy, base = load_for_training(start, cfg.lora, cfg.improve.train.seed, dtype)
     policy = policy.to(device)
     if Path(base).resolve() == paths.sft.resolve():
         return policy, AdapterDisabled(policy)
@@ -178,9 +178,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts, tokenizer)
 
     def held_out(model) -> dict[str, float]:
-        scores, _ = compare_to_sft(
-            model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges, cfg.compute
-        )
+        with sharding.gathered(model, sft):  # whole on every process (FSDP2): each samples its own block
+            scores, _ = compare_to_sft(
+                model, sft, tokenizer, eval_prompts, cfg.samples, cfg.seed, judges, cfg.compute
+            )
         return {k: v for k, v in scores.items() if k != "eval/prompts"}
 
     # step 2. the start policy is iteration 0 of the record

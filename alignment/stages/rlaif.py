@@ -31,8 +31,8 @@ from alignment.evaluation.judging import (
     judge_template,
     position_stats,
 )
-from alignment.models.precision import resolve_dtype
 from alignment.paths import Paths
+from alignment.precision import resolve_dtype
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from collections import defaultdict
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from alignment import precision
 from alignment.config import RewardModelConfig
 from alignment.data.preference_data import collate_pairs, count_pairs, encode_pair, load_pairs
 from alignment.losses.preference_loss import bradley_terry_loss
-from alignment.models import precision
 from alignment.models.loading import check_max_length, load_tokenizer, model_config
 from alignment.models.reward_model import load_reward_model, sequence_rewards
 from alignment.paths import Paths
@@ -92,7 +92,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     if cfg.lora is not None:  # the body frozen under an adapter; the fresh head trains in full
         from alignment.models.lora import add_adapter
 
-        model = add_adapter(model, cfg.lora)
+        model = add_adapter(model, cfg.lora, cfg.train.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.reward_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     check_max_length(cfg.max_length, model, "rm.max_length")
@@ -116,7 +116,7 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
     save_model(model, tokenizer, paths.rm, cfg.lora)
 
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"}
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"}
     metrics |= {
         "train/loss": result.history[-1]["loss"],
         "train/accuracy": result.history[-1]["accuracy"],

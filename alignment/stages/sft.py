@@ -8,12 +8,12 @@ from itertools import zip_longest
 
 import torch
 
+from alignment import precision
 from alignment.config import SFTConfig
 from alignment.data.batching import collate, encode
 from alignment.data.chat import render_row
 from alignment.data.io import read_jsonl, write_jsonl
 from alignment.losses.logprobs import sft_loss
-from alignment.models import precision
 from alignment.models.generation import generate
 from alignment.models.loading import build_model, load_tokenizer
 from alignment.paths import Paths
@@ -21,7 +21,7 @@ from alignment.plots import loss_curve
 from alignment.stages.common import save_model
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
-from alignment.training import distributed
+from alignment.training import distributed, sharding
 from alignment.training.checkpoint import fingerprint as checkpoint_fingerprint
 from alignment.training.trainer import count_response_tokens, nll_step, train
 
@@ -68,7 +68,7 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     if cfg.lora is not None:
         from alignment.models.lora import add_adapter  # peft: imported only for a LoRA run
 
-        model = add_adapter(model, cfg.lora)
+        model = add_adapter(model, cfg.lora, cfg.train.seed)
     logger.info(
         "model: %.2fM parameters, %d train / %d eval examples",
         model.num_parameters() / 1e6,
@@ -96,7 +96,8 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     save_model(model, tokenizer, paths.sft, cfg.lora)
     prompts = sample_prompts(eval_rows, cfg.samples.num_prompts)
     s = cfg.samples
-    with precision.autocast(precision.resolve_dtype(cfg.compute.dtype)):
+    # whole on every process (FSDP2): each samples on its own, at the run's precision
+    with sharding.gathered(model), precision.autocast(precision.resolve_dtype(cfg.compute.dtype)):
         responses = (
             generate(
                 model,
@@ -117,8 +118,8 @@ def run(cfg: SFTConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     final_eval = result.eval_history[-1]
     metrics = {
         "train/loss": result.history[-1]["loss"],
-        "val/loss": final_eval["loss"],
-        "val/perplexity": final_eval["perplexity"],
+        "eval/loss": final_eval["loss"],
+        "eval/perplexity": final_eval["perplexity"],
         "steps": result.steps,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second,

@@ -64,7 +64,9 @@ def make_step(cfg: SimPOConfig):
 
 def run(cfg: SimPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     # step 1. the policy, SFT for the held-out comparison, the pairs
-    tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, run_dtype(cfg))
+    tokenizer, policy, reference = load_policy_and_reference(
+        paths.sft, cfg.lora, cfg.train.seed, run_dtype(cfg)
+    )
     check_max_length(cfg.max_length, policy, "simpo.max_length")
     train_pairs, eval_pairs = load_pairs(paths, cfg.data, "train"), load_pairs(paths, cfg.data, "eval")
     train_examples = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
@@ -102,7 +104,7 @@ def run(cfg: SimPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
     )
     log_held_out("SimPO", held_out)
     final = result.eval_history[-1]
-    metrics = {f"val/{k}": v for k, v in final.items() if k != "step"} | held_out
+    metrics = {f"eval/{k}": v for k, v in final.items() if k != "step"} | held_out
     metrics |= {"train/loss": result.history[-1]["loss"], "steps": result.steps}
     figure = loss_curve(result.history, result.eval_history, "SimPO loss", ylabel="loss per pair")
     return finish(

@@ -18,10 +18,10 @@ checkpoint of another fingerprint (other settings, data or code) is ignored.
 meta.json holds the step, the fingerprint and whatever `meta` the caller passes: logged curves, and
 `run_id`, the MLflow run a resumed stage continues. `load` reads JSON only, so peeking is cheap.
 
-Several processes (accelerate): every process calls `save` with the same arguments, and each one's `write`
-puts its share (its RNG state, say) into the same folder, on a filesystem they share. Only the main
-process renames, writes meta.json and the pointer, and deletes old folders, after barriers. On one
-process the barriers are no-ops.
+Several processes (torchrun, accelerate): every process calls `save` with the same arguments, and each
+one's `write` puts its share (its RNG state, its shard) into the same folder, on a filesystem they share.
+Only the main process renames, writes meta.json and the pointer, and deletes old folders, after barriers.
+On one process the barriers are no-ops.
 
 Saved RNG states go through `rng_state`: types that `torch.load(..., weights_only=True)` accepts.
 """
@@ -36,7 +36,6 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,10 +43,7 @@ import torch
 from alignment import registry
 from alignment.paths import hash_paths
 from alignment.tracking import STAGE_RUN_ENV
-from alignment.training.distributed import world
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from alignment.training import distributed, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +53,11 @@ META = "meta.json"
 
 
 def save(
-    checkpoint_dir: Path,
-    step: int,
-    fingerprint: str,
-    write: Callable[[Path], None],
-    meta: dict | None = None,
-    accelerator: Accelerator | None = None,
+    checkpoint_dir: Path, step: int, fingerprint: str, write: Callable[[Path], None], meta: dict | None = None
 ) -> Path:
-    """Write checkpoint `step` through `write(folder)` and make it the latest; returns its folder."""
-    is_main = accelerator is None or accelerator.is_main_process
-    barrier = accelerator.wait_for_everyone if accelerator is not None else lambda: None
+    """Write checkpoint `step` through `write(folder)` and make it the latest; returns its folder. Every
+    process of a launch calls it; `write` runs on each."""
+    is_main, barrier = distributed.is_main(), distributed.barrier
     target = checkpoint_dir / f"step_{step:07d}"
     partial = checkpoint_dir / f".{target.name}.partial"  # hidden from the step_* globs
     if is_main:
@@ -212,8 +203,9 @@ def fingerprint(
     name: str, cfg, root: Path, iteration: str | None = None, world_size: int | None = None
 ) -> str:
     """Identifies the run a checkpoint belongs to: the stage's settings (less `resume`), the content of
-    what it reads (`registry.inputs`), the package's code and the number of processes. A checkpoint of
-    anything else is never resumed (`world_size`: this launch's number of processes by default)."""
+    what it reads (`registry.inputs`), the package's code, the number of processes and whether they shard
+    the parameters (FSDP2's checkpoints hold shards). A checkpoint of anything else is never resumed
+    (`world_size`: this launch's number of processes by default)."""
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(PACKAGE.rglob("*.py")))).hexdigest()
     parts = [
         name,
@@ -221,6 +213,7 @@ def fingerprint(
         _without_resume(cfg.model_dump()),
         hash_paths(registry.inputs(registry.get(name), cfg, root, iteration)),
         code,
-        world() if world_size is None else world_size,
+        distributed.world() if world_size is None else world_size,
+        "fsdp2" if sharding.enabled() else "replicated",
     ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

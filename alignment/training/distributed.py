@@ -11,8 +11,9 @@ the barrier is a no-op. Under N processes:
   sample's seed is a function of its prompt (`generation.prompt_seed`), the result is the same for any N;
 - only the main process writes files, logs to MLflow and registers models (`is_main`); the others wait
   at `barrier()`.
-On a machine without a GPU the processes talk over gloo (accelerate's MULTI_CPU). Under FSDP or ZeRO-3
-(parameters sharded) `map_sharded` computes every item in every process: forward passes are collectives.
+On a machine without a GPU the processes talk over gloo (accelerate's MULTI_CPU). Under FSDP2
+(alignment/training/sharding.py) the models are gathered around `map_sharded`, so that each process runs the
+forward passes of its own block.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import TypeVar
 
 import torch
 
+from alignment.training import sharding
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -34,12 +37,21 @@ def use_cpu(device: str = "auto") -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
+TIMEOUT_ENV = "ALIGNMENT_PROCESS_GROUP_TIMEOUT_MINUTES"
+
+
 @functools.cache
 def state():
-    """The process's accelerate PartialState (initialises the process group under torchrun)."""
+    """The process's accelerate PartialState (initialises the process group under torchrun), its collectives
+    waiting `ALIGNMENT_PROCESS_GROUP_TIMEOUT_MINUTES` (the launch section's `timeout_minutes`; torch's default
+    is 10 minutes, which the main process alone registering a big model can outlast)."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu(os.environ.get("ALIGNMENT_DEVICE", "auto")))
+    minutes = os.environ.get(TIMEOUT_ENV)
+    timeout = {"timeout": timedelta(minutes=float(minutes))} if minutes else {}
+    return PartialState(cpu=use_cpu(os.environ.get("ALIGNMENT_DEVICE", "auto")), **timeout)
 
 
 def launched() -> bool:
@@ -85,26 +97,11 @@ def gather(mine: list[R]) -> list[R]:
     return [item for part in everyone for item in part]
 
 
-def parameters_sharded() -> bool:
-    """Whether the launch shards the parameters themselves (FSDP, DeepSpeed ZeRO-3: accelerate launch
-    sets these variables). Then every forward pass is a collective: all processes must run the same
-    number of them, so no process may sample a block of prompts of its own."""
-    if not launched():
-        return False
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (
-        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    )
-    return fsdp or zero3
-
-
 def map_sharded(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
-    """fn(items), computed block-wise across the processes: fn maps a list to one result per item,
-    each item's result independent of the others in its list (a process with no items skips fn).
-    Under sharded parameters every process computes every item instead (the same forward passes in
-    lockstep; the same results, without the speed-up)."""
-    if parameters_sharded():
-        return list(fn(items))
+    """fn(items), computed block-wise across the processes: fn maps a list to one result per item, each
+    item's result independent of the others in its list (a process with no items skips fn). Models that
+    FSDP2 shards must be gathered around the call (`sharding.gathered`): each process runs its own number
+    of forward passes."""
     mine = shard(items)
     return gather(list(fn(mine)) if len(mine) else [])
 
@@ -124,17 +121,8 @@ def to_device(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on the CPU of the main process when the launch shards them (FSDP2,
-    ZeRO-3): a collective, every process calls it. None when every process holds them whole (one
-    process, DDP), where the model saves its own. Not run on this project's CI (no GPU there)."""
-    if not parameters_sharded():
+    """The whole model's weights on the CPU of the main process when FSDP2 shards them: a collective, every
+    process calls it. None when every process holds them whole (one process, DDP): the model saves its own."""
+    if not sharding.is_sharded(model):
         return None
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if is_main() else {}
+    return sharding.full_state_dict(model)

@@ -31,7 +31,6 @@ weights.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,18 +38,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from alignment.config import OptimizerConfig
 from alignment.data.batching import as_example, collate
 from alignment.losses.logprobs import IGNORE_INDEX, token_entropy, token_logps
-from alignment.models import precision
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.reward_model import token_scores
 from alignment.models.scoring import response_token_logps
-from alignment.training import checkpoint, distributed
+from alignment.training import checkpoint, distributed, sharding
+from alignment.training.engine import Engine
 from alignment.training.trainer import evaluating, make_optimizer, prepare_model, window_indices
 
 logger = logging.getLogger(__name__)
@@ -142,6 +140,26 @@ class OnlineMethod:
         pass
 
 
+class TokenValues(torch.nn.Module):
+    """A critic as a module whose forward returns the values (B, T - 1) of every state: a reward model read
+    at every position (`critic_values`). Its outputs carry the gradient, so FSDP2, which gathers a root's
+    parameters for the backward pass through hooks on the root's outputs, shards it as it is trained."""
+
+    def __init__(self, critic):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return critic_values(self.critic, input_ids, attention_mask)
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.critic, "supports_gradient_checkpointing", False)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.critic.gradient_checkpointing_enable(**kwargs)
+
+
 class PolicyAndCritic(torch.nn.Module):
     """Policy and critic (if any) as the one module accelerate prepares (DDP under several processes): one
     forward gives the policy's logits (B, T, V) and the critic's values (B, T - 1), and one set of gradient
@@ -153,7 +171,7 @@ class PolicyAndCritic(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
-        values = None if self.critic is None else critic_values(self.critic, input_ids, attention_mask)
+        values = None if self.critic is None else self.critic(input_ids, attention_mask)
         return logits, values
 
 
@@ -178,7 +196,7 @@ def batch_seed(seed: int, batch: int) -> int:
     return seed * 1_000_003 + batch
 
 
-def policy_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def sampled_logps(policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     """(B, T - 1) sampled-token log-probs at the sampling temperature (logits at response positions only)."""
     return response_token_logps(policy, batch, temperature)
 
@@ -230,13 +248,12 @@ def experience(
     # step 3. log-probs under the sampling policy, the critic's values, the reference's log-probs
     size = settings.scoring_batch_size
     with evaluating(policy, *([critic] if critic is not None else [])):
-        columns = {"logps": by_rows(lambda b: policy_logps(policy, b, settings.temperature), batch, size)}
+        columns = {"logps": by_rows(lambda b: sampled_logps(policy, b, settings.temperature), batch, size)}
         if critic is not None:
-            values = lambda b: critic_values(critic, b["input_ids"], b["attention_mask"])  # noqa: E731
-            columns["values"] = by_rows(values, batch, size)
+            columns["values"] = by_rows(lambda b: critic(b["input_ids"], b["attention_mask"]), batch, size)
     if reference is not None:
         columns["reference_logps"] = by_rows(
-            lambda b: policy_logps(reference, b, settings.temperature), batch, size
+            lambda b: sampled_logps(reference, b, settings.temperature), batch, size
         )
     lengths = [len(example["input_ids"]) - 1 for example in examples]
     return [
@@ -295,7 +312,7 @@ def _units(mask: torch.Tensor, loss_units: str) -> torch.Tensor:
 def optimise(
     model: PolicyAndCritic,
     optimizer,
-    accelerator: Accelerator,
+    engine: Engine,
     rollout: Rollout,
     settings: LoopSettings,
     method: OnlineMethod,
@@ -322,10 +339,8 @@ def optimise(
             logps, _ = token_logps(logits, rows.batch["labels"], settings.temperature)
             entropy = token_entropy(logits[:, :-1], settings.temperature)
             loss, stats = method.loss(Outputs(logps, entropy, values), rows)
-            accelerator.backward(loss * share)
-            grad_norm = accelerator.clip_grad_norm_(
-                model.parameters(), settings.train.max_grad_norm or math.inf
-            )
+            engine.backward(loss * share)
+            grad_norm = engine.clip_grad_norm_(model, settings.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             weight = share.item()
@@ -343,7 +358,8 @@ def _trained_parameters(policy, critic, settings: LoopSettings) -> list[dict]:
     the policy brings only its head: the body is the policy's)."""
     groups = [{"params": list(policy.parameters()), "lr": settings.train.learning_rate}]
     if critic is not None:
-        own = critic.own_parameters() if hasattr(critic, "own_parameters") else critic.parameters()
+        inner = critic.critic  # TokenValues' model
+        own = inner.own_parameters() if hasattr(inner, "own_parameters") else inner.parameters()
         groups.append(
             {"params": list(own), "lr": settings.critic_learning_rate or settings.train.learning_rate}
         )
@@ -365,33 +381,41 @@ def train(
     desc: str = "online",
 ) -> tuple[list[dict], dict[str, float]]:
     """The outer loop: generation batches 1..settings.batches, each steps 1-5 and the method's `after_batch`.
-    `policy` is trained in place (with `critic`, if any); `reference` is frozen (None when the method
-    needs none). Returns the per-batch curves and the wall time split into generation (steps 1-4) and
-    training (step 5)."""
+    `policy` is trained in place (with `critic`, if any); `reference` is frozen (None when the method needs
+    none). Under FSDP2 (alignment/training/engine.py) policy, critic and reference are each sharded, one root
+    apiece with every decoder layer a unit, and gathered once per generation batch for steps 1-3, so that
+    each process samples and scores its own block of prompts. Returns the per-batch curves and the wall time
+    split into generation (steps 1-4) and training (step 5)."""
     cfg = settings.train
-    # step_scheduler_with_optimizer off, as in the shared trainer (there is no scheduler to step)
-    accelerator = Accelerator(
-        cpu=distributed.use_cpu(cfg.device),
-        mixed_precision=precision.training_precision(cfg),
-        step_scheduler_with_optimizer=False,
-    )
+    engine = Engine(cfg)
     world = distributed.world()
-    policy = policy.to(distributed.device())
-    critic = None if critic is None else critic.to(distributed.device())
-    reference = reference.to(distributed.device()) if method.uses_reference else None
+    shares_body = critic is not None and hasattr(critic, "own_parameters")  # a value head on the policy
+    if shares_body and engine.fsdp:
+        raise NotImplementedError(
+            "critic_init: policy_head under FSDP2: pick reward_model or sft (a critic of its own)"
+        )
     for model in (policy, critic):
         if model is not None:
             disable_dropout(model)
-    optimizer = make_optimizer(_trained_parameters(policy, critic, settings), cfg, accelerator.device)
-    shares_body = critic is not None and hasattr(critic, "own_parameters")  # its body is the policy's
+    critic = None if critic is None else TokenValues(critic)
+    policy = engine.place(policy)
+    critic = critic.to(engine.device) if shares_body else engine.place(critic)
+    reference = engine.place(reference, frozen=True) if method.uses_reference else None
+    optimizer = make_optimizer(_trained_parameters(policy, critic, settings), cfg, engine.device)
+    state = PolicyAndCritic(policy, critic)  # what checkpoints hold (the compiled wrapper shares its weights)
     trained = PolicyAndCritic(
         prepare_model(policy, cfg), critic if critic is None or shares_body else prepare_model(critic, cfg)
     )
-    model, optimizer = accelerator.prepare(trained, optimizer)
+    model, optimizer, _ = engine.prepare(trained, optimizer)
 
     done, history = 0, []
     if checkpoint_dir is not None and cfg.resume:
-        done, history = load_checkpoint(checkpoint_dir, fingerprint, policy, critic, optimizer, method)
+        found = checkpoint.load(checkpoint_dir, fingerprint)
+        if found is not None:
+            folder, meta = found
+            method.load_state_dict(engine.load_state(folder, state, optimizer)["method"])
+            done, history = meta["step"], meta["history"]
+            logger.info("resumed from %s (batch %d)", folder, done)
     batch_prompts = settings.prompts_per_batch * world
     windows = len(window_indices(len(prompts), batch_prompts, 1, cfg.seed, 0))
     if windows == 0:
@@ -414,13 +438,14 @@ def train(
         seed = batch_seed(cfg.seed, r)
         torch.manual_seed(hash((seed, distributed.rank())))  # anything else drawn from the global RNG
         started = time.perf_counter()
-        with accelerator.autocast():  # the precision the optimisation's ratios are taken in
+        # the precision the optimisation's ratios are taken in; whole models for each process's own prompts
+        with engine.autocast(), sharding.gathered(policy, reference, critic):
             rollout = make_rollout(
                 policy, reference, critic, reward, tokenizer, [prompts[i] for i in rows], settings, seed
             )
         method.advantages(rollout)  # step 4, on every process alike
         middle = time.perf_counter()
-        stats = optimise(model, optimizer, accelerator, rollout, settings, method, seed)
+        stats = optimise(model, optimizer, engine, rollout, settings, method, seed)
         method.after_batch(rollout, len(rows) * settings.samples_per_prompt)
         timing["generation_seconds"] += middle - started
         timing["training_seconds"] += time.perf_counter() - middle
@@ -429,43 +454,21 @@ def train(
         if log_metrics:
             log_metrics({key: value for key, value in row.items() if key != "step"}, r + 1)
         if checkpoint_dir is not None and cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0:
-            if distributed.is_main():
-                save_checkpoint(
-                    checkpoint_dir, fingerprint, r + 1, policy, critic, optimizer, method, history
-                )
-            distributed.barrier()
+            save_checkpoint(engine, checkpoint_dir, fingerprint, r + 1, state, optimizer, method, history)
     return history, timing
 
 
 def save_checkpoint(
-    path: Path, fingerprint: str, done: int, policy, critic, optimizer, method: OnlineMethod, history: list
+    engine: Engine, path: Path, fingerprint: str, done: int, state, optimizer, method: OnlineMethod, history
 ) -> None:
-    """The models, AdamW, the method's state and every RNG in step_<done>/state.pt (weights_only-safe); the
-    count and the curves in its meta. Under several processes the main one writes it (they hold the same
-    state) and every process loads it."""
-    state = {
-        "policy": policy.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "method": method.state_dict(),
-    }
-    if critic is not None:
-        state["critic"] = critic.state_dict()
-    checkpoint.save_state(path, done, fingerprint, state, {"history": history})
+    """The models (policy and critic), AdamW, the method's state and every process's RNG in step_<done>/
+    (weights_only-safe; under FSDP2 each process's shards); the count and the curves in its meta. Every
+    process calls it."""
 
+    def write(folder: Path) -> None:
+        engine.save_state(folder, state, optimizer, extra={"method": method.state_dict()})
 
-def load_checkpoint(
-    path: Path, fingerprint: str, policy, critic, optimizer, method: OnlineMethod
-) -> tuple[int, list]:
-    found = checkpoint.load_state(path, fingerprint)
-    if found is None:
-        return 0, []
-    step, state, meta = found
-    policy.load_state_dict(state["policy"])
-    if critic is not None:
-        critic.load_state_dict(state["critic"])
-    optimizer.load_state_dict(state["optimizer"])
-    method.load_state_dict(state["method"])
-    return step, meta["history"]
+    checkpoint.save(path, done, fingerprint, write, {"history": history})
 
 
 def summary(history: list[dict], timing: dict[str, float]) -> dict[str, float]:

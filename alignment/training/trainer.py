@@ -7,8 +7,8 @@ processes), so the update is the mean over the window whatever the split into mi
 x accumulation 1 and batch 1 x accumulation 8 give the same step.
 
 Exact resume: the data order is a pure function of (seed, epoch), and a checkpoint
-(alignment/training/checkpoint.py)
-holds the model, optimizer, scheduler and every RNG (through accelerate's save_state), the step and a
+(alignment/training/checkpoint.py) holds the model, optimizer, scheduler and every process's RNG
+(alignment/training/engine.py: sharded under FSDP2), the step and a
 stage's `extra_state` (BRAIn's samples); a run that is killed and resumed from its last checkpoint ends
 with the same weights as one that never stopped.
 """
@@ -16,7 +16,6 @@ with the same weights as one that never stopped.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignment.config import OptimizerConfig, TrainConfig
 from alignment.losses.logprobs import IGNORE_INDEX, sft_loss
-from alignment.models import precision
-from alignment.training import checkpoint
-from alignment.training.distributed import parameters_sharded, reduce_mean, use_cpu
+from alignment.training import checkpoint, distributed
+from alignment.training.distributed import reduce_mean
+from alignment.training.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +159,11 @@ def train(
     restored `extra_state`; `on_step(done)` runs after every optimizer step, before that step's
     checkpoint, so a checkpoint at step k holds the state after step k's refresh. `extra_state` is a
     `(get, set)` pair: `get()` returns a dict of tensors, numbers, strings, lists and dicts (loaded back
-    with weights_only=True), the same on every process (the main process writes it)."""
-    if parameters_sharded() and hasattr(model, "peft_config"):
-        raise NotImplementedError("a LoRA adapter under FSDP / ZeRO-3: launch with DDP (multi_gpu.yaml)")
-    # step_scheduler_with_optimizer off: accelerate would otherwise step the schedule once per process at
-    # every optimizer step (it assumes each process's data loader is 1/N as long), and N processes would
-    # follow another learning-rate curve than one
-    accelerator = Accelerator(
-        mixed_precision=precision.training_precision(cfg),
-        cpu=use_cpu(cfg.device),
-        step_scheduler_with_optimizer=False,
-    )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    with weights_only=True), the same on every process (the main process writes it). Under FSDP2 the
+    model is sharded in place (alignment/training/engine.py) and stays so: gather it (`sharding.gathered`)
+    to sample from it on each process's own prompts."""
+    engine = Engine(cfg)
+    world, rank = distributed.world(), distributed.rank()
     lengths = None
     if cfg.group_by_length is not None:
         lengths = [example_length(example) for example in examples]
@@ -190,25 +181,33 @@ def train(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    model = prepare_model(model, cfg)  # the returned model shares `model`'s parameters: trained in place
-    optimizer = make_optimizer(model.parameters(), cfg, accelerator.device)
+    model = engine.place(model)  # sharded under FSDP2, before the optimizer takes its parameters
+    trained = prepare_model(model, cfg)  # shares `model`'s parameters: trained in place
+    optimizer = make_optimizer(model.parameters(), cfg, engine.device)
     scheduler = get_scheduler(
         schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    wrapped, optimizer, scheduler = engine.prepare(trained, optimizer, scheduler)
     torch.manual_seed(cfg.seed)  # dropout and anything else drawn from the global RNG
 
     result = TrainResult(steps=0)
     if checkpoint_dir is not None and cfg.resume:
-        loaded = _load_checkpoint(accelerator, checkpoint_dir, fingerprint, extra_state)
+        loaded = _load_checkpoint(
+            engine, checkpoint_dir, fingerprint, model, optimizer, scheduler, extra_state
+        )
         result.resumed_from, result.history, result.eval_history = loaded
     if on_start is not None:
         on_start(result.resumed_from)
-    progress = tqdm(
-        total=total_steps, initial=result.resumed_from, desc="train", unit="step", mininterval=2.0
+    progress = tqdm(  # one bar, the main process's
+        total=total_steps,
+        initial=result.resumed_from,
+        desc="train",
+        unit="step",
+        mininterval=2.0,
+        disable=not distributed.is_main(),
     )
 
-    model.train()
+    wrapped.train()
     started, tokens_seen, pending = time.perf_counter(), 0, []
     windows, windows_epoch = [], None  # the current epoch's windows, drawn once per epoch
     for step_index in range(result.resumed_from, total_steps):
@@ -234,29 +233,27 @@ def train(
         ]
         # counted on the host before the move: no device sync (a GPU waits for nothing until a logged step)
         tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
-        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+        batches = [{k: v.to(engine.device) for k, v in b.items()} for b in batches]
 
-        # The window's unit count over all processes: every micro-batch is divided by it, and DDP's
-        # gradient mean over processes is undone by the factor `world`.
-        units = accelerator.reduce(sum(count(b) for b in batches).to(accelerator.device).float(), "sum")
-        # a window without a single unit (every response cut away) trains on nothing: loss 0, not 0 / 0
-        units = units.clamp(min=1.0)
-        loss_total, metrics_total = torch.zeros((), device=accelerator.device), {}
-        for batch in batches:
-            loss_sum, metrics = step(model, batch)
-            accelerator.backward(loss_sum * world / units)
+        # The window's unit count over all processes: every micro-batch is divided by it, and the gradient
+        # mean over processes (DDP's, FSDP2's) is undone by the factor `world`. A window without a single
+        # unit (every response cut away) trains on nothing: its loss is 0, not 0 / 0.
+        units = engine.reduce_sum(sum(count(b) for b in batches).to(engine.device).float()).clamp(min=1.0)
+        loss_total, metrics_total = torch.zeros((), device=engine.device), {}
+        for index, batch in enumerate(batches):
+            with engine.accumulating(wrapped, last=index == len(batches) - 1):
+                loss_sum, metrics = step(wrapped, batch)
+                engine.backward(loss_sum * world / units)
             loss_total += loss_sum.detach() / units
             for key, value in metrics.items():
                 metrics_total[key] = metrics_total.get(key, 0.0) + value / len(batches)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        grad_norm = engine.clip_grad_norm_(wrapped, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step_index + 1
-        pending.append(
-            {"loss": accelerator.reduce(loss_total, "sum"), "grad_norm": grad_norm, **metrics_total}
-        )
+        pending.append({"loss": engine.reduce_sum(loss_total), "grad_norm": grad_norm, **metrics_total})
         progress.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
             # the logged step's one host sync; the stage's metrics are means over the processes (each
@@ -272,62 +269,67 @@ def train(
                 log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, done)
             pending = []
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            _run_eval(evaluate, accelerator, model, done, result, log_metrics)
+            _run_eval(evaluate, wrapped, model, done, result, log_metrics)
         if on_step is not None:
             on_step(done)
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _save_checkpoint(accelerator, checkpoint_dir, fingerprint, done, result, extra_state)
+            _save_checkpoint(
+                engine, checkpoint_dir, fingerprint, done, result, model, optimizer, scheduler, extra_state
+            )
     progress.close()
 
     if evaluate is not None:
-        _run_eval(evaluate, accelerator, model, total_steps, result, log_metrics)
+        _run_eval(evaluate, wrapped, model, total_steps, result, log_metrics)
     result.steps = total_steps
     result.seconds = time.perf_counter() - started
     result.tokens_per_second = tokens_seen * world / result.seconds if result.seconds > 0 else 0.0
-    accelerator.unwrap_model(model)  # weights were trained in place
     return result
 
 
-def _run_eval(evaluate, accelerator: Accelerator, model, step: int, result: TrainResult, log_metrics) -> None:
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():  # the training steps' precision
-        metrics = evaluate(accelerator.unwrap_model(model))
-    model.train()
+def _run_eval(evaluate, wrapped, model, step: int, result: TrainResult, log_metrics) -> None:
+    """`evaluate` on the model itself (not its DDP wrapper; under FSDP2 the sharded model, every process
+    running the same passes)."""
+    wrapped.eval()
+    with torch.no_grad():
+        metrics = evaluate(model)
+    wrapped.train()
     result.eval_history.append({"step": step, **metrics})
     if log_metrics:
-        log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     logger.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
 
 def _save_checkpoint(
-    accelerator: Accelerator,
+    engine: Engine,
     checkpoint_dir: Path,
     fingerprint: str,
     step: int,
     result: TrainResult,
+    model,
+    optimizer,
+    scheduler,
     extra_state: ExtraState | None,
 ) -> None:
     """The logged curves go along in the meta, so a resumed run reports them whole."""
+    extra = extra_state[0]() if extra_state is not None else None
 
     def write(folder: Path) -> None:
-        accelerator.save_state(str(folder))  # every process writes its share (its RNG state)
-        if extra_state is not None and accelerator.is_main_process:
-            torch.save(extra_state[0](), folder / "extra_state.pt")
+        engine.save_state(folder, model, optimizer, scheduler, extra)
 
     meta = {"history": result.history, "eval_history": result.eval_history}
-    checkpoint.save(checkpoint_dir, step, fingerprint, write, meta, accelerator)
+    checkpoint.save(checkpoint_dir, step, fingerprint, write, meta)
 
 
 def _load_checkpoint(
-    accelerator: Accelerator, checkpoint_dir: Path, fingerprint: str, extra_state: ExtraState | None
+    engine: Engine, checkpoint_dir: Path, fingerprint: str, model, optimizer, scheduler, extra_state
 ) -> tuple[int, list, list]:
     found = checkpoint.load(checkpoint_dir, fingerprint)
     if found is None:
         return 0, [], []
     folder, meta = found
-    accelerator.load_state(str(folder))
+    extra = engine.load_state(folder, model, optimizer, scheduler)
     if extra_state is not None:
-        extra_state[1](torch.load(folder / "extra_state.pt", weights_only=True))
+        extra_state[1](extra)
     logger.info("resumed from %s (step %d)", folder, meta["step"])
     return meta["step"], meta.get("history", []), meta.get("eval_history", [])
 
@@ -336,7 +338,8 @@ def step_evaluation(
     examples: Sequence[dict], collate: Callable[[list[dict]], Batch], step: StepFn, batch_size: int
 ):
     """An `evaluate` for `train`: the stage's own `step` over `examples` in batches, without gradients;
-    the loss per example and the step's metrics, averaged over the examples."""
+    the loss per example and the step's metrics, averaged over the examples (every process runs every
+    batch: under FSDP2 a forward is a collective)."""
 
     def evaluate(model) -> dict[str, float]:
         device = next(model.parameters()).device
