@@ -58,10 +58,12 @@ def test_batch_knobs_are_validated_naming_the_key(key):
 def test_frozen_copies_load_in_the_run_dtype_and_trained_weights_stay_float32(saved):
     from alignment.stages.common import load_policy_and_reference
 
-    _, policy, reference = load_policy_and_reference(saved / "sft", None, torch.bfloat16)
+    _, policy, reference = load_policy_and_reference(saved / "sft", None, dtype=torch.bfloat16)
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    _, policy, reference = load_policy_and_reference(saved / "sft", LoraConfig(r=2, alpha=4), torch.bfloat16)
+    _, policy, reference = load_policy_and_reference(
+        saved / "sft", LoraConfig(r=2, alpha=4), dtype=torch.bfloat16
+    )
     trained = {p.dtype for p in policy.parameters() if p.requires_grad}
     frozen = {p.dtype for p in policy.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
