@@ -5,8 +5,8 @@ PPO's LoRA critic shares the reward model's weights; DPO packs where the attenti
 import pytest
 import torch
 
-from alignment.config import ConfigError, LoraConfig, ModelConfig, OptimizerConfig, PPOConfig
 from alignment import precision
+from alignment.config import ConfigError, LoraConfig, ModelConfig, OptimizerConfig, PPOConfig
 from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.models.reward_model import RewardScorer, load_reward_model
 from alignment.registry import parse
