@@ -230,7 +230,7 @@ def run_online(
     log_held_out(label, held_out)
 
     # step 4. metrics, plots, registration
-    functions = [key for key in history[-1] if key.startswith("rewards/") and key.endswith("/mean")]
+    functions = [key for key in history[-1] if key.startswith("rewards/")]  # a reward computed by code
     return finish(
         name,
         paths,
