@@ -43,6 +43,9 @@ class ArithmeticConfig(Section):
     problems: int = Field(default=4000, ge=1)  # distinct problems, before the train / eval / test split
     max_number: int = Field(default=20, ge=2, le=10_000)  # the largest number a problem starts from or adds
     steps: int = Field(default=2, ge=1, le=5)  # operations after the first number (each a step of the answer)
+    tagged_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    """the share of worked answers that close with the asked <answer> tag; the others end "The answer is
+    N." (demonstrations that ignore the format, which SFT imitates and a format reward can correct)"""
 
 
 class Source(Section):

@@ -41,6 +41,16 @@ def test_problems_are_seeded_distinct_and_worked_right():
     assert answer_format(responses) == [1.0] * 300
 
 
+def test_some_demonstrations_ignore_the_format_when_asked():
+    rows = generate(400, seed=0, max_number=10, steps=2, tagged_fraction=0.5)
+    tagged = answer_format([r["response"] for r in rows])
+    assert 150 < sum(tagged) < 250  # about half close with the tag
+    for row, ok in zip(rows, tagged):
+        assert ok or row["response"].endswith(f" The answer is {row['answer']}.")
+    # the right number without the asked tag does not count as an answer
+    assert exact_match([r["response"] for r in rows], answer=[r["answer"] for r in rows]) == tagged
+
+
 def test_prepare_keeps_the_answer_for_the_reward(tmp_path):
     cfg = parse_section(
         PrepareConfig,

@@ -9,8 +9,10 @@ step by step before giving it in that format:
     Give the answer as <answer>number</answer>.
     Answer: 7 + 5 = 12. 12 - 3 = 9. <answer>9</answer>
 
-Each row also carries its `answer` (the number, as text) and an `id`: the extra columns a reward
-computed by code receives. The same (count, seed, max_number, steps) always gives the same problems.
+With `tagged_fraction` < 1 some worked answers close with "The answer is 9." instead: demonstrations
+that ignore the asked format (as a mixed pool of annotators writes them), which SFT imitates and a
+format reward can teach away. Each row also carries its `answer` (the number, as text) and an `id`:
+the extra columns a reward computed by code receives. The same arguments always give the same problems.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ TIMES = {2: "The {items} of {name} double.", 3: "The {items} of {name} triple."}
 FORMAT = "Give the answer as <answer>number</answer>."
 
 
-def problem(rng: random.Random, max_number: int, steps: int) -> dict[str, str]:
-    """One problem: {prompt, response, answer}."""
+def problem(rng: random.Random, max_number: int, steps: int, tagged_fraction: float = 1.0) -> dict[str, str]:
+    """One problem: {prompt, response, answer}; the response closes with the asked tag with probability
+    `tagged_fraction`, else with "The answer is N." (a demonstration that ignores the asked format)."""
     name, items = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(1, max_number)
     story, work = [f"{name} has {total} {items}."], []
@@ -52,18 +55,21 @@ def problem(rng: random.Random, max_number: int, steps: int) -> dict[str, str]:
             work.append(f"{total} * {n} = {total * n}.")
             total *= n
     question = f"How many {items} does {name} have now? {FORMAT}"
+    close = f"<answer>{total}</answer>" if rng.random() < tagged_fraction else f"The answer is {total}."
     return {
         "prompt": f"Question: {' '.join(story)} {question}\nAnswer:",
-        "response": f" {' '.join(work)} <answer>{total}</answer>",
+        "response": f" {' '.join(work)} {close}",
         "answer": str(total),
     }
 
 
-def generate(count: int, seed: int, max_number: int = 20, steps: int = 2) -> list[dict[str, str]]:
+def generate(
+    count: int, seed: int, max_number: int = 20, steps: int = 2, tagged_fraction: float = 1.0
+) -> list[dict[str, str]]:
     """`count` distinct problems (by prompt), each with an `id` (its position) and an `answer`."""
     rng, rows, seen = random.Random(f"arithmetic-{seed}"), [], set()
     for _ in range(count * 50):  # distinct problems run out only for tiny max_number and steps
-        row = problem(rng, max_number, steps)
+        row = problem(rng, max_number, steps, tagged_fraction)
         if row["prompt"] in seen:
             continue
         seen.add(row["prompt"])

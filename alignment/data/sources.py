@@ -264,7 +264,9 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
     for source in cfg.sources:
         if source.kind == "arithmetic":
             task = source.arithmetic or ArithmeticConfig()
-            rows = arithmetic.generate(task.problems, cfg.seed, task.max_number, task.steps)
+            rows = arithmetic.generate(
+                task.problems, cfg.seed, task.max_number, task.steps, task.tagged_fraction
+            )
         else:
             conversational = source.kind in CONVERSATIONAL
             rows = read_rows(source.path, REQUIRED_FIELDS[source.kind], source.split, conversational)
