@@ -447,7 +447,8 @@ def _check_reward_source(cfg) -> None:
     if "rm" in terms and cfg.reward_model is None:
         raise ValueError("the reward model is a term of the reward, but reward_model is null")
     if "gold" in terms and getattr(cfg, "source", "imdb") != "imdb":
-        raise ValueError(f"gold is the IMDb gold scorer; source is {cfg.source!r}")
+        which = "reward: gold" if reward == "gold" else "the rewards' gold term"
+        raise ValueError(f"{which} is the IMDb gold scorer; source is {cfg.source!r}")
 
 
 def held_out_judge_names(cfg) -> list[str]:

@@ -19,7 +19,8 @@ from alignment.data.sources import prepare
 from alignment.paths import Paths
 from alignment.rewards.functions import answer_format, exact_match
 from alignment.stages import prepare as prepare_stage
-from tests.conftest import MICRO_PARAMS, copy_project
+from tests.conftest import MICRO_PARAMS, ROOT, copy_project
+from tests.launching import fork, launch, max_abs_difference, weights
 
 SMOKE = "configs/arithmetic-smoke"
 STEP = re.compile(r"(\d+) ([+\-*]) (\d+) = (\d+)\.")
@@ -89,7 +90,8 @@ def test_arithmetic_smoke_reports_held_out_accuracy_through_dvc_repro(tmp_path):
     root = copy_project(tmp_path / "project", MICRO_PARAMS)
     folder = root / SMOKE
     # the copy's code, whatever the environment's editable install points at (the stages run in `folder`)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root)}
+    # one thread per process: on a busy machine torch's threads wait for each other many times over
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["dvc", "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     lock = YAML(typ="safe").load((folder / "dvc.lock").read_text())
@@ -101,3 +103,50 @@ def test_arithmetic_smoke_reports_held_out_accuracy_through_dvc_repro(tmp_path):
     assert {"train/rewards/exact_match/mean", "train/rewards/answer_format/std"} <= set(metrics)
     rows = (folder / "outputs" / "grpo" / "held_out_generations.jsonl").read_text().splitlines()
     assert {"policy_exact_match", "sft_exact_match"} <= set(json.loads(rows[0]))
+
+
+USER_MODULE = """
+def answer_parity(completion_ids, answer, **kwargs):
+    # varies with the sample and needs each row's own answer: a signal for GRPO whatever the model knows
+    return [float((sum(ids) + int(a)) % 2 == 0) for ids, a in zip(completion_ids, answer)]
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_score_and_train_as_one(tmp_path, monkeypatch):
+    """GRPO on exact_match, answer_format and a function of the user's own module (importable from
+    PYTHONPATH, reading the `answer` column) as 1 process x 4 prompts and as 2 processes x 2 (torchrun,
+    gloo): each process scores its block with its rows' columns (the prompts travel as PromptRows), and
+    the gathered batches give the same per-function statistics and the same weights, moved from SFT's."""
+    import importlib
+
+    from flows.config import parse
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "arith_user.py").write_text(USER_MODULE)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "user"), os.environ.get("PYTHONPATH")]))
+    )
+    profile = YAML(typ="safe").load((ROOT / SMOKE / "params.yaml").read_text())
+    profile["grpo"]["rewards"]["functions"].append({"function": "arith_user:answer_parity", "weight": 1.0})
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    monkeypatch.chdir(upstream)
+    for stage in ("prepare", "tokenizer", "sft"):
+        importlib.import_module(f"alignment.stages.{stage}").run(
+            parse(stage, profile[stage]), Paths(upstream), None
+        )
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for processes in (1, 2):
+        grpo = profile["grpo"] | {"prompts_per_batch": 4 // processes, "minibatch_size": 8 // processes}
+        runs[processes] = fork(upstream, tmp_path / f"p{processes}", {**profile, "grpo": grpo})
+        launch(runs[processes], ["grpo"], processes)
+    one, two = (json.loads((runs[n] / "metrics" / "grpo.json").read_text()) for n in (1, 2))
+    for name in ("exact_match", "answer_format", "answer_parity"):
+        assert one[f"train/rewards/{name}/mean"] == pytest.approx(two[f"train/rewards/{name}/mean"], abs=1e-6)
+    assert 0 < one["train/rewards/answer_parity/mean"] < 1  # a signal: the samples differ in reward
+    trained = weights(runs[1] / "outputs/grpo")
+    assert max_abs_difference(trained, weights(upstream / "outputs/sft")) > 1e-4
+    assert max_abs_difference(trained, weights(runs[2] / "outputs/grpo")) < 1e-5
+    assert one["exact_match/sft_reward"] == pytest.approx(two["exact_match/sft_reward"])

@@ -53,7 +53,6 @@ def params(stage: str, **overrides) -> dict:
     return copy.deepcopy(MICRO_PARAMS[stage]) | {"reward": "code", "rewards": REWARDS} | overrides
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_group_stages_train_on_code_rewards_and_log_each_function(root, tmp_path, monkeypatch, name):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -309,3 +309,22 @@ def test_a_prompt_row_is_its_text_everywhere_and_keeps_its_columns():
     assert prompt_seed(0, row, 1) == prompt_seed(0, "Question: 2 + 2?", 1)
     again = pickle.loads(pickle.dumps(row))  # gathered across processes with its columns
     assert isinstance(again, PromptRow) and again.columns == {"answer": "4"}
+
+
+def test_a_bad_function_path_stops_the_stage_before_any_compute(tmp_path, monkeypatch, capsys):
+    """`python -m alignment grpo` with a reward function that does not import: exit 2 and one line naming
+    it, before any data or model is read (there is none here)."""
+    from alignment.__main__ import main
+    from tests.conftest import write_params
+
+    monkeypatch.chdir(tmp_path)
+    rewards = {"functions": [{"function": "no_such_module.rewards:score"}]}
+    write_params(
+        tmp_path / "params.yaml", {"grpo": {"reward": "code", "reward_model": None, "rewards": rewards}}
+    )
+    assert main(["grpo", "--no-tracking"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "error: reward function 'no_such_module.rewards:score': cannot import 'no_such_module.rewards'"
+        in error
+    )
