@@ -8,7 +8,7 @@ not apply. Name them in params as `alignment.rewards.functions:<name>`, or by th
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
@@ -27,12 +27,7 @@ def as_number(text: str | None) -> Decimal | None:
     if text is None:
         return None
     cleaned = text.strip().replace(",", "")
-    if NUMBER.fullmatch(cleaned) is None:
-        return None
-    try:
-        return Decimal(cleaned)
-    except InvalidOperation:
-        return None
+    return Decimal(cleaned) if NUMBER.fullmatch(cleaned) else None
 
 
 def exact_match(completions: list[str], answer: list | None = None, **kwargs) -> list[float | None]:

@@ -73,7 +73,7 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
     }
     lengths = np.array([len(r) for _, r in drawn], dtype=float).reshape(len(prompts), width)
     # the picker scores the sampled ids themselves (a judge sees the text)
-    picker = np.asarray(score_samples(reward, repeated, drawn, tokenizer)[0]).reshape(len(prompts), width)
+    picker = np.asarray(score_samples(reward, repeated, drawn, tokenizer)).reshape(len(prompts), width)
 
     metrics: dict[str, float] = {"eval/prompts": len(prompts)}
     curve, columns = [], [key for key in CURVE if key.split("/")[0] in {"objective", "length", *scores}]

@@ -87,18 +87,16 @@ def held_out_judges(paths: Paths, reward, source: str = "imdb", code=None, token
     return judges
 
 
-def score_samples(reward, prompts: list[str], drawn: list, tokenizer) -> tuple[list[float], dict[str, float]]:
-    """Sampled (prompt ids, response ids) of `generate_ids` scored by `reward` (a `stage_reward`): the
-    scores, and a reward computed by code's rewards/<name>/mean|std|skipped over them ({} otherwise)."""
+def score_samples(reward, prompts: list[str], drawn: list, tokenizer) -> list[float]:
+    """Sampled (prompt ids, response ids) of `generate_ids` scored by `reward` (a `stage_reward`): a
+    reward computed by code gets the sampled ids themselves."""
     from alignment.models.generation import decode_responses, ended
-    from alignment.rewards.combine import reward_metrics
     from alignment.rewards.source import RewardSource
 
     texts, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn)
     if isinstance(reward, RewardSource):
-        scored = reward.score(prompts, texts, [ids for _, ids in drawn], finished)
-        return scored.totals, reward_metrics(scored.rows())
-    return [float(x) for x in reward(prompts, texts, finished)], {}
+        return reward.score(prompts, texts, [ids for _, ids in drawn], finished).totals
+    return [float(x) for x in reward(prompts, texts, finished)]
 
 
 def stage_reward(cfg, paths: Paths, rm):

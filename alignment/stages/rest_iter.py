@@ -100,7 +100,7 @@ def grow(policy, tokenizer, reward, prompts: list[str], cfg: RestConfig, iterati
             seeds=[seeds[i] for i in rows],
         )
         return list(
-            zip(drawn, decode_responses(tokenizer, drawn), score_samples(reward, picked, drawn, tokenizer)[0])
+            zip(drawn, decode_responses(tokenizer, drawn), score_samples(reward, picked, drawn, tokenizer))
         )
 
     sampled, responses, rewards = zip(*distributed.map_sharded(draw_and_score, list(range(len(repeated)))))
