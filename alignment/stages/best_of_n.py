@@ -72,8 +72,10 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
         for name, judge in judges.items()
     }
     lengths = np.array([len(r) for _, r in drawn], dtype=float).reshape(len(prompts), width)
-    # the picker scores the sampled ids themselves (a judge sees the text)
-    picker = np.asarray(score_samples(reward, repeated, drawn, tokenizer)).reshape(len(prompts), width)
+    # the RM as a judge has scored these already; a reward computed by code picks by the sampled ids
+    # themselves (its judges see the text)
+    picker = scores["rm"] if code is None else np.asarray(score_samples(reward, repeated, drawn, tokenizer))
+    picker = picker.reshape(len(prompts), width)
 
     metrics: dict[str, float] = {"eval/prompts": len(prompts)}
     curve, columns = [], [key for key in CURVE if key.split("/")[0] in {"objective", "length", *scores}]
