@@ -1,9 +1,10 @@
 """ppo: PPO-RLHF (Stiennon et al. 2020; Ouyang et al. 2022) from the SFT policy against the reward model,
 with a critic, on the shared online loop (alignment/training/online.py) with the `PPO` method
 (alignment/training/online_methods.py). Each rollout: sample one response per prompt, score it with the
-RM, log-probs under policy and reference and the critic's values (steps 1-3); per-token rewards
--kl_coef x KL plus the score on the last token, GAE, whitened advantages (step 4); `ppo_epochs` passes of
-the clipped policy and value losses (step 5); the KL coefficient adapted to a target (step 6).
+RM (or, `reward: code`, with the functions of `rewards`), log-probs under policy and reference and the
+critic's values (steps 1-3); per-token rewards -kl_coef x KL plus the score on the last token, GAE,
+whitened advantages (step 4); `ppo_epochs` passes of the clipped policy and value losses (step 5); the KL
+coefficient adapted to a target (step 6).
 
 The critic (`critic_init`): a separate model initialised from the RM (default) or the SFT model with a
 fresh head, or a value head on the policy's own transformer (`policy_head`).
@@ -14,9 +15,15 @@ from __future__ import annotations
 import torch
 
 from alignment.config import PPOConfig
-from alignment.models.reward_model import RewardScorer, load_reward_model
+from alignment.models.reward_model import load_reward_model
 from alignment.paths import Paths
-from alignment.stages.common import load_policy_and_reference, reward_model_path, run_online
+from alignment.stages.common import (
+    load_policy_and_reference,
+    reward_model_path,
+    reward_scorer,
+    run_online,
+    stage_reward,
+)
 from alignment.tracking import Tracker
 from alignment.training.online_methods import PPO, ppo_settings
 
@@ -55,9 +62,11 @@ class PolicyValueHead(torch.nn.Module):
 def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # fresh weights (LoRA adapter, new critic head): the same every run
     tokenizer, policy, reference = load_policy_and_reference(paths.sft, cfg.lora, cfg.train.seed)
-    reward_path = reward_model_path(paths, cfg.reward_model)
-    reward = RewardScorer(reward_path, max_length=cfg.max_length)
-    critic_path = {"reward_model": reward_path, "sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length)  # None without a reward model
+    reward = stage_reward(cfg, paths, rm)  # the RM, or a reward computed by code: a score per response
+    critic_path = {"sft": paths.sft}.get(cfg.critic_init, cfg.critic_init)
+    if cfg.critic_init == "reward_model":
+        critic_path = reward_model_path(paths, cfg.reward_model)
     critic = PolicyValueHead(policy) if cfg.critic_init == "policy_head" else load_reward_model(critic_path)
     metrics = run_online(
         "ppo",
@@ -67,7 +76,7 @@ def run(cfg: PPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         PPO(cfg),
         ppo_settings(cfg),
         reward,
-        reward,
+        rm,
         critic=critic,
         policy_and_reference=(tokenizer, policy, reference),
         columns=COLUMNS,
