@@ -1,7 +1,7 @@
-"""The layers are folders, and imports only go down them: losses, rewards -> data -> models -> training ->
-evaluation -> stages (the plumbing at the package's top, config, registry, paths, tracking, plots, beside them),
-with no circle anywhere, function-level imports included (a lazy import may save start-up time; it may not
-hide a circle)."""
+"""The layers are folders, and imports only go down them: losses and rewards -> data -> models -> training
+-> evaluation -> stages (the plumbing at the package's top: config, registry, paths, tracking, plots), with no
+circle anywhere, function-level imports included (a lazy import may save start-up time; it may not hide a
+circle)."""
 
 import ast
 from pathlib import Path
