@@ -25,6 +25,7 @@ from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
 from alignment.paths import Paths, hash_paths
 from alignment.precision import enable_tf32
+from alignment.rewards.source import RewardFunctionError
 from alignment.training import checkpoint, distributed, sharding
 
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = run(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started} | peak_memory())
             distributed.barrier()
-    except DataError as error:
+    except (DataError, RewardFunctionError) as error:  # bad input, or a reward function of params that fails
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not distributed.is_main():

@@ -13,12 +13,36 @@ from alignment.data.sources import prompt_key
 from alignment.paths import Paths
 
 
-def load_prompts(paths: Paths, split: str, source: str, limit: int, tokenizer) -> list[str]:
+class PromptRow(str):
+    """A rendered prompt that carries its data row's other columns (`columns`: a reference `answer`, an
+    `id`), for a reward computed by code (alignment/rewards/). Everywhere else it is the prompt's text:
+    tokenized, seeded, hashed, compared and written as that string."""
+
+    columns: dict
+
+    def __new__(cls, text: str, columns: dict | None = None) -> PromptRow:
+        row = super().__new__(cls, text)
+        row.columns = dict(columns or {})
+        return row
+
+    def __reduce__(self):  # pickled (gathered across processes) with its columns
+        return PromptRow, (str(self), self.columns)
+
+
+def prompt_row(tokenizer, row: dict, fields: tuple[str, ...] = ("prompt", "source")) -> PromptRow:
+    """A prepared row's prompt rendered for `tokenizer`, carrying every column but `fields`."""
+    return PromptRow(
+        render_prompt(tokenizer, row["prompt"]), {k: v for k, v in row.items() if k not in fields}
+    )
+
+
+def load_prompts(paths: Paths, split: str, source: str, limit: int, tokenizer) -> list[PromptRow]:
     """The first `limit` prompts of `split` ("train", "eval", "test") whose `source` matches, rendered
-    for `tokenizer` (a conversation through its chat template, chat.render_prompt)."""
+    for `tokenizer` (a conversation through its chat template, chat.render_prompt), each with its row's
+    other columns."""
     path = paths.data / f"prompts_{split}.jsonl"
-    rows = [r["prompt"] for r in read_jsonl(path) if r["source"] == source][:limit]
-    prompts = [render_prompt(tokenizer, prompt) for prompt in rows]
+    rows = [r for r in read_jsonl(path) if r["source"] == source][:limit]
+    prompts = [prompt_row(tokenizer, row) for row in rows]
     if not prompts:
         raise ValueError(f"{path}: no prompts with source {source!r}")
     return prompts

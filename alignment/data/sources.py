@@ -4,6 +4,10 @@
 - preference: {"prompt", "chosen", "rejected", "source"}
 - prompts:    {"prompt", "source"}
 
+SFT and prompt rows of `sft`, `prompts` and `arithmetic` sources keep their other columns (a reference
+`answer`, an `id`): what a reward computed by code gets beside the completions (alignment/rewards/). The
+`arithmetic` kind is generated, not read (alignment/data/arithmetic.py).
+
 A prompt is raw text or a conversation (a list of `{role, content}` messages ending with a user turn,
 alignment/data/chat.py); responses are text. Raw-text responses keep their leading whitespace, so
 `prompt + response` is the original text exactly. HH transcripts become conversations. Conversational
@@ -25,7 +29,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from alignment.config import PrepareConfig, Source
+from alignment.config import ArithmeticConfig, PrepareConfig, Source
+from alignment.data import arithmetic
 from alignment.data.chat import check_messages, hh_messages, hh_text
 from alignment.data.io import DataError
 
@@ -40,6 +45,9 @@ REQUIRED_FIELDS = {
     "prompts": ("prompt",),
 }
 CONVERSATIONAL = ("sft", "preference", "prompts")  # kinds whose fields may hold messages
+# kinds whose rows keep their other columns (e.g. a reference `answer`), for a reward computed by code
+WITH_COLUMNS = ("sft", "prompts", "arithmetic")
+SCHEMA_FIELDS = ("prompt", "response", "chosen", "rejected", "messages", "source")
 LOADERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -203,6 +211,8 @@ def normalise(source: Source, row: dict, max_chars: int) -> tuple[dict[str, dict
         if prompt is None:
             return {}, "not_a_dialogue"
         responses = [chosen[1], rejected[1]]
+    elif source.kind == "arithmetic":  # generated in the project's schema, text only
+        prompt, responses = row["prompt"], [row["response"]]
     elif source.kind == "prompts":
         prompt, responses = row["prompt"], []
         if isinstance(prompt, list):
@@ -223,9 +233,10 @@ def normalise(source: Source, row: dict, max_chars: int) -> tuple[dict[str, dict
         return {}, "too_long"
 
     name = source.name
-    records: dict[str, dict] = {"prompts": {"prompt": prompt, "source": name}}
+    columns = {k: v for k, v in row.items() if k not in SCHEMA_FIELDS} if source.kind in WITH_COLUMNS else {}
+    records: dict[str, dict] = {"prompts": {"prompt": prompt, "source": name, **columns}}
     if responses:
-        records["sft"] = {"prompt": prompt, "response": responses[0], "source": name}
+        records["sft"] = {"prompt": prompt, "response": responses[0], "source": name, **columns}
     if len(responses) == 2:
         records["preference"] = {
             "prompt": prompt,
@@ -251,8 +262,14 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
     report: dict = {"sources": {}}
     seen_prompts: set[str] = set()  # each prompt once in `prompts`, however many pairs share it
     for source in cfg.sources:
-        conversational = source.kind in CONVERSATIONAL
-        rows = read_rows(source.path, REQUIRED_FIELDS[source.kind], source.split, conversational)
+        if source.kind == "arithmetic":
+            task = source.arithmetic or ArithmeticConfig()
+            rows = arithmetic.generate(
+                task.problems, cfg.seed, task.max_number, task.steps, task.tagged_fraction
+            )
+        else:
+            conversational = source.kind in CONVERSATIONAL
+            rows = read_rows(source.path, REQUIRED_FIELDS[source.kind], source.split, conversational)
         if source.limit is not None:
             rows = rows[: source.limit]
         dropped: Counter[str] = Counter()
@@ -260,7 +277,7 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, dict[str, list[dict]]], dict]
             try:
                 records, reason = normalise(source, row, cfg.max_chars)
             except ValueError as error:
-                raise DataError(f"{source.path}: row {number}: {error}") from None
+                raise DataError(f"{source.path or source.name}: row {number}: {error}") from None
             if reason is not None:
                 dropped[reason] += 1
                 continue

@@ -58,12 +58,16 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
 def judge_summary(name: str, scores: np.ndarray, sft_scores: np.ndarray, seed: int) -> dict[str, float]:
     """One judge's `<name>/reward`, `<name>/sft_reward` and `<name>/win_rate_vs_sft` (ties half) from
     per-prompt scores, the first and last with 95% percentile-bootstrap intervals over the prompts
-    (`..._ci_low`, `..._ci_high`): the evaluation's own sampling error."""
+    (`..._ci_low`, `..._ci_high`): the evaluation's own sampling error. A prompt that either side scores
+    NaN (a reward function's None: it does not apply there) is left out; with none left, NaN."""
+    valid = ~(np.isnan(scores) | np.isnan(sft_scores))
+    scores, sft_scores = scores[valid], sft_scores[valid]
     wins = (scores > sft_scores) + 0.5 * (scores == sft_scores)
+    empty = not valid.any()
     metrics = {
-        f"{name}/reward": float(scores.mean()),
-        f"{name}/sft_reward": float(sft_scores.mean()),
-        f"{name}/win_rate_vs_sft": win_rate(scores, sft_scores),
+        f"{name}/reward": float("nan") if empty else float(scores.mean()),
+        f"{name}/sft_reward": float("nan") if empty else float(sft_scores.mean()),
+        f"{name}/win_rate_vs_sft": float("nan") if empty else win_rate(scores, sft_scores),
     }
     for key, values in (("reward", scores), ("win_rate_vs_sft", wins)):
         low, high = bootstrap_ci(values, np.mean, resamples=1000, seed=seed)

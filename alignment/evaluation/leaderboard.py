@@ -41,8 +41,10 @@ def held_out_references(
     paths: Paths, source: str, split: str, limit: int, tokenizer, max_tokens: int | None
 ) -> References:
     """The first `limit` distinct prompts of `source` in the SFT `split` and their held-out responses
-    (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given."""
+    (the human review continuation; HH's chosen reply), cut to `max_tokens` tokens when given. The
+    prompts carry their rows' other columns (`PromptRow`: a reference answer for a reward from code)."""
     from alignment.data.chat import render_prompt, render_row
+    from alignment.data.prompts import PromptRow
 
     path = paths.data / f"sft_{split}.jsonl"
     out, seen = References([], [], [], []), set()
@@ -57,7 +59,8 @@ def held_out_references(
             ids = tokenizer(response, add_special_tokens=False)["input_ids"]
             response = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
             finished = len(ids) <= max_tokens
-        out.prompts.append(rendered["prompt"])
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "response", "source")}
+        out.prompts.append(PromptRow(rendered["prompt"], columns))
         out.questions.append(render_prompt(None, row["prompt"]))
         out.responses.append(response)
         out.finished.append(finished)

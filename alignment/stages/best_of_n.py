@@ -1,4 +1,6 @@
-"""Best-of-n on the policy stages' held-out prompts: the reward model picks the best of n SFT samples.
+"""Best-of-n on the policy stages' held-out prompts: the reward model (or, `reward: code`, a reward
+computed by code: with a verifier, the share of prompts some of the n samples solve) picks the best of n
+SFT samples.
 
 The inference-time baseline of every reward-KL frontier (Stiennon et al. 2020; Gao et al. 2023): no
 training, its KL to SFT analytic, log n - (n - 1) / n (an upper bound, Beirami et al. 2024). Each of the
@@ -28,7 +30,8 @@ from alignment.evaluation.leaderboard import best_of, best_of_n_kl
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.loading import load_causal_lm, load_tokenizer
 from alignment.paths import Paths
-from alignment.stages.common import held_out_judges, reward_scorer
+from alignment.rewards.source import RewardSource
+from alignment.stages.common import held_out_judges, reward_scorer, score_samples, stage_reward
 from alignment.stages.results import finish
 from alignment.tracking import Tracker
 from alignment.training import distributed
@@ -38,11 +41,13 @@ logger = logging.getLogger(__name__)
 CURVE = ("objective/kl", "gold/reward", "rm/reward", "gold/win_rate_vs_sft", "length/mean_tokens")
 
 
-def best_of_n_metrics(scores: dict[str, np.ndarray], lengths: np.ndarray, n: int, seed: int) -> dict:
+def best_of_n_metrics(
+    picker: np.ndarray, scores: dict[str, np.ndarray], lengths: np.ndarray, n: int, seed: int
+) -> dict:
     """The metrics of best-of-n from per-prompt scores (P, N + 1) of N + 1 samples: the best of the first
-    n columns by `scores["rm"]`, judged against the last column (an independent SFT sample) by every
-    judge. Pure: numbers in, numbers out."""
-    pick = best_of(scores["rm"], n)
+    n columns by `picker` (the RM's scores, or a reward computed by code's), judged against the last
+    column (an independent SFT sample) by every judge. Pure: numbers in, numbers out."""
+    pick = best_of(picker, n)
     rows = np.arange(len(pick))
     metrics = {"objective/kl": best_of_n_kl(n), "length/mean_tokens": float(lengths[rows, pick].mean())}
     for name, table in scores.items():
@@ -54,8 +59,10 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
     dtype = precision.resolve_dtype(cfg.compute.dtype)
     tokenizer = load_tokenizer(paths.sft)
     sft = load_causal_lm(paths.sft, dtype=dtype).eval().to(distributed.device())
-    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
-    judges = held_out_judges(paths, reward, cfg.source)
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
+    reward = stage_reward(cfg, paths, rm)  # what picks: the RM, or a reward computed by code
+    code = reward if isinstance(reward, RewardSource) else None
+    judges = held_out_judges(paths, rm, cfg.source, code, tokenizer)
     prompts = load_prompts(paths, "test", cfg.source, cfg.eval_prompts, tokenizer)
     width = max(cfg.n) + 1  # the last sample of each prompt is the SFT comparison
     repeated = [p for p in prompts for _ in range(width)]
@@ -80,24 +87,31 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
         for name, judge in judges.items()
     }
     lengths = np.array([len(r) for _, r in drawn], dtype=float).reshape(len(prompts), width)
+    # the RM as a judge has scored these already; a reward computed by code picks by the sampled ids
+    # themselves (its judges see the text)
+    picker = (
+        scores["rm"] if code is None else np.asarray(score_samples(reward, repeated, drawn, tokenizer, sft))
+    )
+    picker = picker.reshape(len(prompts), width)
 
     metrics: dict[str, float] = {"eval/prompts": len(prompts)}
-    curve = []
+    curve, columns = [], [key for key in CURVE if key.split("/")[0] in {"objective", "length", *scores}]
+    columns += [f"{name}/reward" for name in scores if f"{name}/reward" not in columns]
     for n in sorted(cfg.n):
-        point = best_of_n_metrics(scores, lengths, n, cfg.seed)
+        point = best_of_n_metrics(picker, scores, lengths, n, cfg.seed)
         metrics |= {f"best_of_{n}/{key}": value for key, value in point.items()}
-        curve.append({"n": n, **{key.replace("/", "_"): point.get(key, float("nan")) for key in CURVE}})
+        curve.append({"n": n, **{key.replace("/", "_"): point[key] for key in columns}})
         logger.info(
-            "best-of-%d: KL %.2f, %s",  # gold where the task has a gold scorer
+            "best-of-%d: KL %.2f, %s",
             n,
             point["objective/kl"],
-            ", ".join(f"{j} reward {point[f'{j}/reward']:.3f}" for j in scores),
+            ", ".join(f"{name} reward {point[f'{name}/reward']:.3f}" for name in scores),
         )
 
     out = paths.out("best_of_n")
     out.mkdir(parents=True, exist_ok=True)
     picks = []
-    best = best_of(scores["rm"], max(cfg.n))
+    best = best_of(picker, max(cfg.n))
     for i, prompt in enumerate(prompts):
         picks.append(
             {
@@ -108,7 +122,7 @@ def run(cfg: BestOfNStageConfig, paths: Paths, log: Tracker | None) -> dict[str,
             }
         )
     write_jsonl(out / "picks.jsonl", picks)
-    columns = ["n", *(key.replace("/", "_") for key in CURVE)]
+    columns = ["n", *(key.replace("/", "_") for key in columns)]
     return finish(
         "best_of_n", paths, log, metrics, csvs={"curve.csv": (curve, columns)}, tables={"picks.json": picks}
     )

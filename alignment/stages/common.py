@@ -67,8 +67,11 @@ def reward_model_path(paths: Paths, name: str) -> Path:
     return paths.rm if name == "rm" else paths.resolve(name)
 
 
-def reward_scorer(paths: Paths, name: str, max_length: int, compute=None):
-    """The reward model `name` as a scorer, batched and in the dtype of `compute` (a ComputeConfig)."""
+def reward_scorer(paths: Paths, name: str | None, max_length: int, compute=None):
+    """The reward model `name` names as a scorer, batched and in the dtype of `compute` (a ComputeConfig);
+    None: no reward model, None back."""
+    if name is None:
+        return None
     from alignment.config import ComputeConfig
     from alignment.models.reward_model import RewardScorer
     from alignment.precision import resolve_dtype
@@ -82,18 +85,57 @@ def reward_scorer(paths: Paths, name: str, max_length: int, compute=None):
     )
 
 
-def held_out_judges(paths: Paths, reward, source: str = "imdb") -> dict:
+def gold_reward(paths: Paths):
+    """The IMDb gold scorer as a reward, (prompts, responses, finished) -> scores, on prompt + response."""
+    from alignment.evaluation.gold_scorer import GoldScorer
+
+    gold = GoldScorer.load(paths.gold)
+    return lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)])
+
+
+def held_out_judges(paths: Paths, reward, source: str = "imdb", code=None, tokenizer=None) -> dict:
     """The judges every policy stage compares with SFT by, each (prompts, responses, finished) -> scores:
     on the IMDb task the gold scorer (its held-out judge, which nothing trains against) on prompt +
-    response; always the reward model (the proxy), which closes finished responses with EOS. Other
-    tasks (HH dialogue) have no gold: the evaluate stage's LLM judge is their held-out judge."""
-    judges = {"rm": lambda p, r, f: reward(p, r, f).numpy()}
-    if source == "imdb":
-        from alignment.evaluation.gold_scorer import GoldScorer
-
-        gold = GoldScorer.load(paths.gold)
-        judges = {"gold": lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)])} | judges
+    response; the reward model `reward` (the proxy; None: none), which closes finished responses with
+    EOS; with `code` (a RewardSource) each of its functions by name (e.g. exact_match: accuracy) and
+    their weighted sum `code`, on the responses re-tokenized by `tokenizer`. Other tasks (HH dialogue)
+    have no gold: the evaluate stage's LLM judge is their held-out judge."""
+    judges = {"gold": gold_reward(paths)} if source == "imdb" else {}
+    if reward is not None:
+        judges["rm"] = lambda p, r, f: reward(p, r, f).numpy()
+    if code is not None:
+        judges |= code.judges(tokenizer)
     return judges
+
+
+def score_samples(reward, prompts: list[str], drawn: list, tokenizer, model=None) -> list[float]:
+    """Sampled (prompt ids, response ids) of `generate_ids` scored by `reward` (a `stage_reward`): a
+    reward computed by code gets the sampled ids themselves. `model`: the one that drew them (its
+    generation config names further end ids, `generation.ended`)."""
+    from alignment.models.generation import decode_responses, ended
+    from alignment.rewards.source import RewardSource
+
+    texts, finished = decode_responses(tokenizer, drawn), ended(tokenizer, drawn, model)
+    if isinstance(reward, RewardSource):
+        return reward.score(prompts, texts, [ids for _, ids in drawn], finished).totals
+    return [float(x) for x in reward(prompts, texts, finished)]
+
+
+def stage_reward(cfg, paths: Paths, rm):
+    """What a stage's samples are scored by (`cfg.reward`): rm, the reward model `rm`; gold, the gold
+    scorer on prompt + response; code, the functions of `cfg.rewards` (imported now: a wrong path fails
+    before any compute), with the RM and the gold scorer as terms where it names them."""
+    if cfg.reward == "rm":
+        return rm
+    if cfg.reward == "gold":
+        return gold_reward(paths)
+    from alignment.rewards.source import RewardSource
+
+    terms = {f.function for f in cfg.rewards.functions}
+    models = {"rm": rm} if "rm" in terms else {}
+    if "gold" in terms:
+        models["gold"] = gold_reward(paths)
+    return RewardSource.from_config(cfg.rewards, models)
 
 
 def compare_on_held_out(
@@ -106,14 +148,16 @@ def compare_on_held_out(
     seed: int,
     split: str = "test",
     out: Path | None = None,
+    code=None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Policy vs SFT on `cfg.eval_prompts` prompts of `split` (`cfg.source`), judged by gold and the RM;
-    the per-prompt rows go to `out/held_out_generations.jsonl` when `out` is given."""
+    """Policy vs SFT on `cfg.eval_prompts` prompts of `split` (`cfg.source`), judged by gold, the RM
+    `reward` and the functions of `code` (a RewardSource); the per-prompt rows go to
+    `out/held_out_generations.jsonl` when `out` is given."""
     from alignment.data.prompts import load_prompts
     from alignment.evaluation.heldout import compare_to_sft
 
     prompts = load_prompts(paths, split, cfg.source, cfg.eval_prompts, tokenizer)
-    judges = held_out_judges(paths, reward, cfg.source)
+    judges = held_out_judges(paths, reward, cfg.source, code, tokenizer)
     with sharding.gathered(policy, reference):  # whole on every process (FSDP2): each samples its own block
         metrics, rows = compare_to_sft(
             policy, reference, tokenizer, prompts, cfg.samples, seed, judges, cfg.compute
@@ -124,8 +168,8 @@ def compare_on_held_out(
 
 
 def held_out_summary(metrics: dict[str, float]) -> str:
-    """A policy's held-out numbers against SFT in one line, gold's where the task has a gold scorer."""
-    judges = [j for j in ("gold", "rm") if f"{j}/reward" in metrics]
+    """A policy's held-out numbers against SFT in one line, every judge's (gold, rm, code rewards)."""
+    judges = [key.removesuffix("/sft_reward") for key in metrics if key.endswith("/sft_reward")]
     parts = [
         f"{j} reward {metrics[f'{j}/reward']:.3f} vs SFT {metrics[f'{j}/sft_reward']:.3f} "
         f"(win rate {metrics[f'{j}/win_rate_vs_sft']:.2f})"
@@ -156,11 +200,13 @@ def run_online(
 ) -> dict[str, float]:
     """An online-RL stage (PPO, GRPO, RLOO) from the SFT policy, in numbered steps: `method` and `settings`
     on the shared loop (alignment/training/online.py), the samples scored by `reward`, the held-out
-    comparison judged by `rm` (and gold). `policy_and_reference`: the stage's own (tokenizer, policy,
-    reference), e.g. PPO's with a value head on the policy."""
+    comparison judged by `rm` (and gold, and by a reward computed by code, its functions). The prompts
+    carry their rows' columns (`PromptRow`) for a reward computed by code. `policy_and_reference`: the
+    stage's own (tokenizer, policy, reference), e.g. PPO's with a value head on the policy."""
     from alignment.data.prompts import load_prompts
     from alignment.models.loading import check_max_length
     from alignment.plots import curves
+    from alignment.rewards.source import RewardSource
     from alignment.stages.results import finish
     from alignment.training import online
     from alignment.training.checkpoint import fingerprint
@@ -203,18 +249,20 @@ def run_online(
     # step 3. save, then policy vs SFT on held-out prompts
     out = paths.out(name)
     save_model(policy, tokenizer, out, cfg.lora)
+    code = reward if isinstance(reward, RewardSource) else None
     held_out, rows = compare_on_held_out(
-        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out
+        policy, reference, tokenizer, paths, cfg, rm, cfg.train.seed, out=out, code=code
     )
     log_held_out(label, held_out)
 
     # step 4. metrics, plots, registration
+    functions = [key for key in history[-1] if key.startswith("rewards/")]  # a reward computed by code
     return finish(
         name,
         paths,
         log,
         online.summary(history, timing) | held_out,
-        csvs={"train.csv": (history, columns)},
+        csvs={"train.csv": (history, columns + functions)},
         curves=(held_out, len(history)),
         figures={
             f"plots/{name}.png": curves(history, f"{label} per generation batch", panels, "generation batch")
@@ -237,9 +285,3 @@ GROUP_COLUMNS = [
     "loss",
 ]
 GROUP_PANELS = [["reward"], ["objective/kl", "entropy"]]
-
-
-def group_reward(cfg, paths: Paths, rm):
-    """What GRPO's and RLOO's samples are trained on: `reward: rm` the reward model, `gold` the gold scorer
-    on prompt + response (the judges the held-out comparison uses)."""
-    return rm if cfg.reward == "rm" else held_out_judges(paths, rm)["gold"]

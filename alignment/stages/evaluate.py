@@ -5,8 +5,9 @@
 2. Samples: every model in `models` continues every prompt once with the same decoding settings
    and per-prompt seeds (cached by model hash, settings and prompt); best-of-n draws max(n) samples
    of its policy and the reward model keeps the best of the first n.
-3. Judges, one interface: the reward model and the gold scorer compare scores; an LLM judge (when
-   `llm_judge.backend` is set) compares the two responses in both orders.
+3. Judges, one interface: the reward model, the gold scorer and the functions of a reward computed by
+   code (`rewards`: each by its name, its mean e.g. the accuracy, and their sum `code`) compare scores;
+   an LLM judge (when `llm_judge.backend` is set) compares the two responses in both orders.
 4. Per model: win rate against the reference with 95% bootstrap intervals per judge, and the
    length-controlled win rate (the judge's preference at equal length in tokens, Dubois et al. 2024),
    mean rewards, KL to the first model (SFT) on the model's own samples, response length statistics.
@@ -43,36 +44,36 @@ from alignment.paths import Paths, hash_paths
 from alignment.plots import write_csv
 from alignment.precision import autocast, resolve_dtype
 from alignment.registry import leaderboard_models
-from alignment.stages.common import reward_model_path, reward_scorer
+from alignment.stages.common import gold_reward, reward_model_path, reward_scorer
 from alignment.tracking import Tracker
 from alignment.training import distributed
 
 logger = logging.getLogger(__name__)
 
 
-def scalar_judges(cfg: EvaluateConfig, paths: Paths) -> list[ScalarJudge]:
-    from alignment.evaluation.gold_scorer import GoldScorer
+def scalar_judges(cfg: EvaluateConfig, paths: Paths, tokenizer) -> list[ScalarJudge]:
+    """The RM, the gold scorer and, with `rewards`, each function of code (e.g. exact_match: the accuracy)
+    and their weighted sum `code`."""
+    from alignment.rewards.source import RewardSource
 
-    judges = []
+    judges, models = [], {}
     if cfg.reward_model:
         rm_path = reward_model_path(paths, cfg.reward_model)
         scorer = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
-        judges.append(
-            ScalarJudge(
-                "rm",
-                lambda p, r, f: scorer(p, r, f).numpy(),
-                {"model": str(rm_path), "hash": hash_paths([rm_path])},
-            )
-        )
+        models["rm"] = lambda p, r, f: scorer(p, r, f).numpy()
+        judges.append(ScalarJudge("rm", models["rm"], {"model": str(rm_path), "hash": hash_paths([rm_path])}))
     if cfg.gold and cfg.source == "imdb":
-        gold = GoldScorer.load(paths.gold)
-        judges.append(
-            ScalarJudge(
-                "gold",
-                lambda p, r, f: gold.reward([a + b for a, b in zip(p, r)]),
-                {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])},
-            )
-        )
+        models["gold"] = gold_reward(paths)
+        identity = {"model": "TF-IDF + logistic regression (IMDb)", "hash": hash_paths([paths.gold])}
+        judges.append(ScalarJudge("gold", models["gold"], identity))
+    if cfg.rewards is not None:
+        code = RewardSource.from_config(cfg.rewards, models)
+        functions = {
+            f.label: {"code": f.function, "weight": f.weight, **f.kwargs} for f in cfg.rewards.functions
+        }
+        for name, score in code.judges(tokenizer).items():
+            identity = functions.get(name) or {"code": "weighted sum", "terms": list(functions)}
+            judges.append(ScalarJudge(name, score, identity))
     return judges
 
 
@@ -107,7 +108,7 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
         "seed": cfg.seed,
     }
     cache = GenerationCache(paths.checkpoints("evaluate") / "generations")
-    judges = scalar_judges(cfg, paths)
+    judges = scalar_judges(cfg, paths, tokenizer)
     limits = {}
     if cfg.llm_judge.backend != "none":
         judges.append(
@@ -216,13 +217,14 @@ def run(cfg: EvaluateConfig, paths: Paths, log: Tracker | None) -> dict:
 
 
 def best_of_n_rows(cfg: EvaluateConfig, judges, samples, held_out, reference_tokens, limits) -> list[dict]:
-    """Best-of-n of the policy's samples, picked by the reward model (never by a judge it is scored by
-    other than the RM itself, whose win rate is then optimistic by construction)."""
-    rm = next((j for j in judges if j.name == "rm"), None)
-    if rm is None:
-        raise ValueError("evaluate.best_of_n needs the reward model (evaluate.reward_model)")
+    """Best-of-n of the policy's samples, picked by the reward model or (`best_of_n.reward: code`) the
+    reward computed by code (never by a judge it is scored by other than the picker itself, whose win
+    rate is then optimistic by construction; with a verifier, the share of prompts one of n solves)."""
+    picker = next((j for j in judges if j.name == cfg.best_of_n.reward), None)
+    if picker is None:
+        raise ValueError(f"evaluate.best_of_n picks by {cfg.best_of_n.reward!r}, which is not a judge here")
     prompts, references = held_out.prompts, held_out.responses
-    scores = np.stack([rm.scores(prompts, s.responses, s.ended) for s in samples], axis=1)  # (prompts, N)
+    scores = np.stack([picker.scores(prompts, s.responses, s.ended) for s in samples], axis=1)  # (prompts, N)
     rows = []
     for n in sorted(cfg.best_of_n.n):
         pick = best_of(scores, n)
@@ -299,8 +301,13 @@ def report(
     responses = [dict(zip(per_prompt, values)) for values in zip(*per_prompt.values())]
     write_jsonl(out / "responses.jsonl", responses)
 
+    # a reward computed by code's mean (exact_match/reward: the accuracy) leads, beside the win rates
+    code_means = {f"{name}/reward" for name, identity in identities.items() if "code" in identity}
+
     def headline_first(key: str) -> int:  # what `dvc metrics show` and the flow summary show first
-        return 0 if key.endswith("/win_rate") else 1 if key in ("objective/kl", "length/mean_tokens") else 2
+        if key.endswith("/win_rate") or key in code_means:
+            return 0
+        return 1 if key in ("objective/kl", "length/mean_tokens") else 2
 
     metrics = {
         row["model"]: {

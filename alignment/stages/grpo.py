@@ -2,12 +2,12 @@
 and std as the baseline instead of a critic; semantics as TRL's GRPOTrainer.
 
   1. The policy and its frozen SFT reference; the reward the samples are trained on (`reward`: the RM,
-     or the gold scorer) and the RM for the held-out comparison.
+     the gold scorer, or functions of code, `rewards`) and the RM for the held-out comparison.
   2. Generation batches on the shared online loop (alignment/training/online.py) with the `GRPO` method
      (alignment/training/online_methods.py): advantages (r - mean) / (std + eps) per group;
      `num_iterations` passes of `grpo_loss`, the per-token clipped surrogate plus beta x k3 KL, averaged
      by `loss_type`.
-  3. The policy saved, and compared with SFT on held-out prompts (gold and the RM).
+  3. The policy saved, and compared with SFT on held-out prompts (gold, the RM, the code rewards).
   4. Metrics, plots/grpo/train.csv, the curves in MLflow; registered as `alignment-grpo`.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from alignment.config import GRPOConfig
 from alignment.paths import Paths
-from alignment.stages.common import GROUP_COLUMNS, GROUP_PANELS, group_reward, reward_scorer, run_online
+from alignment.stages.common import GROUP_COLUMNS, GROUP_PANELS, reward_scorer, run_online, stage_reward
 from alignment.tracking import Tracker
 from alignment.training.online_methods import GRPO, group_settings
 
@@ -29,7 +29,7 @@ def run(cfg: GRPOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log,
         GRPO(cfg),
         group_settings(cfg),
-        group_reward(cfg, paths, rm),
+        stage_reward(cfg, paths, rm),
         rm,
         columns=GROUP_COLUMNS,
         panels=GROUP_PANELS,

@@ -41,18 +41,15 @@ def proxy_vs_held_out(history: list[dict], proxy: str, held_out: str, best: int,
     right = ax.twinx()
     steps = [r["iteration"] for r in history]
     role = {proxy: " (proxy)", held_out: " (held-out judge)"}
-    grown = [(r["iteration"], r["grow/rm_reward"]) for r in history if "grow/rm_reward" in r]
-    if grown:
-        ax.plot(*zip(*grown), "s:", color="tab:orange", label="RM reward, grown samples")
-    for axis, key, style, color in [
-        (ax, "rm/reward", "o-", "tab:red"),
-        (ax, "gold/reward", "o-", "tab:blue"),
-        (right, "rm/win_rate_vs_sft", "d--", "tab:pink"),
-        (right, "gold/win_rate_vs_sft", "d--", "tab:green"),
-    ]:
-        if key in history[0]:  # gold: the IMDb task only
-            label = f"{key}, held-out{role.get(key, '')}"
-            axis.plot(steps, [r[key] for r in history], style, color=color, label=label)
+    for kind in ("rm", "code"):  # what Grow scored by
+        grown = [(r["iteration"], r[f"grow/{kind}_reward"]) for r in history if f"grow/{kind}_reward" in r]
+        if grown:
+            ax.plot(*zip(*grown), "s:", color="tab:orange", label=f"{kind} reward, grown samples")
+    # every judge the iterations were compared with SFT by: gold (IMDb), rm, and rewards computed by code
+    for key in [k for k in history[0] if k.endswith(("/reward", "/win_rate_vs_sft"))]:
+        axis, style = (ax, "o-") if key.endswith("/reward") else (right, "d--")
+        label = f"{key}, held-out{role.get(key, '')}"
+        axis.plot(steps, [r[key] for r in history], style, label=label)
     ax.set(xlabel="ReST iteration (0: start policy)", ylabel="mean reward", xticks=steps)
     right.set_ylabel("win rate vs SFT")
     ax.axvline(best, color="grey", alpha=0.4, linewidth=6, label=f"kept: iteration {best}")
@@ -110,17 +107,15 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         "guard/stopped": int(bool(stopped)),
         "improved": int(best["iteration"] > 0),
     }
-    judged = [
-        k for k in ("gold/reward", "gold/win_rate_vs_sft", "rm/reward", "rm/win_rate_vs_sft") if k in best
-    ]
+    judged = [k for k in best if k.endswith(("/reward", "/win_rate_vs_sft"))]  # gold, rm, code rewards
     metrics |= {k: best[k] for k in [*judged, "objective/kl"]}
     metrics |= {f"start/{k}": start[k] for k in judged}
     logger.info("kept %s: %s", source, why)
     for r in history:
         logger.info(
-            "  iteration %d: RM reward grown %s, held-out %s, kept %s at tau %s",
+            "  iteration %d: reward grown %s, held-out %s, kept %s at tau %s",
             r["iteration"],
-            f"{r['grow/rm_reward']:.3f}" if "grow/rm_reward" in r else "-",
+            next((f"{r[k]:.3f}" for k in ("grow/rm_reward", "grow/code_reward") if k in r), "-"),
             ", ".join(f"{k} {r[k]:.3f}" for k in judged),
             f"{r['improve/kept_fraction_0']:.2f}" if "improve/kept_fraction_0" in r else "-",
             f"{r['improve/tau_0']:.3f}" if "improve/tau_0" in r else "-",
@@ -143,7 +138,12 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         paths,
         log,
         metrics,
-        csvs={"iterations.csv": (history, COLUMNS)},
+        csvs={
+            "iterations.csv": (
+                history,
+                COLUMNS + [k for k in ["grow/code_reward", *judged] if k not in COLUMNS],
+            )
+        },
         figures={"plots/rest_proxy_vs_held_out.png": figure},
         model=paths.rest_best,
         register_as=cfg.register_as,

@@ -1,15 +1,16 @@
 """rest_iter: one ReST iteration (Gulcehre et al. 2023), a DVC stage of its own (`rest_iter@<k>`),
 from the policy `rest.iterations[k]` names (iteration k - 1's, or for the first the SFT model or the
 champion). Everything it makes is an output of its folder `outputs/rest/<k>/`:
-`grown.jsonl` (every sample and its RM reward), `kept.jsonl` (what each Improve step trained on, with
-its tau), `policy/`, and `report.json` (the held-out record of every iteration so far).
+`grown.jsonl` (every sample and its reward: the RM's, or with `reward: code` the functions' sum),
+`kept.jsonl` (what each Improve step trained on, with its tau), `policy/`, and `report.json` (the
+held-out record of every iteration so far).
 
   1. The guard first: if an earlier iteration stopped the run, this one does not train; its policy
      is its start policy unchanged and its report says why.
   2. The first iteration scores its start policy on the held-out prompts: iteration 0 of the record,
      what every later iteration (and the scheduled retraining's champion check) is compared with.
   3. Grow: N samples per prompt from the start policy (the prepared training prompts plus any new
-     ones in `rest.incoming`), each prompt with its own seed; the RM scores every sample.
+     ones in `rest.incoming`), each prompt with its own seed; the RM (or `rewards`) scores every sample.
   4. Improve, step i = 0, 1, ...: tau_i from the grown rewards (rising with i); NLL on the samples
      strictly above tau_i (optionally mixed with SFT rows), continuing from step i - 1's weights; the
      learning rate of iteration k is lr * lr_decay ** (k - 1).
@@ -35,11 +36,18 @@ from alignment.data.chat import render_prompt, render_row
 from alignment.data.io import read_jsonl, write_jsonl, write_metrics
 from alignment.data.prompts import load_incoming, load_prompts
 from alignment.evaluation.heldout import compare_to_sft
-from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
+from alignment.models.generation import decode_responses, generate_ids, prompt_seed
 from alignment.models.loading import check_max_length, load_causal_lm, load_tokenizer
-from alignment.models.reward_model import RewardScorer
 from alignment.paths import Paths
-from alignment.stages.common import held_out_judges, held_out_summary, reward_scorer, save_model
+from alignment.rewards.source import RewardSource
+from alignment.stages.common import (
+    held_out_judges,
+    held_out_summary,
+    reward_scorer,
+    save_model,
+    score_samples,
+    stage_reward,
+)
 from alignment.tracking import Tracker
 from alignment.training import distributed, sharding
 from alignment.training.rest_rules import above, guard, learning_rate, thresholds
@@ -74,10 +82,9 @@ def grow_prompts(cfg: RestConfig, paths: Paths, tokenizer) -> tuple[list[str], d
     return prompts, stats
 
 
-def grow(
-    policy, tokenizer, reward: RewardScorer, prompts: list[str], cfg: RestConfig, iteration: int
-) -> list[dict]:
-    """N samples per prompt, each (prompt, sample index) with its own seed, scored by the RM."""
+def grow(policy, tokenizer, reward, prompts: list[str], cfg: RestConfig, iteration: int) -> list[dict]:
+    """N samples per prompt, each (prompt, sample index) with its own seed, scored by `reward` (the RM, or
+    a reward computed by code)."""
     g = cfg.grow
     repeated = [p for p in prompts for _ in range(g.samples_per_prompt)]
     indices = [j for _ in prompts for j in range(g.samples_per_prompt)]
@@ -96,8 +103,8 @@ def grow(
                 cfg.compute.generation_batch_size,
                 seeds=[seeds[i] for i in rows],
             )
-        texts = decode_responses(tokenizer, drawn)
-        return list(zip(drawn, texts, reward(picked, texts, ended(tokenizer, drawn, policy)).tolist()))
+        scores = score_samples(reward, picked, drawn, tokenizer, policy)
+        return list(zip(drawn, decode_responses(tokenizer, drawn), scores))
 
     sampled, responses, rewards = zip(*distributed.map_sharded(draw_and_score, list(range(len(repeated)))))
     return [
@@ -173,8 +180,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
     tokenizer = load_tokenizer(start)
     policy, sft = load_policy(start, paths, cfg)
     check_max_length(cfg.max_length, policy, "rest.max_length")
-    reward = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
-    judges = held_out_judges(paths, reward, cfg.source)
+    rm = reward_scorer(paths, cfg.reward_model, cfg.max_length, cfg.compute)
+    reward = stage_reward(cfg, paths, rm)  # Grow's: the RM, or a reward computed by code
+    code = reward if isinstance(reward, RewardSource) else None
+    judges = held_out_judges(paths, rm, cfg.source, code, tokenizer)
     eval_prompts = load_prompts(paths, "eval", cfg.source, cfg.eval_prompts, tokenizer)
 
     def held_out(model) -> dict[str, float]:
@@ -208,7 +217,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         "iteration": iteration,
         "policy": str(out / "policy"),
         "learning_rate": lr,
-        "grow/rm_reward": float(rewards.mean()),
+        f"grow/{cfg.reward}_reward": float(rewards.mean()),  # grow/rm_reward, or grow/code_reward
         "grow/samples": len(grown),
         **prompt_stats,
     }
@@ -218,7 +227,7 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         record |= {
             f"improve/tau_{i}": tau,
             f"improve/kept_fraction_{i}": len(kept) / len(grown),
-            f"improve/kept_rm_reward_{i}": float(np.mean([r["reward"] for r in kept]))
+            f"improve/kept_{cfg.reward}_reward_{i}": float(np.mean([r["reward"] for r in kept]))
             if kept
             else float("nan"),
         }
@@ -276,9 +285,10 @@ def run(cfg: RestConfig, paths: Paths, log: Tracker | None, iteration: int) -> d
         if stopped:
             log.tags({"guard": stopped})
     logger.info(
-        "iteration %d: grown RM reward %.3f; held-out %s",
+        "iteration %d: grown %s reward %.3f; held-out %s",
         iteration,
-        record["grow/rm_reward"],
+        cfg.reward,
+        record[f"grow/{cfg.reward}_reward"],
         held_out_summary(record),
     )
     return metrics

@@ -3,12 +3,12 @@ prompt, the mean reward of the other k - 1 as each one's baseline instead of a c
 RLOOTrainer.
 
   1. The policy and its frozen SFT reference; the reward the samples are trained on (`reward`: the RM,
-     or the gold scorer) and the RM for the held-out comparison.
+     the gold scorer, or functions of code, `rewards`) and the RM for the held-out comparison.
   2. Generation batches on the shared online loop (alignment/training/online.py) with the `RLOO` method
      (alignment/training/online_methods.py): the reward R = r - beta KL (k1, summed over the sample;
      `kl_in_reward`) and the leave-one-out advantages; `num_iterations` passes of `rloo_loss`, the
      clipped surrogate on the sequence's probability ratio.
-  3. The policy saved, and compared with SFT on held-out prompts (gold and the RM).
+  3. The policy saved, and compared with SFT on held-out prompts (gold, the RM, the code rewards).
   4. Metrics, plots/rloo/train.csv, the curves in MLflow; registered as `alignment-rloo`.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from alignment.config import RLOOConfig
 from alignment.paths import Paths
-from alignment.stages.common import GROUP_COLUMNS, GROUP_PANELS, group_reward, reward_scorer, run_online
+from alignment.stages.common import GROUP_COLUMNS, GROUP_PANELS, reward_scorer, run_online, stage_reward
 from alignment.tracking import Tracker
 from alignment.training.online_methods import RLOO, group_settings
 
@@ -31,7 +31,7 @@ def run(cfg: RLOOConfig, paths: Paths, log: Tracker | None) -> dict[str, float]:
         log,
         RLOO(cfg),
         group_settings(cfg),
-        group_reward(cfg, paths, rm),
+        stage_reward(cfg, paths, rm),
         rm,
         columns=GROUP_COLUMNS,
         panels=GROUP_PANELS,

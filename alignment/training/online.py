@@ -47,14 +47,18 @@ from alignment.losses.logprobs import IGNORE_INDEX, token_entropy, token_logps
 from alignment.models.generation import decode_responses, ended, generate_ids, prompt_seed
 from alignment.models.reward_model import token_scores
 from alignment.models.scoring import response_token_logps
+from alignment.rewards.combine import reward_metrics
+from alignment.rewards.source import RewardSource
 from alignment.training import checkpoint, distributed, sharding
 from alignment.training.engine import Engine
 from alignment.training.trainer import evaluating, make_optimizer, prepare_model, window_indices
 
 logger = logging.getLogger(__name__)
 
-# (prompts, responses, finished) -> one score per completion (a tensor, an array or a list)
-Reward = Callable[[list[str], list[str], list[bool]], object]
+# (prompts, responses, finished) -> one score per completion (a tensor, an array or a list); or a reward
+# computed by code (alignment/rewards/source.py `RewardSource`), which also gets the sampled ids and the
+# prompts' data columns (the prompts `train` is given are `PromptRow`s: text carrying their row's columns)
+Reward = Callable[[list[str], list[str], list[bool]], object] | RewardSource
 
 
 @dataclass(frozen=True)
@@ -241,9 +245,15 @@ def experience(
     device = next(policy.parameters()).device
     batch = {key: value.to(device) for key, value in collate(tokenizer.pad_token_id)(examples).items()}
 
-    # step 2. score every completion
-    finished = ended(tokenizer, drawn, policy)
-    scores = torch.as_tensor(np.asarray(reward(expanded, decode_responses(tokenizer, drawn), finished)))
+    # step 2. score every completion; a reward computed by code also gets the sampled ids, and gives each
+    # function's values, which travel with the rows to `make_rollout`'s rewards/<name>/mean|std
+    finished, texts = ended(tokenizer, drawn, policy), decode_responses(tokenizer, drawn)
+    terms = [{}] * len(drawn)
+    if isinstance(reward, RewardSource):
+        scored = reward.score(expanded, texts, [response for _, response in drawn], finished)
+        scores, terms = torch.tensor(scored.totals), scored.rows()
+    else:
+        scores = torch.as_tensor(np.asarray(reward(expanded, texts, finished)))
 
     # step 3. log-probs under the sampling policy, the critic's values, the reference's log-probs
     size = settings.scoring_batch_size
@@ -259,7 +269,7 @@ def experience(
     return [
         example
         | {key: value[i, :n].float().cpu() for key, value in columns.items()}
-        | {"score": float(scores[i]), "finished": finished[i]}
+        | {"score": float(scores[i]), "finished": finished[i], "reward_terms": terms[i]}
         for i, (example, n) in enumerate(zip(examples, lengths))
     ]
 
@@ -301,7 +311,7 @@ def make_rollout(
     rollout.stats = {
         "completions/mean_length": mask.sum(-1).mean().item(),
         "completions/clipped_ratio": 1.0 - finished.float().mean().item(),  # cut at max_new_tokens, no EOS
-    }
+    } | reward_metrics([row["reward_terms"] for row in rows])  # each reward function's (TRL's names)
     return rollout
 
 

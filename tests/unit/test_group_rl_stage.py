@@ -12,7 +12,7 @@ from alignment.evaluation.gold_scorer import GoldScorer
 from alignment.models.loading import build_model, save_pretrained, train_tokenizer
 from alignment.paths import Paths
 from alignment.stages import grpo, rloo
-from alignment.stages.common import group_reward
+from alignment.stages.common import stage_reward
 from alignment.training import online
 from alignment.training.online_methods import GRPO, RLOO, group_settings
 from flows.config import parse
@@ -126,7 +126,7 @@ def test_a_sample_does_not_depend_on_its_batch(word_lm):
 def test_reward_gold_scores_with_the_gold_scorer(upstream):
     paths = Paths(upstream)
     cfg = parse("grpo", MICRO_PARAMS["grpo"] | {"reward": "gold"})
-    reward = group_reward(cfg, paths, rm=None)
+    reward = stage_reward(cfg, paths, rm=None)
     prompts, responses = ["The film was", "I thought"], [" great, wonderful", " awful and dull"]
     expected = GoldScorer.load(paths.gold).reward([p + r for p, r in zip(prompts, responses)])
     np.testing.assert_allclose(reward(prompts, responses, [True] * len(prompts)), expected)

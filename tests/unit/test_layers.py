@@ -1,14 +1,14 @@
-"""The layers are folders, and imports only go down them: losses -> data -> models -> training -> evaluation
--> stages (the plumbing at the package's top, config, registry, paths, tracking, plots, below or beside them),
-with no circle anywhere, function-level imports included (a lazy import may save start-up time; it may not
-hide a circle)."""
+"""The layers are folders, and imports only go down them: losses and rewards -> data -> models -> training
+-> evaluation -> stages (the plumbing at the package's top: config, registry, paths, tracking, plots), with no
+circle anywhere, function-level imports included (a lazy import may save start-up time; it may not hide a
+circle)."""
 
 import ast
 from pathlib import Path
 
 from tests.conftest import ROOT
 
-FLOORS = ["losses", "data", "models", "training", "evaluation", "stages"]
+FLOORS = ["losses", "rewards", "data", "models", "training", "evaluation", "stages"]
 PACKAGES = ("alignment", "flows", "tasks")
 
 
