@@ -72,11 +72,11 @@ def test_flow_runs_stages_then_finds_them_up_to_date(project):
         ({"overrides": {"nope.x": 1}}, "nope.x"),
         ({"overrides": {"sft.max_length.x": 1}}, "sft.max_length.x"),
         ({"stages": ["prepare", "rlhf"]}, "rlhf"),
-        # work pools need one MLflow server for every worker: a local sqlite store is refused
-        ({"overrides": {"workers.default_pool": "gpu"}}, "MLFLOW_TRACKING_URI"),
-        ({"overrides": {"workers.pools": {"sft": "gpu"}}}, "no pool for"),
-        ({"overrides": {"workers.pools": {"rlhf": "gpu"}}}, "pools: unknown stage"),
+        # worker routing comes from the committed params only (flows/overrides.py)
+        ({"overrides": {"workers.default_pool": "gpu"}}, "workers.default_pool: not allowed"),
+        ({"overrides": {"workers.pools": {"sft": "gpu"}}}, "workers.pools: not allowed"),
         ({"overrides": {"workers.heartbeat_seconds": 10}}, "heartbeat_seconds"),  # Prefect's minimum: 30
+        ({"params_file": "../params.yaml"}, "params_file"),  # a file of the caller's choosing
     ],
 )
 def test_invalid_input_fails_before_any_stage(project, kwargs, message):
