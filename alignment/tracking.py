@@ -289,8 +289,8 @@ def alias_version(name: str, alias: str, root: Path | None = None) -> dict[str, 
     permission, a bad answer) raises RegistryError, so that a run never takes "could not ask" for "no
     champion" and promotes whatever it made."""
     mlflow = _mlflow(root)
-    client = mlflow.MlflowClient()
     try:
+        client = mlflow.MlflowClient()  # a store that cannot be opened fails here already
         model = client.get_registered_model(name)
     except Exception as error:
         if _not_found(error):
