@@ -13,7 +13,7 @@ from alignment.config import ConfigError
 from flows.config import PipelineConfig
 from flows.overrides import set_dotted, write_overrides
 from flows.pipeline import pipeline
-from tasks.dvc import StageFailed
+from tasks.dvc import StageFailed, WorkspaceBusy, workspace_lock
 from tests.conftest import MICRO_PARAMS
 
 # the micro pipeline's stages in DAG order, the foreach stage expanded to its items
@@ -85,6 +85,17 @@ def test_invalid_input_fails_before_any_stage(project, kwargs, message):
         pipeline(root=str(project), **kwargs)
     assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
     assert (project / "params.yaml").read_text() == before
+
+
+def test_a_second_flow_in_one_workspace_refuses_and_nothing_mixes(project):
+    """A sweep (or any flow) holds the workspace: a pipeline started meanwhile refuses before it writes
+    its override into params.yaml, where the running flow's stages would read it."""
+    before = (project / "params.yaml").read_text()
+    with workspace_lock(project, "sweep"):
+        with pytest.raises(WorkspaceBusy, match=r"pipeline: another flow is running .*sweep"):
+            pipeline(root=str(project), overrides={"sft.train.learning_rate": 3e-4})
+    assert (project / "params.yaml").read_text() == before
+    assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
 
 
 def test_failed_stage_fails_the_flow_with_its_output(project):

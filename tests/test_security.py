@@ -304,3 +304,18 @@ def test_a_judge_that_is_down_fails_the_stage_instead_of_nan_win_rates():
         judge = build_llm_judge(cfg, "imdb", root=ROOT)
         with pytest.raises(JudgeFailed, match="0 of 2 comparisons got a valid verdict"):
             judge.compare(["Opening:", "Another:"], ["great", "fine"], ["bad", "dull"])
+
+
+def test_a_run_no_worker_takes_or_that_runs_too_long_is_given_up_with_its_pool_named():
+    from prefect.states import Pending, Running, Scheduled
+
+    from flows.config import WorkersConfig
+    from flows.workers import overdue
+
+    cfg = WorkersConfig(default_pool="gpu", start_timeout_minutes=1, stage_timeout_minutes=10)
+    assert overdue(Scheduled(), 59, cfg, "sft") is None
+    assert "no worker of pool gpu took it" in overdue(Scheduled(), 61, cfg, "sft")
+    assert "no worker of pool gpu took it" in overdue(Pending(), 61, cfg, "sft")
+    assert overdue(Running(), 599, cfg, "sft") is None  # started: the stage timeout counts
+    assert "stage_timeout_minutes=10" in overdue(Running(), 601, cfg, "sft")
+    assert WorkersConfig().stage_timeout_minutes is not None  # finite by default
