@@ -431,6 +431,7 @@ def test_the_worker_refuses_forged_stage_runs(cluster):
     done = cluster.run([sys.executable, "-c", FORGE, json.dumps(forged)], cluster.base, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     states = json.loads(done.stdout.strip().splitlines()[-1])
+    print("forged stage runs:", states)
     expected = ["full commit id", "runs only prepare", "evaluate.llm_judge.openai.base_url: not allowed"]
     for (state, message), text in zip(states, expected):
         assert state == "FAILED" and text in message, (state, message)
