@@ -320,6 +320,7 @@ def test_stages_run_on_their_pools_and_match_one_workspace(cluster, tmp_path, mo
     # the same stages in one folder, on the local engine, with the default sqlite store: the reference
     single = micro_project(tmp_path / "single", pools=False)
     env = {k: v for k, v in cluster.env.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING"))}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # its temporary server, on a busy machine
     t0 = time.monotonic()
     local = subprocess.run(
         [sys.executable, "-m", "flows.pipeline"],
