@@ -8,7 +8,10 @@ Every stage has a deployment `alignment-stage/<stage>` on the work pool params `
 pull step moves a flow run into the worker's checkout (`ALIGNMENT_WORKSPACE`, set by `start`), where
 flows/stage.py reproduces the stage with data in and out through the DVC remote. The pipeline flow
 (flows/pipeline.py) starts the stage runs in DAG order, at most `workers.max_parallel` at once, waits on
-each, merges what each reports into its dvc.lock, and fails with a child's error.
+each, merges what each reports into its dvc.lock (only a report that matches dvc.yaml's command and outs
+for that stage), and fails with a child's error. A run no worker takes, or one that runs too long, is set
+Cancelling, so that a worker still holding it kills the process. The pools' job template is locked
+(`locked_job_template`): a flow run cannot hand a worker a command, an environment or a folder.
 """
 
 from __future__ import annotations
