@@ -287,19 +287,21 @@ class Cluster:
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
     cluster = Cluster(base)
-    cluster.up()
-    cluster.origin()
-    cluster.parent = cluster.clone("parent")
-    cluster.accounts(cluster.parent)
-    done = cluster.run([sys.executable, "-m", "flows.workers", "deploy"], cluster.parent)
-    assert done.returncode == 0, done.stdout + done.stderr
-    cluster.worker("cpu", cluster.clone("cpu-machine"))
-    # the gpu workers keep their checkpoints on storage they share (the cpu worker in its clone)
-    cluster.worker(
-        "gpu", cluster.clone("gpu-machine"), ALIGNMENT_CHECKPOINTS_DIR=str(base / "shared-checkpoints")
-    )
-    yield cluster
-    cluster.down()
+    try:  # servers started before a failing step are stopped too
+        cluster.up()
+        cluster.origin()
+        cluster.parent = cluster.clone("parent")
+        cluster.accounts(cluster.parent)
+        done = cluster.run([sys.executable, "-m", "flows.workers", "deploy"], cluster.parent)
+        assert done.returncode == 0, done.stdout + done.stderr
+        cluster.worker("cpu", cluster.clone("cpu-machine"))
+        # the gpu workers keep their checkpoints on storage they share (the cpu worker in its clone)
+        cluster.worker(
+            "gpu", cluster.clone("gpu-machine"), ALIGNMENT_CHECKPOINTS_DIR=str(base / "shared-checkpoints")
+        )
+        yield cluster
+    finally:
+        cluster.down()
 
 
 def flow_runs(cluster) -> list:
