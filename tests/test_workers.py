@@ -431,6 +431,8 @@ def test_the_worker_refuses_forged_stage_runs(cluster):
         [{"stage": "prepare", "revision": "HEAD~1"}, {"command": f"touch {pwned}"}],
         [{"stage": "prepare", "revision": "HEAD~1"}, {"env": {"GIT_SSH_COMMAND": f"touch {pwned}"}}],
     ]
+    cpu = cluster.base / "cpu-machine"
+    before = git(cpu, "rev-parse", "HEAD"), git(cpu, "status", "--porcelain")
     done = cluster.run([sys.executable, "-c", FORGE, json.dumps(forged)], cluster.base, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     states = json.loads(done.stdout.strip().splitlines()[-1])
@@ -441,8 +443,8 @@ def test_the_worker_refuses_forged_stage_runs(cluster):
     for state, message in states[3:]:  # refused by the server, or run as the worker's own command
         assert state == "REFUSED" or (state == "FAILED" and "full commit id" in message), (state, message)
     assert not pwned.exists()
-    # nothing ran: the cpu worker's checkout never left the commit it was cloned at
-    assert git(cluster.base / "cpu-machine", "status", "--porcelain", "--untracked-files=no") == ""
+    # nothing ran: the cpu worker's checkout is as it was (no checkout, no params or lock written)
+    assert (git(cpu, "rev-parse", "HEAD"), git(cpu, "status", "--porcelain")) == before
 
 
 def test_only_the_retraining_account_moves_the_champion_and_a_refused_lookup_fails_closed(
