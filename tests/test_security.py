@@ -21,7 +21,7 @@ from alignment.evaluation.judging import JudgeFailed, build_llm_judge
 from flows.overrides import check_allowed, for_logging, validated
 from flows.retrain import CHAMPION_MARK, champion_folder
 from flows.stage import check_parameters
-from tasks.dvc import WorkspaceBusy, workspace_lock
+from tasks.dvc import LOCK, WorkspaceBusy, workspace_lock
 from tests import fake_openai as fake
 from tests.conftest import ROOT, write_params
 from tests.fake_openai import FakeOpenAI
@@ -204,24 +204,29 @@ from pathlib import Path
 from tasks.dvc import workspace_lock
 with workspace_lock(Path(sys.argv[1]), "sweep"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    sys.stdin.readline()  # until the test says so
+    time.sleep(1)
 """
 
 
 @pytest.mark.slow
 def test_a_second_flow_on_one_workspace_refuses_or_waits(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path), "3"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(WorkspaceBusy, match=r"pipeline: another flow is running .*\"flow\": \"sweep\""):
         with workspace_lock(tmp_path, "pipeline"):
             pass
-    started = time.monotonic()
-    with workspace_lock(tmp_path, "pipeline", wait_seconds=60):  # waits for the holder to finish
-        assert holder.poll() is not None
-    assert time.monotonic() - started < 30
-    holder.wait()
+    holder.stdin.write("release\n")
+    holder.stdin.flush()
+    with workspace_lock(tmp_path, "pipeline", wait_seconds=60):  # waits for the holder to let go
+        assert '"flow": "pipeline"' in (tmp_path / LOCK).read_text()
+    assert holder.wait() == 0
 
 
 WRITE_FOREVER = """
