@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
-from tests.fake_openai import FakeOpenAI
+from tests.integration.fake_openai import FakeOpenAI
 
 from alignment import tracking
 from alignment.config import ConfigError, LLMJudgeConfig
