@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
-from tests.integration.fake_openai import FakeOpenAI
 
 from alignment import tracking
 from alignment.config import ConfigError, LLMJudgeConfig
@@ -25,6 +24,7 @@ from flows.stage import check_parameters
 from tasks.dvc import LOCK, WorkspaceBusy, workspace_lock
 from tests import fake_openai as fake
 from tests.conftest import ROOT, write_params
+from tests.integration.fake_openai import FakeOpenAI
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -139,7 +139,7 @@ def register(store: Path, name: str, alias: str | None = None) -> str:
     model = store / "hf"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text("{}")
-    with tracking.stage_run("test", "security", store) as log:
+    with tracking.mlflow_stage_run("test", "security", store) as log:
         version = log.register_model(model, name)
     if alias:
         import mlflow
@@ -179,7 +179,7 @@ def test_the_champion_lookup_fails_closed_and_the_alias_moves_only_from_where_it
     assert tracking.alias_version("alignment-rest", "champion", store)["version"] == first
 
     # the run compared against "no champion", but the alias moved meanwhile: nothing is promoted
-    with tracking.stage_run("retrain", "security", store) as log:
+    with tracking.mlflow_stage_run("retrain", "security", store) as log:
         with pytest.raises(tracking.RegistryError, match="moved during the run"):
             tracking.promote(log.run_id, store / "hf", "alignment-rest", "champion", {}, store, expected=None)
     assert tracking.alias_version("alignment-rest", "champion", store)["version"] == first
