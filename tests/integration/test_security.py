@@ -22,7 +22,7 @@ from flows.overrides import check_allowed, for_logging, validated
 from flows.retrain import CHAMPION_MARK, champion_folder
 from flows.stage import check_parameters
 from tasks.dvc import LOCK, WorkspaceBusy, workspace_lock
-from tests import fake_openai as fake
+from tests.integration import fake_openai as fake
 from tests.conftest import ROOT, write_params
 from tests.integration.fake_openai import FakeOpenAI
 
