@@ -23,6 +23,7 @@ from pathlib import Path
 from alignment import registry, settings_doc, tracking
 from alignment.config import ConfigError, flatten
 from alignment.data.io import DataError
+from alignment.evaluation.judging import JudgeFailed
 from alignment.paths import Paths, hash_paths
 from alignment.precision import enable_tf32
 from alignment.rewards.source import RewardFunctionError
@@ -67,17 +68,21 @@ def quiet_libraries() -> None:
 CHECKPOINTS_ENV = "ALIGNMENT_CHECKPOINTS_DIR"
 
 
-def link_checkpoints(folder: Path, shared: str | None = None) -> Path:
+def link_checkpoints(folder: Path, key: str | None = None, shared: str | None = None) -> Path:
     """Make `checkpoints/<stage>` (a DVC out, kept across runs) ready for a stage: a folder, or, when
-    `shared` (default: $ALIGNMENT_CHECKPOINTS_DIR: storage every worker mounts, one per project) is
-    set, a link to `<shared>/<stage>`, so a stage re-run on another worker resumes from the checkpoint a
-    lost one left there (its fingerprint still decides whether it fits). A local folder already there
-    moves to the shared place when that is empty, and otherwise gives way to it."""
+    `shared` (default: $ALIGNMENT_CHECKPOINTS_DIR: storage every worker mounts) is set, a link to
+    `<shared>/<stage>/<key>`, so a stage re-run on another worker resumes from the checkpoint a lost one
+    left there. `key` is the run's checkpoint fingerprint (settings, inputs, code, processes): two runs
+    of one stage with other settings (two sweep points, two projects on one share) get folders of their
+    own instead of deleting each other's resume point. A local folder already there moves to the shared
+    place when that is empty, and otherwise gives way to it."""
     shared = os.environ.get(CHECKPOINTS_ENV) if shared is None else shared
     if not shared:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
-    target = Path(shared).resolve() / folder.name
+    if not key or not key.isalnum():
+        raise ValueError(f"link_checkpoints({folder}): a fingerprint key is needed on shared storage")
+    target = Path(shared).resolve() / folder.name / key
     if not (folder.is_symlink() and folder.resolve() == target):
         target.parent.mkdir(parents=True, exist_ok=True)
         if folder.is_symlink():
@@ -172,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{stage.name}@{args.iteration}",
         )
     if stage.checkpoints:  # a declared DVC out: it must exist even when the run was too short to save one
-        link_checkpoints(paths.checkpoints(stage.name))  # or a link into $ALIGNMENT_CHECKPOINTS_DIR
+        key = None  # or a link into $ALIGNMENT_CHECKPOINTS_DIR, keyed by the run's fingerprint
+        if os.environ.get(CHECKPOINTS_ENV):
+            key = checkpoint.fingerprint(stage.name, cfg, paths.root, args.iteration)
+        link_checkpoints(paths.checkpoints(stage.name), key)
     started = time.perf_counter()
     try:
         if args.no_tracking or not distributed.is_main():  # one MLflow run per stage, whatever the launch
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = run(cfg, paths, log)
                 log.summary(metrics | {"stage_seconds": time.perf_counter() - started} | peak_memory())
             distributed.barrier()
-    except (DataError, RewardFunctionError) as error:  # bad input, or a reward function of params that fails
+    except (DataError, RewardFunctionError, JudgeFailed) as error:  # bad input, a failing reward or judge
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not distributed.is_main():

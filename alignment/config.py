@@ -861,6 +861,9 @@ class LLMJudgeConfig(Section):
     templates: str = "data/judge/templates.jsonl"  # relative to the project root
     template: str | None = None  # None: sentiment-pair for IMDb prompts, pair-v2 for dialogue
     parse_retries: int = Field(default=2, ge=0)  # re-asks after an unparseable verdict; then invalid
+    min_valid_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    """the stage fails when fewer of a comparison batch's rows than this get a valid verdict (a judge that
+    is down or answers garbage), instead of reporting NaN win rates or training on nothing"""
     max_prompts: int | None = Field(default=None, ge=1)  # judge only the first k prompts (LLM calls cost)
     openai: OpenAIJudgeConfig = OpenAIJudgeConfig()
     transformers: TransformersJudgeConfig = TransformersJudgeConfig()

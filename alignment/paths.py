@@ -31,8 +31,8 @@ class Paths:
         return self.out("sft")
 
     @property
-    def gold(self) -> Path:  # the gold scorer (IMDb sentiment classifier)
-        return self.out("gold") / "scorer.joblib"
+    def gold(self) -> Path:  # the gold scorer (IMDb sentiment classifier): scorer.json + weights.safetensors
+        return self.out("gold") / "scorer"
 
     @property
     def pairs(self) -> Path:  # gold-labelled SFT sample pairs: {train,eval}.jsonl

@@ -80,6 +80,23 @@ def model_card(name: str, added_template: bool):
     return ModelCard(MODEL_CARD.format(name=name, template=template))
 
 
+class OutsideDownload(ValueError):
+    """A registered version names a path outside its own download."""
+
+
+def inside(base: Path, relative: str) -> Path:
+    """`base / relative`, refused when `relative` is absolute, climbs with `..`, or (through a link) lands
+    outside `base`: what an MLmodel file records is data from the registry, not a licence to name any
+    folder of the host's (the download is moved from, then deleted)."""
+    parts = Path(relative).parts
+    if not relative or Path(relative).is_absolute() or ".." in parts:
+        raise OutsideDownload(f"artifact path {relative!r}: absolute or `..` paths are refused")
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base.resolve()):
+        raise OutsideDownload(f"artifact path {relative!r} leads outside {base}")
+    return path
+
+
 def hf_folder(local: Path, flavors: dict, metadata: dict | None, base: Path | None = None) -> Path:
     """The saved-model folder inside a downloaded MLflow model `local` (moved to `local/hf`, so that the
     download's temporary folder is `hf`'s grandparent): weights, config and the tokenizer in one folder,
@@ -87,12 +104,12 @@ def hf_folder(local: Path, flavors: dict, metadata: dict | None, base: Path | No
     base, or a copy of it downloaded by the caller), written into its adapter_config.json."""
     out = local / "hf"
     if "transformers" not in flavors:  # the reward model's pyfunc: the saved folder is its artifact
-        shutil.move(local / flavors["python_function"]["artifacts"]["reward_model"]["path"], out)
+        shutil.move(inside(local, str(flavors["python_function"]["artifacts"]["reward_model"]["path"])), out)
         return out
     conf = flavors["transformers"]
     adapter = conf.get("peft_adaptor")
-    shutil.move(local / (adapter or conf.get("model_binary", "model")), out)
-    for file in (local / "components" / "tokenizer").iterdir():
+    shutil.move(inside(local, str(adapter or conf.get("model_binary", "model"))), out)
+    for file in inside(local, "components/tokenizer").iterdir():
         shutil.copy2(file, out / file.name)
     if (metadata or {}).get(ADDED_TEMPLATE):
         (out / "chat_template.jinja").unlink(missing_ok=True)

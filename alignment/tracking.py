@@ -29,6 +29,8 @@ STAGE_RUN_ENV = "ALIGNMENT_STAGE_RUN_ID"  # the open stage run, which checkpoint
 # a params key whose last part names a secret (or the variable holding one) is never logged; counts of
 # tokens (`max_new_tokens`) and tokenizer settings are not secrets
 _SECRET = re.compile(r"(^|_)(api_?key|key|token|secret|password|authorization)(_env)?$|api_?key")
+# the user-info part of a URL (`https://user:token@host`): credentials, whatever the key is called
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -78,6 +80,21 @@ def _is_secret(key: str) -> bool:
     return bool(_SECRET.search(key.lower().rsplit(".", 1)[-1]))
 
 
+def redact(text: str) -> str:
+    """`text` with every URL's credentials masked: `https://user:pw@host/x` -> `https://***@host/x`."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
+def loggable(params: dict[str, Any]) -> dict[str, Any]:
+    """What of `params` may be logged: a key that names a secret (or the variable holding one) is dropped,
+    not masked; URLs lose their credentials; None is logged as "None"."""
+    return {
+        key: "None" if value is None else redact(value) if isinstance(value, str) else value
+        for key, value in params.items()
+        if not _is_secret(key)
+    }
+
+
 class Tracker:
     """What a stage logs through: an open MLflow run."""
 
@@ -86,9 +103,7 @@ class Tracker:
         self.run_id = run_id
 
     def params(self, params: dict[str, Any]) -> None:
-        # secrets never reach MLflow: a key that names one is dropped, not masked
-        clean = {k: ("None" if v is None else v) for k, v in params.items() if not _is_secret(k)}
-        self._mlflow.log_params(clean)
+        self._mlflow.log_params(loggable(params))  # secrets never reach MLflow
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -308,7 +323,7 @@ def mlflow_stage_run(
             run.info.run_id,
             stage,
             ", resumed" if resume_run_id else "",
-            mlflow.get_tracking_uri(),
+            redact(mlflow.get_tracking_uri()),
         )
         os.environ[STAGE_RUN_ENV] = run.info.run_id
         try:
@@ -345,11 +360,20 @@ def pipeline_run(
         yield run.info.run_id
 
 
-def load_registered_model(name: str, version: str | None = None, alias: str | None = None) -> Path:
-    """Download a registered model (latest version unless `version` or `alias` given) as a saved-model
-    folder the project's loaders read (`load_causal_lm`, `load_reward_model`); the temporary folder of
-    the download is its grandparent. An adapter comes back naming its base by a local path: the store's
-    own copy of the base where the store is local, else a download of the base's registered version."""
+class RegistryError(RuntimeError):
+    """The model registry answered something other than "no such model or alias", or what it holds
+    cannot be trusted (a version's artifact path outside its download, an alias moved under us)."""
+
+
+def load_registered_model(
+    name: str, version: str | None = None, alias: str | None = None, dst: Path | None = None
+) -> Path:
+    """Download a registered model (latest version unless `version` or `alias` given) to a local folder
+    (`dst`, which the caller made and deletes; default: a new temporary folder) and return the saved-model
+    folder inside it that the project's loaders read (`load_causal_lm`, `load_reward_model`). An adapter
+    comes back naming its base by a local path: the store's own copy of the base where the store is local,
+    else a download of the base's registered version. RegistryError when what the version records names
+    a folder outside its download (a forged version must not move or delete anything of the host's)."""
     from alignment import serving
 
     mlflow = _mlflow()
@@ -360,7 +384,7 @@ def load_registered_model(name: str, version: str | None = None, alias: str | No
             client = mlflow.MlflowClient()
             version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         uri = f"models:/{name}/{version}"
-    target = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    target = Path(tempfile.mkdtemp(prefix=f"{name}-")) if dst is None else Path(dst)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target / "mlflow")))
     model = mlflow.models.Model.load(str(local))
     base = None
@@ -373,34 +397,69 @@ def load_registered_model(name: str, version: str | None = None, alias: str | No
                 mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=str(target / "base"))
             )
             base = base / "model"
-    return serving.hf_folder(local, model.flavors, model.metadata, base)
+    try:
+        return serving.hf_folder(local, model.flavors, model.metadata, base)
+    except serving.OutsideDownload as error:
+        raise RegistryError(f"{uri}: {error}") from None
+
+
+def _not_found(error: Exception) -> bool:
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 def alias_version(name: str, alias: str, root: Path | None = None) -> dict[str, Any] | None:
     """The registered version `alias` points at ({"version", "tags", "run_id"}), or None when the model
-    or the alias does not exist yet."""
+    does not exist yet or has no such alias. Fails closed: any other registry error (no server, no
+    permission, a bad answer) raises RegistryError, so that a run never takes "could not ask" for "no
+    champion" and promotes whatever it made."""
     mlflow = _mlflow(root)
-    from mlflow.exceptions import MlflowException
-
     try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:  # no such model, or no such alias
+        client = mlflow.MlflowClient()  # a store that cannot be opened fails here already
+        model = client.get_registered_model(name)
+    except Exception as error:
+        if _not_found(error):
+            return None
+        raise RegistryError(
+            f"reading {name}@{alias} from the registry failed: {redact(str(error))}"
+        ) from error
+    number = (model.aliases or {}).get(alias)
+    if number is None:
         return None
+    try:
+        version = client.get_model_version(name, str(number))
+    except Exception as error:  # the alias names a version the registry cannot give: not "no champion"
+        raise RegistryError(
+            f"reading {name} version {number} (@{alias}) failed: {redact(str(error))}"
+        ) from error
     return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
 
 
 def promote(
-    run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str], root: Path | None = None
+    run_id: str,
+    model_dir: Path,
+    name: str,
+    alias: str,
+    tags: dict[str, str],
+    root: Path | None = None,
+    expected: str | None = None,
 ) -> str:
     """Register `model_dir` as a new version of `name` (logged to the active run `run_id`), tag it and
-    point `alias` at it. If tagging or the alias fails, the new version is deleted again: the registry
-    ends as it was, or with the alias on the new version, never half-way."""
+    point `alias` at it, if `alias` still points where the caller compared against (`expected`: a version,
+    or None for "no alias yet"): it is read again right before it moves, and RegistryError ends the run
+    if it changed meanwhile. If anything fails, the new version is deleted again: the registry ends as it
+    was, or with the alias on the new version, never half-way."""
     mlflow = _mlflow(root)
     client = mlflow.MlflowClient()
     version = Tracker(mlflow, run_id).register_model(model_dir, name)
     try:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, str(value))
+        now = alias_version(name, alias, root)
+        if (None if now is None else now["version"]) != expected:
+            raise RegistryError(
+                f"{name}@{alias} moved during the run (compared against "
+                f"{expected or 'no champion'}, now {now['version'] if now else 'none'}): not promoted"
+            )
         client.set_registered_model_alias(name, alias, version)
     except Exception:
         client.delete_model_version(name, version)
@@ -428,9 +487,8 @@ def child_run(
         tags={"mlflow.parentRunId": parent_run_id, "git_commit": git_commit(root), **tags},
     )
     run_id = run.info.run_id
-    for key, value in params.items():
-        if not _is_secret(key):
-            client.log_param(run_id, key, "None" if value is None else value)
+    for key, value in loggable(params).items():
+        client.log_param(run_id, key, value)
     try:
         yield run_id
     except BaseException:

@@ -186,13 +186,16 @@ class WorkersConfig(Section):
     max_parallel: int = Field(
         default=2, ge=1
     )  # stage runs at once (only stages that do not depend on each other)
-    stage_timeout_minutes: float | None = Field(
-        default=None, gt=0
-    )  # a child run still going then fails the flow
+    stage_timeout_minutes: float | None = Field(default=1440, gt=0)
+    """a stage run still going after this is cancelled (its worker kills the process) and fails the flow:
+    a stuck worker; null: no limit (a hung stage then holds the flow and the worker for ever)"""
+    start_timeout_minutes: float = Field(default=30, gt=0)
+    """a stage run that no worker has picked up after this (no worker on its pool) is cancelled and
+    fails the flow, instead of waiting Scheduled for ever"""
     poll_seconds: float = Field(default=5.0, gt=0)  # how often the flow reads its children's states
     heartbeat_seconds: int | None = Field(default=30, ge=30)
-    """a stage run's heartbeat (Prefect's minimum: 30 s); `deploy` adds the automation that marks a run
-    Crashed after 3 missed ones, so a lost worker fails the flow in minutes; null: no automation, only
+    """a stage run's heartbeat (Prefect's minimum: 30 s); `deploy` adds the automation that sets a run
+    Cancelling after 3 missed ones, so a lost worker fails the flow in minutes; null: no automation, only
     `stage_timeout_minutes` tells"""
     pull_outputs: bool = True  # the flow's folder pulls every out from the remote at the end (dvc pull)
 

@@ -9,7 +9,6 @@ re-runs exactly the stages that read it and records it in dvc.lock; commit or re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from prefect.runtime import flow_run
 from alignment import registry, tracking
 from alignment.config import ConfigError, flatten
 from flows.config import WorkersConfig
-from flows.overrides import parse_overrides, validated, write_overrides
+from flows.overrides import for_logging, parse_overrides, project_paths, validated, write_overrides
 from flows.workers import check_deployments, collect, dispatch, revision
-from tasks.dvc import repro_stage
+from tasks.dvc import WorkspaceBusy, repro_stage, workspace_lock
 
 
 def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -42,13 +41,27 @@ def dag_order(config: dict[str, Any]) -> dict[str, list[str]]:
     return order
 
 
-def check_pools(stages: list[str], workers: WorkersConfig, project: Path) -> None:
+def check_pools(stages: list[str], config: dict[str, Any], project: Path) -> None:
     """Stages on work pools need a pool each, a deployment on it, a shared MLflow server and a commit
-    the workers can check out."""
+    the workers can check out; and no stage on a worker may register the model whose alias only the
+    retraining account moves (README "Several machines": the workers' MLflow account can read it only)."""
+    workers: WorkersConfig = config["workers"]
     homeless = [stage for stage in stages if workers.pool(stage) is None]
     if homeless:
         raise ConfigError(
             f"workers: no pool for {homeless}; set workers.pools.<stage> or workers.default_pool"
+        )
+    champion = config["retrain"].model_name
+    # a foreach member (rest_iter@k) reads its section's register_as but leaves registering to `rest`
+    sections = {s: registry.get(s).params_section for s in stages if "@" not in s}
+    writers = [
+        s for s, section in sections.items() if getattr(config[section], "register_as", None) == champion
+    ]
+    if writers:
+        raise ConfigError(
+            f"workers: {writers} would register {champion!r}, retrain.model_name: only the retraining "
+            "flow's account may write that model (it moves its alias); set their register_as to another "
+            "name (or null) in the committed params"
         )
     uri = tracking.tracking_uri(project)
     if not uri.startswith(("http://", "https://", "databricks")):
@@ -80,8 +93,7 @@ def pipeline(
     Returns: per stage, whether DVC ran it (False: up to date) and its metrics file.
     """
     # step 1. validate everything before any compute: a typo in an override or a stage name fails here
-    project = Path(root or ".").resolve()
-    params_path = project / params_file
+    project, params_path = project_paths(root, params_file)
     overrides = overrides or {}
     config = validated(params_path, overrides)
     chosen = list(stages or config["pipeline"].stages)
@@ -94,14 +106,20 @@ def pipeline(
     chosen = [stage for stage in order if stage in chosen]
     workers = config["workers"]
     if workers.enabled:  # each stage a flow run on its work pool: pools, deployments, services, commit
-        check_pools(chosen, workers, project)
+        check_pools(chosen, config, project)
+    # one flow at a time in a workspace: another's params edit would land in this one's stages
+    with workspace_lock(project, "pipeline"):
+        return _run(chosen, overrides, params_path, project, config, retries)
 
+
+def _run(chosen, overrides, params_path, project, config, retries) -> dict[str, dict[str, Any]]:
+    workers = config["workers"]
     # step 2. make the overrides visible to DVC, which re-runs exactly the stages whose params changed
     if overrides:
         write_overrides(params_path, overrides)
 
     # step 3. one MLflow parent run; every stage process logs a nested run under it
-    record = {"stages": ",".join(chosen), "overrides": json.dumps(overrides)}
+    record = {"stages": ",".join(chosen), **for_logging(overrides)}
     with tracking.pipeline_run(config["tracking"].experiment, flow_run.name, record, project) as parent:
         if workers.enabled:
             results = dispatch(chosen, project, workers, overrides, parent)
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = args.stages.split(",") if args.stages else None
     try:
         results = pipeline(stages=stages, overrides=overrides, params_file=args.params)
-    except ConfigError as error:
+    except (ConfigError, WorkspaceBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(results))

@@ -10,17 +10,21 @@ Three deployments, named and scheduled from params (read once, at start: restart
 - `alignment-sweep/sweep`: the seeded sweep of params `sweep` (on demand): every point a DVC experiment,
   the frontier, matched-KL comparisons and the papers' claims in MLflow and `sweep.out`.
 The process runs each flow run in this folder until it is stopped, one at a time: every run works in
-the same DVC workspace.
+the same DVC workspace, and each also takes the workspace lock (tasks/dvc.py), so a flow started in this
+folder by other means (the CLI, a second `serve`) refuses instead of mixing its params with a served run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from prefect import serve
 from prefect.schedules import Cron
 
 from flows.config import PipelineConfig, RetrainConfig, ScheduleConfig, load_section
+from flows.overrides import SERVED_ROOT_ENV
 from flows.pipeline import pipeline
 from flows.retrain import retrain
 from flows.sweep import sweep
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg: PipelineConfig = load_section("pipeline", args.params)
     retraining: RetrainConfig = load_section("retrain", args.params)
+    # the runs inherit it: a run's `root` parameter cannot send a served flow to another folder
+    os.environ[SERVED_ROOT_ENV] = str(Path.cwd().resolve())
     serve(
         pipeline.to_deployment(
             name=cfg.deployment,

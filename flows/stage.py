@@ -17,12 +17,18 @@ flow, and its pull step moves into that checkout (`ALIGNMENT_WORKSPACE`). The ru
      pipeline flow merges into its own dvc.lock: the pipeline stays one versioned `dvc repro`.
 The stage process logs its MLflow run under the pipeline's (ALIGNMENT_PARENT_RUN_ID) to the server of
 `MLFLOW_TRACKING_URI` in the worker's environment.
+
+Every parameter of a flow run is checked here again before it is used, whoever started the run: the
+stage is a registered stage of this deployment, the revision a full commit id, the overrides pass the
+allow-list (flows/overrides.py) and validate against the checked-out params, the lock holds only stage
+entries, and the run holds the checkout's workspace lock (tasks/dvc.py) from the checkout to the report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -30,40 +36,84 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import deployment
 from ruamel.yaml import YAML
 
+from alignment import registry
+from alignment.config import ConfigError
+from alignment.data.io import atomic_write
 from alignment.paths import Paths
-from alignment.tracking import PARENT_RUN_ENV
-from flows.overrides import write_overrides
-from tasks.dvc import BIN, StageFailed, stream
+from alignment.tracking import PARENT_RUN_ENV, redact
+from flows.overrides import check_allowed, validated, write_overrides
+from tasks.dvc import BIN, StageFailed, stream, workspace_lock
 
 WORKSPACE_ENV = "ALIGNMENT_WORKSPACE"  # the worker's checkout; the deployments' pull step moves there
 RESULT_KEY = "stage-result"  # the artifact the pipeline flow reads back
+COMMIT = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")  # a full SHA-1 or SHA-256 commit id, nothing else
+STAGE = re.compile(r"^[a-z][a-z0-9_]*(@[A-Za-z0-9_.-]+)?$")  # `rm`, `rest_iter@2`
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
+REMOTE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a DVC remote's name
 
 
 def workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV) or ".").resolve()
 
 
+def check_parameters(
+    stage: str,
+    revision: str | None,
+    lock: dict[str, Any] | None,
+    overrides: dict[str, Any] | None,
+    parent_run_id: str | None,
+    remote: str | None,
+) -> None:
+    """A flow run's parameters are data from whoever could start it: ConfigError before anything is done
+    with them unless each is what it claims to be."""
+    if not STAGE.match(stage) or stage.split("@")[0] not in registry.STAGES:
+        raise ConfigError(f"stage {stage!r}: not a registered stage ({list(registry.STAGES)})")
+    # a deployment runs its own stage on its own pool: the pool mapping is committed params, not a parameter
+    name = deployment.name
+    if name and name != stage.split("@")[0]:
+        raise ConfigError(f"stage {stage!r}: the deployment alignment-stage/{name} runs only {name}")
+    if revision is not None and not COMMIT.match(revision):
+        raise ConfigError(f"revision {revision!r}: a full commit id (40 or 64 hex digits) expected")
+    if parent_run_id is not None and not RUN_ID.match(parent_run_id):
+        raise ConfigError(f"parent_run_id {parent_run_id!r}: an MLflow run id (32 hex digits) expected")
+    if remote is not None and not REMOTE.match(remote):
+        raise ConfigError(f"remote {remote!r}: a DVC remote's name expected")
+    check_allowed(overrides or {})
+    if lock is not None:
+        stages = lock.get("stages", {}) if isinstance(lock, dict) else None
+        bad = (
+            ["the lock is not a mapping with `stages`"]
+            if not isinstance(stages, dict) or set(lock) - {"schema", "stages"}
+            else [s for s, e in stages.items() if not STAGE.match(str(s)) or not isinstance(e, dict)]
+        )
+        if bad:
+            raise ConfigError(f"lock: not dvc.lock stage entries: {bad}")
+
+
 def git(root: Path, *args: str) -> str:
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if done.returncode:
-        raise StageFailed(f"git {' '.join(args)} in {root}: {done.stderr.strip()}")
+        raise StageFailed(f"git {' '.join(args)} in {root}: {redact(done.stderr.strip())}")
     return done.stdout.strip()
 
 
 def check_out(root: Path, revision: str) -> None:
-    """Step 1: the flow's revision, fetched from `origin` when this checkout does not have it yet."""
+    """Step 1: the flow's revision (a full commit id), fetched from `origin` when this checkout does not
+    have it yet."""
     if subprocess.run(["git", "cat-file", "-e", f"{revision}^{{commit}}"], cwd=root).returncode:
         git(root, "fetch", "--quiet", "origin")
-    git(root, "checkout", "--quiet", "--force", "--detach", revision)
+    git(root, "checkout", "--quiet", "--force", "--detach", revision, "--")
 
 
 def write_lock(root: Path, lock: dict[str, Any]) -> None:
-    """Step 2: dvc.lock as the flow holds it (schema and every stage entry reported so far)."""
+    """Step 2: dvc.lock as the flow holds it (schema and every stage entry reported so far), written to a
+    temporary file and renamed: a kill mid-write leaves the old lock whole."""
     yaml = YAML()
     yaml.default_flow_style = False
-    with open(root / "dvc.lock", "w", encoding="utf-8") as handle:
+    with atomic_write(root / "dvc.lock") as handle:
         yaml.dump(lock, handle)
 
 
@@ -89,12 +139,17 @@ def done_before(root: Path, env: dict[str, str], stage: str, lock: dict[str, Any
     produced = {out["path"] for other in lock["stages"].values() for out in other.get("outs", [])}
     inputs = [dep["path"] for dep in entry.get("deps", []) if dep["path"] in produced]
     pulled = subprocess.run(
-        ["dvc", "pull", "--quiet", *inputs, stage], cwd=root, env=env, capture_output=True
+        ["dvc", "pull", "--quiet", *remote, "--", *inputs, stage], cwd=root, env=env, capture_output=True
     )
     if pulled.returncode:  # not all of it in the remote: run the stage
         return False
     status = subprocess.run(
-        ["dvc", "status", "--json", stage], cwd=root, env=env, capture_output=True, text=True, check=True
+        ["dvc", "status", "--json", "--", stage],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     uncached = uncached_outs(root, stage)
     changes = json.loads(status.stdout or "{}").get(stage, [])
@@ -105,7 +160,9 @@ def done_before(root: Path, env: dict[str, str], stage: str, lock: dict[str, Any
 
 def dvc(root: Path, env: dict[str, str], *args: str) -> list[str]:
     """A dvc command, its output in the run log; StageFailed with the tail of it when it fails."""
-    return stream(["dvc", *args], root, env, get_run_logger(), f"dvc {' '.join(args)}")
+    return stream(
+        ["dvc", *args], root, env, get_run_logger(), f"dvc {' '.join(a for a in args if a != '--')}"
+    )
 
 
 @flow(name="alignment-stage", flow_run_name="{stage}")
@@ -130,11 +187,18 @@ def stage_run(
     """
 
     logger = get_run_logger()
+    check_parameters(stage, revision, lock, overrides, parent_run_id, remote)
     root = workspace()
-    # step 1. the flow's code and params
+    with workspace_lock(root, f"stage run {stage}", wait_seconds=60):
+        return _reproduce(root, stage, revision, lock, overrides, parent_run_id, remote, logger)
+
+
+def _reproduce(root, stage, revision, lock, overrides, parent_run_id, remote, logger) -> dict[str, Any]:
+    # step 1. the flow's code and params (the overrides validated again, against the checked-out params)
     if revision:
         check_out(root, revision)
     if overrides:
+        validated(root / "params.yaml", overrides)
         write_overrides(root / "params.yaml", overrides)
     # step 2. the upstream stages' lock entries
     if lock:
@@ -144,7 +208,11 @@ def stage_run(
         env[PARENT_RUN_ENV] = parent_run_id
     remote_args = ["--remote", remote] if remote else []
     logger.info(
-        "%s in %s on %s (MLflow: %s)", stage, root, socket.gethostname(), env.get("MLFLOW_TRACKING_URI")
+        "%s in %s on %s (MLflow: %s)",
+        stage,
+        root,
+        socket.gethostname(),
+        redact(env.get("MLFLOW_TRACKING_URI") or "unset"),
     )
 
     # step 3. done before (its outs in the remote at this lock)? Else pull its inputs and run it
@@ -152,10 +220,10 @@ def stage_run(
     if done_before(root, env, stage, lock or {}, remote_args):
         logger.info("%s: up to date at the flow's lock; its outs are in the remote", stage)
     else:
-        lines = dvc(root, env, "repro", "--single-item", "--pull", stage)
+        lines = dvc(root, env, "repro", "--single-item", "--pull", "--", stage)
         ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     # step 4. its outs (and the run cache) to the remote
-    dvc(root, env, "push", *remote_args, stage)
+    dvc(root, env, "push", *remote_args, "--", stage)
     dvc(root, env, "push", *remote_args, "--run-cache")
 
     # step 5. report

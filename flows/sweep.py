@@ -7,8 +7,9 @@ matched KL and the papers' claims.
 
 Each run, in numbered steps:
   1. Validates params, and every point's settings applied to them: a bad knob fails before compute.
-  2. Takes the project's sweep lock (points share the DVC workspace's lock; a second sweep started
-     meanwhile fails at once), and marks the MLflow runs of a killed earlier sweep KILLED.
+  2. Takes the workspace lock that every flow takes (tasks/dvc.py: a second sweep, or a pipeline or
+     retraining started meanwhile in this folder, fails at once), and marks the MLflow runs of a killed
+     earlier sweep KILLED.
   3. Per point, in order: a child run under this sweep's MLflow run, then
      `dvc exp run --temp -n <name> -S <settings> -s <stage>...`: DVC copies the workspace at HEAD into a
      temporary folder, checks out the stage's inputs from its cache and runs only the point's stage(s)
@@ -45,15 +46,12 @@ from prefect.runtime import flow_run
 
 from alignment import registry, tracking
 from alignment.config import ConfigError, read_params
+from alignment.data.io import atomic_write, write_text_atomic
 from alignment.evaluation import sweep_stats as analysis
 from alignment.tracking import PARENT_RUN_ENV
 from flows.config import FLOW_SECTIONS, SweepConfig
-from flows.overrides import parse_overrides, validated
-from tasks.dvc import BIN, StageFailed, stream, workspace_lock
-
-
-class SweepBusy(RuntimeError):
-    """Another sweep holds the project's lock."""
+from flows.overrides import for_logging, parse_overrides, project_paths, validated
+from tasks.dvc import BIN, StageFailed, WorkspaceBusy, stream, workspace_lock
 
 
 def experiment_name(point: dict[str, Any], params: dict[str, Any], lock_text: str) -> str:
@@ -122,7 +120,7 @@ def run_point(
             command = ["dvc", "exp", "run", "--temp", "-n", name]
             for key, value in point["settings"].items():
                 command += ["-S", f"++{key}={json.dumps(value)}"]
-            command += ["-s", *point["stages"]]
+            command += ["-s", "--", *point["stages"]]
             logger.info("%s", " ".join(command))
             env = dvc_env({PARENT_RUN_ENV: run_id, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project)})
             started = time.perf_counter()
@@ -163,8 +161,7 @@ def sweep(
     Returns: the points, the aggregated frontier rows and the claims.
     """
     # step 1. validate the grid and every point's params before any compute
-    project = Path(root or ".").resolve()
-    params_path = project / params_file
+    project, params_path = project_paths(root, params_file)
     overrides = dict(overrides or {})
     config = validated(params_path, overrides)
     cfg: SweepConfig = config["sweep"]
@@ -180,19 +177,19 @@ def sweep(
     for point in grid:
         point["settings"] = common | point["settings"]
         try:
-            validated(params_path, point["settings"])
+            validated(params_path, point["settings"], from_run=False)  # `common` passed the allow-list
         except ConfigError as error:
             raise ConfigError(f"sweep point {point['method']}={point['value']}: {error}") from None
     logger = get_run_logger()
     logger.info("sweep: %d experiments (%s x seeds %s)", len(grid), ", ".join(chosen), list(cfg.seeds))
 
-    # step 2. one sweep at a time per workspace
-    with workspace_lock(project, "sweep", SweepBusy, "sweep"):
+    # step 2. one flow at a time per workspace (a pipeline's params edit would land in the points)
+    with workspace_lock(project, "sweep"):
         tracking.end_stale_runs(config["tracking"].experiment, ("sweep", "sweep_point"), project)
         record = {
             "methods": ",".join(chosen),
             "seeds": json.dumps(list(cfg.seeds)),
-            "overrides": json.dumps(overrides),
+            **for_logging(overrides),
         }
         name = f"sweep-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
         with tracking.pipeline_run(
@@ -248,15 +245,15 @@ def write_report(points: list[dict], cfg: SweepConfig, root: Path, run_id: str, 
         if "objective/kl" in r
     ]
     write_csv(root / "plots" / "sweep" / "frontier.csv", plot_rows)
-    (out / "frontier.md").write_text(analysis.frontier_markdown(rows))
-    (out / "claims.md").write_text(analysis.claims_markdown(claims))
+    write_text_atomic(out / "frontier.md", analysis.frontier_markdown(rows))
+    write_text_atomic(out / "claims.md", analysis.claims_markdown(claims))
     rm = [p["eval/accuracy"] for p in points if p["method"] == "rm" and "eval/accuracy" in p]
     summary: dict[str, float] = {"points": len(points)}
     if rm:
         mean, low, high = analysis.t_interval(rm, cfg.level)
         summary |= {"rm/accuracy_mean": mean, "rm/accuracy_min": min(rm), "rm/accuracy_max": max(rm)}
         summary |= {"rm/accuracy_ci_low": low, "rm/accuracy_ci_high": high}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     figure = analysis.frontier_figure(rows)
     figure.savefig(out / "frontier.png", dpi=120)
     tracking.log_report(
@@ -272,9 +269,8 @@ def write_report(points: list[dict], cfg: SweepConfig, root: Path, run_id: str, 
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -293,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
             params_file=args.params,
         )
-    except ConfigError as error:
+    except (ConfigError, WorkspaceBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(result.get("out", "outputs/sweep"))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from alignment.paths import Paths
-from alignment.tracking import PARENT_RUN_ENV
+from alignment.tracking import PARENT_RUN_ENV, redact
 
 BIN = Path(sys.executable).parent
 
@@ -29,22 +31,48 @@ class StageFailed(RuntimeError):
     """`dvc repro` exited non-zero; the message ends with the tail of its output."""
 
 
+class WorkspaceBusy(RuntimeError):
+    """Another flow holds the workspace's lock."""
+
+
+LOCK = ".dvc/tmp/alignment-workspace.lock"
+
+
 @contextmanager
-def workspace_lock(root: Path, name: str, busy: type[Exception], what: str) -> Iterator[None]:
-    """An exclusive, non-blocking lock on `.dvc/tmp/<name>.lock`, released when the block (or the
-    process) ends: a second flow of the same kind started in the workspace raises `busy` at once
-    instead of fighting the first over DVC's workspace."""
-    path = root / ".dvc" / "tmp" / f"{name}.lock"
+def workspace_lock(root: Path, what: str, wait_seconds: float = 0.0) -> Iterator[None]:
+    """The workspace's one lock, which every flow that edits or runs in a DVC workspace (pipeline, stage
+    run, sweep, retraining; `serve` runs those) holds for its whole run: they all write params.yaml and
+    dvc.lock and run `dvc repro` there, so two at once mix params (one's edit lands in the other's stage)
+    and locks. An exclusive `flock` on `.dvc/tmp/alignment-workspace.lock`, released when the block (or
+    the process) ends; a second flow waits up to `wait_seconds`, then raises WorkspaceBusy naming the
+    holder. One workspace, one machine: across machines the Prefect concurrency limits hold."""
+    path = root / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy(f"another {what} is in progress in {root} (lock {path})") from None
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: the holder is written in it
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = path.read_text().strip() or "unknown"
+                    raise WorkspaceBusy(
+                        f"{what}: another flow is running in {root} ({holder}); one flow at a time per "
+                        f"workspace (lock {path})"
+                    ) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        os.ftruncate(descriptor, 0)
+        holder = {"flow": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
+        os.pwrite(descriptor, json.dumps(holder).encode(), 0)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.ftruncate(descriptor, 0)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def stream(
@@ -58,7 +86,7 @@ def stream(
         command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as process:
         for line in process.stdout:
-            if line := line.rstrip():
+            if line := redact(line.rstrip()):  # a URL's credentials never reach a log
                 lines.append(line)
                 if not (hide and line.startswith(hide)):
                     logger.info(line)
@@ -78,7 +106,7 @@ def repro_stage(stage: str, root: str, parent_run_id: str | None = None) -> dict
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
-    lines = stream(["dvc", "repro", stage], Path(root), env, logger, f"dvc repro {stage}")
+    lines = stream(["dvc", "repro", "--", stage], Path(root), env, logger, f"dvc repro {stage}")
     ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     metrics = Paths(Path(root)).metrics(stage)
     return {

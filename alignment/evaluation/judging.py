@@ -160,11 +160,25 @@ def combine(model_as_a: str | None, model_as_b: str | None) -> float:
     return first if first == second else TIE
 
 
+class JudgeFailed(RuntimeError):
+    """Too few of a judge's comparisons got a valid verdict: the judge, not the rows, failed."""
+
+
 class PairwiseJudge:
-    def __init__(self, name: str, backend: Backend, template: Template, parse_retries: int = 2):
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        template: Template,
+        parse_retries: int = 2,
+        min_valid_fraction: float = 0.0,
+    ):
         if parse_retries < 0:
             raise ValueError(f"parse_retries must be >= 0, got {parse_retries}")
+        if not 0.0 <= min_valid_fraction <= 1.0:
+            raise ValueError(f"min_valid_fraction must lie in [0, 1], got {min_valid_fraction}")
         self.name, self.backend, self.template, self.parse_retries = name, backend, template, parse_retries
+        self.min_valid_fraction = min_valid_fraction
 
     def identity(self) -> dict:
         return {
@@ -197,6 +211,17 @@ class PairwiseJudge:
         as_a, asks_a = self.verdicts(prompts, responses, references)
         as_b, asks_b = self.verdicts(prompts, references, responses)
         outcomes = np.array([combine(a, b) for a, b in zip(as_a, as_b)], dtype=float)
+        valid = int(np.sum(~np.isnan(outcomes)))
+        if len(outcomes) and valid < self.min_valid_fraction * len(outcomes):
+            # a judge that is down (or answers garbage) for the whole run would give NaN win rates, or
+            # an RM trained on nothing, and a stage DVC records as done
+            stats = getattr(self.backend, "stats", None)
+            raise JudgeFailed(
+                f"judge {self.name}: {valid} of {len(outcomes)} comparisons got a valid verdict, fewer than "
+                f"min_valid_fraction={self.min_valid_fraction}"
+                + (f" (backend: {dict(stats)})" if stats else "")
+                + "; is the judge reachable and answering in the template's format?"
+            )
         details = [
             {"model_first": a, "model_second": b, "asks": x + y}
             for a, b, x, y in zip(as_a, as_b, asks_a, asks_b)
@@ -312,5 +337,9 @@ def build_llm_judge(
     cfg, source: str, cache_dir: Path | None = None, name: str = "llm", root: Path = Path("."), dtype=None
 ) -> PairwiseJudge:
     return PairwiseJudge(
-        name, build_backend(cfg, cache_dir, dtype), judge_template(cfg, source, root), cfg.parse_retries
+        name,
+        build_backend(cfg, cache_dir, dtype),
+        judge_template(cfg, source, root),
+        cfg.parse_retries,
+        cfg.min_valid_fraction,
     )

@@ -14,7 +14,6 @@ from alignment.data.batching import collate, encode
 from alignment.losses.logprobs import IGNORE_INDEX, gather_last
 from alignment.models.loading import load_sequence_classifier, load_tokenizer
 from alignment.models.scoring import in_batches, inner_model
-from alignment.training import distributed
 
 
 def load_reward_model(
@@ -90,7 +89,8 @@ class RewardScorer:
 
     `dtype`: the reward model is loaded in it and scores under autocast to it (None: float32, as saved);
     `model`: a reward model already in memory to score with instead of loading the one at `path` (PPO's
-    critic with its adapter off is the reward model, one copy of the weights for both)."""
+    critic with its adapter off is the reward model, one copy of the weights for both); `device`: where a
+    loaded model runs (the stages pass their process's device)."""
 
     def __init__(
         self,
@@ -99,11 +99,12 @@ class RewardScorer:
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
         model: torch.nn.Module | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.tokenizer = load_tokenizer(path)
         self.dtype = dtype or torch.float32
         if model is None:
-            model = load_reward_model(path, dtype=dtype).eval().requires_grad_(False).to(distributed.device())
+            model = load_reward_model(path, dtype=dtype).eval().requires_grad_(False).to(device)
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
         self.pad = collate(self.tokenizer.pad_token_id)
 

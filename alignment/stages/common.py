@@ -82,6 +82,7 @@ def reward_scorer(paths: Paths, name: str | None, max_length: int, compute=None)
         max_length=max_length,
         batch_size=compute.scoring_batch_size,
         dtype=resolve_dtype(compute.dtype),
+        device=distributed.device(),
     )
 
 

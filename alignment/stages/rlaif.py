@@ -107,7 +107,11 @@ def run(cfg: RLAIFConfig, paths: Paths, log: Tracker | None) -> dict[str, float]
             task = "imdb" if all(p["source"].startswith("imdb") for p in pairs) else "dialogue"
             if task not in judges:  # the template follows the task, the backend is shared
                 judges[task] = PairwiseJudge(
-                    "llm", backend, judge_template(cfg.judge, task, paths.root), cfg.judge.parse_retries
+                    "llm",
+                    backend,
+                    judge_template(cfg.judge, task, paths.root),
+                    cfg.judge.parse_retries,
+                    cfg.judge.min_valid_fraction,
                 )
             kept, source_metrics = label(judges[task], pairs, rng)
             out += kept

@@ -14,7 +14,7 @@ from alignment.config import ConfigError
 from flows.config import PipelineConfig
 from flows.overrides import set_dotted, write_overrides
 from flows.pipeline import pipeline
-from tasks.dvc import StageFailed
+from tasks.dvc import StageFailed, WorkspaceBusy, workspace_lock
 from tests.conftest import MICRO_PARAMS
 
 # the micro pipeline's stages in DAG order, the foreach stage expanded to its items
@@ -56,11 +56,11 @@ def stage_runs(project: Path) -> tuple[list, list]:
         ({"overrides": {"nope.x": 1}}, "nope.x"),
         ({"overrides": {"sft.max_length.x": 1}}, "sft.max_length.x"),
         ({"stages": ["prepare", "rlhf"]}, "rlhf"),
-        # work pools need one MLflow server for every worker: a local sqlite store is refused
-        ({"overrides": {"workers.default_pool": "gpu"}}, "MLFLOW_TRACKING_URI"),
-        ({"overrides": {"workers.pools": {"sft": "gpu"}}}, "no pool for"),
-        ({"overrides": {"workers.pools": {"rlhf": "gpu"}}}, "pools: unknown stage"),
+        # worker routing comes from the committed params only (flows/overrides.py)
+        ({"overrides": {"workers.default_pool": "gpu"}}, "workers.default_pool: not allowed"),
+        ({"overrides": {"workers.pools": {"sft": "gpu"}}}, "workers.pools: not allowed"),
         ({"overrides": {"workers.heartbeat_seconds": 10}}, "heartbeat_seconds"),  # Prefect's minimum: 30
+        ({"params_file": "../params.yaml"}, "params_file"),  # a file of the caller's choosing
     ],
 )
 def test_invalid_input_fails_before_any_stage(project, kwargs, message):
@@ -69,6 +69,17 @@ def test_invalid_input_fails_before_any_stage(project, kwargs, message):
         pipeline(root=str(project), **kwargs)
     assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
     assert (project / "params.yaml").read_text() == before
+
+
+def test_a_second_flow_in_one_workspace_refuses_and_nothing_mixes(project):
+    """A sweep (or any flow) holds the workspace: a pipeline started meanwhile refuses before it writes
+    its override into params.yaml, where the running flow's stages would read it."""
+    before = (project / "params.yaml").read_text()
+    with workspace_lock(project, "sweep"):
+        with pytest.raises(WorkspaceBusy, match=r"pipeline: another flow is running .*sweep"):
+            pipeline(root=str(project), overrides={"sft.train.learning_rate": 3e-4})
+    assert (project / "params.yaml").read_text() == before
+    assert not (project / "outputs" / "data").exists() and not (project / "mlflow.db").exists()
 
 
 def test_failed_stage_fails_the_flow_with_its_output(project):

@@ -84,7 +84,7 @@ def registry(tmp_path_factory) -> Path:
             ("rm", "alignment-rm", "reward"),
             ("sft", "alignment-rest", "causal_lm"),  # the same weights under another name
         ]:
-            with tracking.stage_run(stage, root=project) as log:
+            with tracking.mlflow_stage_run(stage, root=project) as log:
                 assert log.register_model(project / "outputs" / stage, name, kind=kind) == "1"
         tracking._mlflow(project).MlflowClient().set_registered_model_alias("alignment-rest", "champion", "1")
     return project

@@ -206,8 +206,8 @@ def test_sweep_records_every_point_resumes_when_killed_and_reruns_nothing(sweep_
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.sweep import SweepBusy, sweep
-    from tasks.dvc import workspace_lock
+    from flows.sweep import sweep
+    from tasks.dvc import WorkspaceBusy, workspace_lock
 
     project = sweep_project
     with (
@@ -251,8 +251,8 @@ def test_sweep_records_every_point_resumes_when_killed_and_reruns_nothing(sweep_
         assert len(stage_runs(project)) == runs
         assert [p["gold/reward"] for p in again["points"]] == [p["gold/reward"] for p in result["points"]]
 
-        # 4. one sweep at a time per workspace: a second one fails at once
-        with workspace_lock(project, "sweep", SweepBusy, "sweep"), pytest.raises(SweepBusy, match="another"):
+        # 4. one flow at a time per workspace: a second one fails at once
+        with workspace_lock(project, "sweep"), pytest.raises(WorkspaceBusy, match="another flow"):
             sweep(root=str(project))
 
     # MLflow: the killed sweep's runs were closed; the last sweep has one child run per point, all reused

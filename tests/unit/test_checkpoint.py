@@ -223,19 +223,27 @@ def test_trainer_extra_state_is_saved_after_on_step_and_restored_before_on_start
 
 
 def test_checkpoints_on_shared_storage_link_and_move(tmp_path, monkeypatch):
-    """ALIGNMENT_CHECKPOINTS_DIR: checkpoints/<stage> becomes a link into the shared folder; a local
-    checkpoint moves there when the shared one is empty, and a second checkout finds it."""
+    """ALIGNMENT_CHECKPOINTS_DIR: checkpoints/<stage> becomes a link into the shared folder, keyed by the
+    run's fingerprint; a local checkpoint moves there when the shared one is empty, and a second checkout
+    of the same run finds it, while a run of other settings gets a folder of its own."""
     from alignment.__main__ import link_checkpoints
 
     local = tmp_path / "a" / "checkpoints" / "dpo"
     assert link_checkpoints(local, shared="").is_dir() and not local.is_symlink()  # unset: a folder
     (local / "latest.json").write_text("{}")
     monkeypatch.setenv("ALIGNMENT_CHECKPOINTS_DIR", str(tmp_path / "shared"))
-    link_checkpoints(local)
-    assert local.is_symlink() and (tmp_path / "shared" / "dpo" / "latest.json").read_text() == "{}"
-    other = tmp_path / "b" / "checkpoints" / "dpo"  # another worker's checkout
+    link_checkpoints(local, "f1")
+    assert local.is_symlink() and (tmp_path / "shared" / "dpo" / "f1" / "latest.json").read_text() == "{}"
+    other = tmp_path / "b" / "checkpoints" / "dpo"  # another worker's checkout, same run
     other.mkdir(parents=True)
     (other / "stale.json").write_text("{}")
-    link_checkpoints(other)
+    link_checkpoints(other, "f1")
     assert sorted(p.name for p in other.iterdir()) == ["latest.json"]  # the shared one wins
-    assert link_checkpoints(other) == other and other.is_symlink()  # idempotent
+    assert link_checkpoints(other, "f1") == other and other.is_symlink()  # idempotent
+    # another run of the stage (other settings) on the same share: its own folder, the first one kept
+    third = tmp_path / "c" / "checkpoints" / "dpo"
+    link_checkpoints(third, "f2")
+    assert third.resolve() == tmp_path / "shared" / "dpo" / "f2" and not any(third.iterdir())
+    assert (tmp_path / "shared" / "dpo" / "f1" / "latest.json").exists()
+    with pytest.raises(ValueError, match="fingerprint"):
+        link_checkpoints(third, None)

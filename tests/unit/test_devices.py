@@ -101,8 +101,9 @@ def test_rest_policy_and_sft_load_onto_the_device(on_meta, paths):
 
 def test_reward_model_scores_on_the_device(on_meta, paths):
     from alignment.models.reward_model import RewardScorer
+    from alignment.training import distributed
 
-    scorer = RewardScorer(paths.sft)
+    scorer = RewardScorer(paths.sft, device=distributed.device())
     assert on_meta_only(scorer.model)
     seen = called_on(scorer.model)
     # the score is read at each row's last real token, after a check that every row has one: no data

@@ -21,7 +21,7 @@ from alignment.stages import best_of_n, evaluate, grpo, ppo, rest_iter, rloo
 from flows.config import parse
 from tests.conftest import MICRO_PARAMS
 
-HERE = "tests.test_reward_stages"
+HERE = "tests.unit.test_reward_stages"
 REWARDS = {
     "functions": [
         {"function": f"{HERE}:says_the", "weight": 1.0},
@@ -57,7 +57,7 @@ def params(stage: str, **overrides) -> dict:
 def test_group_stages_train_on_code_rewards_and_log_each_function(root, tmp_path, monkeypatch, name):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     cfg = parse(name, params(name))
-    with tracking.stage_run(name, root=tmp_path) as log:
+    with tracking.mlflow_stage_run(name, root=tmp_path) as log:
         metrics = {"grpo": grpo, "rloo": rloo}[name].run(cfg, Paths(root), log)
         run_id = log.run_id
 

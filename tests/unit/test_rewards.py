@@ -20,7 +20,7 @@ from alignment.rewards.functions import answer_format, exact_match, final_answer
 from alignment.rewards.source import RewardFunctionError, RewardSource, call_with_timeout, load_function
 from flows.config import parse
 
-HERE = "tests.test_rewards"
+HERE = "tests.unit.test_rewards"
 
 
 # --------------------------------------------------------------------------------- shipped functions
@@ -243,7 +243,7 @@ def test_a_failing_row_is_skipped_and_counted_when_asked(name, caplog):
 
 def test_wrong_length_and_non_finite_values_are_errors():
     with pytest.raises(
-        RewardFunctionError, match=r"'too_few' \(tests.test_rewards:too_few\) returned 1 values for 4"
+        RewardFunctionError, match=r"'too_few' \(tests.unit.test_rewards:too_few\) returned 1 values for 4"
     ):
         bad_source("too_few").score(*BATCH)
     with pytest.raises(RewardFunctionError, match=r"returned nan \(float\), not a finite number"):
