@@ -1,6 +1,6 @@
 """The attacks of issue 29, each refused with a clear error, without starting a server: parameters from the
 UI are data, the registry fails closed, one flow per workspace, writes that a kill cannot tear, secrets out
-of the record. (The same attacks against the live services: tests/test_workers.py.)"""
+of the record. (The same attacks against the live services: tests/integration/test_workers.py.)"""
 
 from __future__ import annotations
 
