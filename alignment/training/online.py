@@ -354,10 +354,11 @@ def optimise(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             weight = share.item()
-            # TRL's `entropy`: the token mean over completion tokens
-            entropy = torch.where(rows.mask.bool(), entropy, 0).sum(-1).sum() / rows.mask.sum().clamp(min=1)
+            # TRL's `entropy`: the token mean over the minibatch's completion tokens (every process's)
+            tokens = rollout.mask[minibatch].sum().clamp(min=1)
+            entropy = torch.where(rows.mask.bool(), entropy, 0).sum() / tokens * world
             stats = {key: value * weight for key, value in stats.items()} | {"loss": loss.item() * weight}
-            stats |= {"entropy": entropy.item() * weight, "grad_norm": float(grad_norm)}
+            stats |= {"entropy": entropy.item(), "grad_norm": float(grad_norm)}
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
     return distributed.reduce_mean({key: float(np.mean(values)) for key, values in totals.items()})

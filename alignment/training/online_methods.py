@@ -64,6 +64,8 @@ class PPO(OnlineMethod):
             "objective/kl": (kl * mask).sum(-1).mean().item(),
             "objective/non_score_reward": non_score_rewards.sum(-1).mean().item(),
             "objective/scores": scores.mean().item(),
+            # TRL's: the sampled tokens' negative log-probs summed per response, the batch mean
+            "objective/entropy": -(rollout.old_logps * mask).sum(-1).mean().item(),
             "objective/rlhf_reward": (scores + non_score_rewards.sum(-1)).mean().item(),
             "val/num_eos_tokens": int(rollout.finished.sum()),
             "response_length": mask.sum(-1).mean().item(),
@@ -78,14 +80,12 @@ class PPO(OnlineMethod):
         vf_loss, vf_stats = ppo_value_loss(
             outputs.values, rows.old_values, rows.returns, rows.mask, cfg.clip_range_value
         )
-        entropy = torch.where(rows.mask.bool(), outputs.entropy, 0).sum(-1).mean().item()
         stats = {
             "policy/approxkl_avg": pg_stats["approxkl"],
             "policy/clipfrac_avg": pg_stats["clipfrac"],
             "loss/policy_avg": pg_loss.item(),
             "loss/value_avg": vf_loss.item(),
             "val/clipfrac_avg": vf_stats["clipfrac"],
-            "objective/entropy": entropy,
         }
         return pg_loss + cfg.vf_coef * vf_loss, stats
 
