@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ruamel.yaml import YAML
 
 from alignment import tracking
@@ -135,10 +136,18 @@ def store(tmp_path, monkeypatch) -> Path:
 
 
 def register(store: Path, name: str, alias: str | None = None) -> str:
-    """A version of `name` made as the pipeline makes one (a pyfunc around an HF folder)."""
+    """A version of `name` made as the pipeline makes one (a tiny saved policy, registered as an MLflow
+    transformers chat model)."""
     model = store / "hf"
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    if not model.is_dir():
+        from alignment.config import ModelConfig
+        from alignment.models.loading import build_model, save_pretrained, train_tokenizer
+
+        tokenizer = train_tokenizer(["a tiny model for the registry"] * 20, vocab_size=300, min_frequency=1)
+        tokenizer.pad_token = tokenizer.eos_token
+        torch.manual_seed(0)
+        config = ModelConfig(n_layer=1, n_embd=16, n_head=2, max_position_embeddings=32)
+        save_pretrained(build_model(config, tokenizer), tokenizer, model)
     with tracking.mlflow_stage_run("test", "security", store) as log:
         version = log.register_model(model, name)
     if alias:
@@ -158,7 +167,7 @@ def test_a_forged_artifact_path_is_refused_and_nothing_outside_is_touched(store)
     (mlmodel,) = list(store.rglob("MLmodel"))  # in the store's artifact folder
     for forged in ("../../../../victim", str(victim)):
         text = YAML(typ="safe").load(mlmodel.read_text())
-        text["flavors"]["python_function"]["artifacts"]["hf_model"]["path"] = forged
+        text["flavors"]["transformers"]["model_binary"] = forged
         with open(mlmodel, "w") as handle:
             YAML(typ="safe").dump(text, handle)
         download = store / f"download-{len(forged)}"

@@ -145,10 +145,10 @@ def test_best_of_n_metrics_by_hand():
     rm = np.array([[1.0, 3.0, 0.0], [2.0, 1.0, 5.0]])  # 2 prompts, 2 samples + the SFT comparison
     gold = np.array([[0.2, 0.9, 0.5], [0.7, 0.1, 0.3]])
     lengths = np.array([[4, 8, 5], [6, 2, 3]], dtype=float)
-    one = best_of_n_metrics({"rm": rm, "gold": gold}, lengths, n=1, seed=0)
+    one = best_of_n_metrics(rm, {"rm": rm, "gold": gold}, lengths, n=1, seed=0)
     assert one["objective/kl"] == 0.0 and one["gold/reward"] == pytest.approx(0.45)
     assert one["gold/win_rate_vs_sft"] == 0.5  # 0.2 < 0.5, 0.7 > 0.3
-    two = best_of_n_metrics({"rm": rm, "gold": gold}, lengths, n=2, seed=0)
+    two = best_of_n_metrics(rm, {"rm": rm, "gold": gold}, lengths, n=2, seed=0)
     # the RM picks sample 1 of prompt 0 (3 > 1) and sample 0 of prompt 1 (2 > 1)
     assert two["gold/reward"] == pytest.approx(0.8) and two["length/mean_tokens"] == 7.0
     assert two["objective/kl"] == pytest.approx(math.log(2) - 0.5)
