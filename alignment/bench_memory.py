@@ -9,10 +9,11 @@ given vocabulary, length and batch, with the code before and after logits were c
   vocabulary (the former `token_logps`); `after`, `scoring.response_token_logps`.
 
 Each (task, code) runs in a fresh process, so that its peak is its own: on a CPU the peak resident set
-less the resident set before the task (torch, the model and the batch are already there), on a GPU
-torch's peak allocation less what was allocated before. tokens/s counts the sampled tokens (sampling)
-or every token of the sequences (scoring). The model is built from a config (`arch:LAYERSxWIDTH`) over a
-word-level tokenizer of `vocab_size` tokens: its weights do not matter, its shapes do.
+during the task (VmHWM, reset as it starts) less the resident set before it (torch, the model and the
+batch are already there), on a GPU torch's peak allocation less what was allocated before.
+tokens/s counts the sampled tokens (sampling) or every token of the sequences (scoring). The model is
+built from a config (`arch:LAYERSxWIDTH`) over a word-level tokenizer of `vocab_size` tokens:
+its weights do not matter, its shapes do.
 """
 
 from __future__ import annotations
@@ -54,9 +55,29 @@ def full_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def resident_bytes() -> int:
-    """This process's resident set now (Linux's /proc; the peak comes from getrusage)."""
+    """This process's resident set now (Linux's /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_resident() -> bool:
+    """Start the peak resident set (VmHWM) again from the resident set now, so that a peak the set-up
+    reached and gave back is not counted as the task's (Linux >= 4.0; False where it cannot)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_resident_bytes(reset: bool) -> int:
+    """The peak resident set since `reset_peak_resident` (VmHWM), else since the process started."""
+    if reset:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _measure(task: str, code: str, settings: dict, results) -> None:
@@ -101,6 +122,7 @@ def _measure(task: str, code: str, settings: dict, results) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        reset = reset_peak_resident()
         before = resident_bytes()
     started = time.perf_counter()
     run()
@@ -108,7 +130,7 @@ def _measure(task: str, code: str, settings: dict, results) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # KiB on Linux
+        peak = peak_resident_bytes(reset) - before
     seconds = time.perf_counter() - started
     results.put(
         {

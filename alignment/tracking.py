@@ -42,7 +42,12 @@ def _mlflow(root: Path | None = None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow  # heavy: imported on first use so that the pure library imports stay light
 
+    mine = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(root))
+    # MLflow also writes the URI into MLFLOW_TRACKING_URI: left there, it would pin every later
+    # tracking_uri(other_root) of this process, and its children, to this root's store
+    if mine is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     return mlflow
 
 

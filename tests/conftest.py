@@ -45,6 +45,10 @@ def offline_env(monkeypatch):
     for key in ("MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    yield
+    # mlflow.set_tracking_uri (a test's own, or MLflow's) writes MLFLOW_TRACKING_URI: not into the next test
+    for key in ("MLFLOW_TRACKING_URI", "ALIGNMENT_PARENT_RUN_ID"):
+        os.environ.pop(key, None)
 
 
 @pytest.fixture

@@ -498,9 +498,10 @@ def kill_tree(pid: int) -> None:
 
 
 def test_a_killed_worker_fails_the_flow_and_a_retrigger_completes(cluster):
-    # a DPO long enough (1,500 steps, a checkpoint every 100) to lose its worker in the middle
-    longer = ["--set", "dpo.train.max_steps=1500", "--set", "dpo.train.epochs=2000"]
-    longer += ["--set", "dpo.train.checkpoint_every=100"]
+    # a DPO long enough (800 steps, a checkpoint every 200) to lose its worker in the middle; its curves
+    # logged every 25 steps (each request to the basic-auth MLflow server checks a password hash)
+    longer = ["--set", "dpo.train.max_steps=800", "--set", "dpo.train.epochs=2000"]
+    longer += ["--set", "dpo.train.checkpoint_every=200", "--set", "dpo.train.log_every=25"]
     flow = [sys.executable, "-m", "flows.pipeline", *longer]
     log = cluster.base / "killed-flow.log"
     timeout = ["--set", "workers.stage_timeout_minutes=5"]  # a backstop: the heartbeats should tell first
