@@ -52,7 +52,7 @@ sweep: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # the fast tier, for development: a couple of minutes on 2 cores
 test-unit: setup

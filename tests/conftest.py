@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,33 @@ def _from_root(value):
     if isinstance(value, list):
         return [_from_root(v) for v in value]
     return value.removeprefix("../../") if isinstance(value, str) else value
+
+
+# Prefect's home (its profiles and the sqlite database of the temporary servers that flows run outside
+# the test harness start) of this test process alone: `make test` runs two processes (pytest-xdist), and
+# two temporary servers on one database file lock each other out. Set before anything imports prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+
+# The integration files that take minutes, longest first: with `-n 2 --dist loadfile` a file runs whole on
+# one process, and a long one started last would run alone at the end.
+SLOW_FIRST = [
+    "test_workers.py",
+    "test_profiles.py",
+    "test_wide_vocab.py",
+    "test_pipeline.py",
+    "test_retrain.py",
+    "test_sweep.py",
+    "test_serve.py",
+    "test_multiprocess.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
 
 
 # Every stage at micro size (configs/micro/params.yaml): prepare -> tokenizer -> sft in a few seconds
