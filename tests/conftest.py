@@ -32,6 +32,12 @@ def _from_root(value):
 # the test harness start) of this test process alone: `make test` runs two processes (pytest-xdist), and
 # two temporary servers on one database file lock each other out. Set before anything imports prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+# Two test processes on two cores: one thread each for torch (and for the stages, servers and torchrun
+# processes they start, which inherit it). With a thread per core in each, OpenMP's threads outnumber the
+# cores and wait on each other. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # The integration files that take minutes, longest first: with `-n 2 --dist loadfile` a file runs whole on
 # one process, and a long one started last would run alone at the end.
