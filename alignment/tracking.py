@@ -150,7 +150,9 @@ class Tracker:
                 child.tags(tags)
             yield child
 
-    def register_model(self, model_dir: Path, name: str, kind: str = "causal_lm") -> str:
+    def register_model(
+        self, model_dir: Path, name: str, kind: str = "causal_lm", scoring: dict | None = None
+    ) -> str:
         """Register the saved model folder `model_dir` as a new version of `name`; returns the version.
 
         A policy (`causal_lm`) is an MLflow transformers model, task `llm/v1/chat`: it loads with
@@ -158,10 +160,11 @@ class Tracker:
         installed, and `mlflow models serve` serves it as a chat model (docs/models.md). A LoRA adapter is
         logged as an adapter on its base: a hub id as such, a local base (the SFT model) as the MLflow
         model of its own weights, named by its registered version's URI. A reward model (`reward`) is the
-        pyfunc of alignment/reward_pyfunc.py, which scores (prompt, response) rows. Weights already logged
+        pyfunc of alignment/reward_pyfunc.py, which scores (prompt, response) rows (`scoring`: its
+        `max_length` and `batch_size`, the stage's own; default 256 and 32). Weights already logged
         (the same files, found by their content hash) are registered again, not copied again.
         """
-        model_uri, base = log_once(self._mlflow, Path(model_dir), kind, name)
+        model_uri, base = log_once(self._mlflow, Path(model_dir), kind, name, scoring)
         version = str(self._mlflow.register_model(model_uri, name).version)
         self.tags({"registered_model": f"{name}/{version}"})  # the run says which version it made
         if base:
@@ -191,7 +194,9 @@ def content_hash(folder: Path, kind: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def log_once(mlflow, folder: Path, kind: str, name: str) -> tuple[str, str | None]:
+def log_once(
+    mlflow, folder: Path, kind: str, name: str, scoring: dict | None = None
+) -> tuple[str, str | None]:
     """The URI of the MLflow model holding `folder`'s weights as `kind`, and an adapter's base: an
     already logged one (any experiment, any stage) when the same files were logged before, else one
     logged now to the active run."""
@@ -207,7 +212,7 @@ def log_once(mlflow, folder: Path, kind: str, name: str) -> tuple[str, str | Non
             return found.model_uri, found.tags.get(BASE_TAG)
     tags = {CONTENT_TAG: content}
     if kind == "reward":
-        return _log_reward_model(mlflow, folder, tags).model_uri, None
+        return _log_reward_model(mlflow, folder, tags, scoring).model_uri, None
     if (folder / ADAPTER_CONFIG).is_file():
         return _log_adapter(mlflow, folder, name, tags)
     return _log_chat_model(mlflow, folder, name, tags).model_uri, None
@@ -274,7 +279,7 @@ def _registered_uri(mlflow, model_uri: str) -> str | None:
     return first and f"models:/{first.name}/{first.version}"
 
 
-def _log_reward_model(mlflow, folder: Path, tags: dict):
+def _log_reward_model(mlflow, folder: Path, tags: dict, scoring: dict | None = None):
     from alignment import serving
 
     with tempfile.TemporaryDirectory() as merged:
@@ -290,7 +295,7 @@ def _log_reward_model(mlflow, folder: Path, tags: dict):
             name="model",
             python_model=str(REWARD_PYFUNC),  # a model from code: the file travels with the model
             artifacts={"reward_model": str(folder)},
-            model_config={"max_length": 256, "batch_size": 32},
+            model_config={"max_length": 256, "batch_size": 32} | (scoring or {}),
             input_example=pd.DataFrame(serving.REWARD_EXAMPLE),
             pip_requirements=_pip_requirements("torch", "transformers", "safetensors", "pandas"),
             tags=tags,

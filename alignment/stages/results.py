@@ -27,11 +27,13 @@ def finish(
     model: Path | None = None,
     register_as: str | None = None,
     kind: str = "causal_lm",
+    scoring: dict | None = None,
 ) -> dict:
     """The end of a stage: `metrics/<stage>.json` (NaN-safe), `plots/<stage>/<file>` for each of `csvs`
     ({file: (rows, columns)}), and with a tracker: `curves` (metrics, step) as a last point of the curves,
     `figures` ({artifact name: figure}) and `tables` ({name: rows}) in MLflow, and the model registered
-    as `register_as`. Returns `metrics`. Under several processes only the main one writes and logs."""
+    as `register_as` (a reward model with `scoring`: the length and batch its pyfunc scores at).
+    Returns `metrics`. Under several processes only the main one writes and logs."""
     if not distributed.is_main():
         for figure in (figures or {}).values():
             plt.close(figure)
@@ -48,7 +50,7 @@ def finish(
         for name, rows in (tables or {}).items():
             log.table(rows, name)
         if register_as and model is not None:
-            version = log.register_model(model, register_as, kind=kind)
+            version = log.register_model(model, register_as, kind=kind, scoring=scoring)
             logger.info("registered %s version %s", register_as, version)
     else:
         for figure in (figures or {}).values():

@@ -139,4 +139,5 @@ def run(cfg: RewardModelConfig, paths: Paths, log: Tracker | None) -> dict[str, 
         model=paths.rm,
         register_as=cfg.register_as,
         kind="reward",
+        scoring={"max_length": cfg.max_length},  # what it was trained at (also the run's max_length param)
     )

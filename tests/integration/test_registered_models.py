@@ -85,7 +85,10 @@ def registry(tmp_path_factory) -> Path:
             ("sft", "alignment-rest", "causal_lm"),  # the same weights under another name
         ]:
             with tracking.mlflow_stage_run(stage, root=project) as log:
-                assert log.register_model(project / "outputs" / stage, name, kind=kind) == "1"
+                scoring = {"max_length": 48} if kind == "reward" else None  # the RM stage passes its own
+                assert (
+                    log.register_model(project / "outputs" / stage, name, kind=kind, scoring=scoring) == "1"
+                )
         tracking._mlflow(project).MlflowClient().set_registered_model_alias("alignment-rest", "champion", "1")
     return project
 
@@ -109,6 +112,9 @@ def test_identical_weights_are_registered_once_and_adapters_as_adapters(in_proje
     adapter = json.loads((dpo / "peft" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "models:/alignment-sft/1"
     assert not (dpo / "model").exists() and (dpo / "peft" / "adapter_model.safetensors").is_file()
+    # the reward pyfunc scores at the length its stage trained at, not at a default
+    rm = mlflow.models.Model.load("models:/alignment-rm/1").flavors["python_function"]
+    assert rm["config"]["max_length"] == 48
     for name in ("alignment-sft", "alignment-dpo", "alignment-rm"):
         requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1/requirements.txt"))
         pins = requirements.read_text().split()
@@ -137,7 +143,7 @@ def test_registered_models_load_without_the_project(in_project):
         assert loaded[uri]["object"] == "chat.completion", loaded
     assert loaded["models:/alignment-dpo/1"]["pipeline"].startswith("Peft")
     # the pyfunc scores as the project's scorer does
-    expected = RewardScorer(project / "outputs/rm")(PROMPTS, RESPONSES, [True, True])
+    expected = RewardScorer(project / "outputs/rm", max_length=48)(PROMPTS, RESPONSES, [True, True])
     torch.testing.assert_close(torch.tensor(loaded["rm"]), expected, atol=1e-5, rtol=1e-5)
 
 
