@@ -36,6 +36,7 @@ _SITECUSTOMIZE = textwrap.dedent(
 
     def _kill_launch():
         launcher = os.getppid()  # torchrun starts each process in a session of its own: find them all
+        siblings = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{{pid}}/stat") as stat:
@@ -43,8 +44,11 @@ _SITECUSTOMIZE = textwrap.dedent(
             except OSError:
                 continue
             if parent == launcher and int(pid) != os.getpid():
-                os.kill(int(pid), signal.SIGKILL)
+                siblings.append(int(pid))
+        # the launcher first: one that saw a process die before its own SIGKILL came would exit with 1
         os.kill(launcher, signal.SIGKILL)
+        for pid in siblings:
+            os.kill(pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _hook(event, args):
