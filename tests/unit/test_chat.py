@@ -14,25 +14,9 @@ from alignment.data.chat import hh_messages, render_prompt, render_row
 from alignment.data.io import DataError
 from alignment.data.sources import prepare
 from alignment.losses.logprobs import IGNORE_INDEX
-from alignment.models.loading import load_tokenizer, smollm2_gguf
 from tests.conftest import ROOT
 
 HH = ROOT / "data" / "embedded" / "hh_pairs.jsonl.gz"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        folder, name = smollm2_gguf()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return folder, name
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(smollm2):
-    return load_tokenizer(*smollm2)
 
 
 def multi_turn_hh_pair() -> dict:
